@@ -1,0 +1,48 @@
+"""stn-numpy: Spatial Transformer Networks in pure NumPy, with hand-derived backward passes.
+
+Jaderberg, Simonyan, Zisserman and Kavukcuoglu, "Spatial Transformer Networks", NeurIPS
+2015 (arXiv:1506.02025). The core (grid generators and samplers) mirrors PyTorch's
+``F.affine_grid`` / ``F.grid_sample`` conventions exactly, forward and backward.
+"""
+
+from . import gradcheck
+from ._checks import NonFiniteError
+from .grids import (
+    affine_grid,
+    affine_grid_backward,
+    attention_grid,
+    attention_grid_backward,
+    projective_grid,
+    projective_grid_backward,
+    target_coordinates,
+    tps_grid,
+    tps_grid_backward,
+    tps_lattice,
+)
+from .sampling import (
+    grid_sample,
+    grid_sample_backward,
+    grid_sample_backward_from_cache,
+    grid_sample_forward,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NonFiniteError",
+    "affine_grid",
+    "affine_grid_backward",
+    "attention_grid",
+    "attention_grid_backward",
+    "gradcheck",
+    "grid_sample",
+    "grid_sample_backward",
+    "grid_sample_backward_from_cache",
+    "grid_sample_forward",
+    "projective_grid",
+    "projective_grid_backward",
+    "target_coordinates",
+    "tps_grid",
+    "tps_grid_backward",
+    "tps_lattice",
+]

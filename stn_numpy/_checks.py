@@ -1,0 +1,76 @@
+"""Argument checks shared by the public functions.
+
+Every public function validates at its boundary and then trusts its inner helpers, so the
+messages here name the argument and show the expected against the actual shape or dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FLOAT_DTYPES = (np.float32, np.float64)
+
+
+def check_float_array(name: str, x, ndim: int | None = None, shape=None) -> np.ndarray:
+    """Return ``x`` as an ndarray after checking dtype, rank and (partial) shape.
+
+    ``shape`` may hold ``None`` for free dimensions, e.g. ``(None, 2, 3)``.
+    Raises ``TypeError`` for anything but float32/float64 and ``ValueError`` for a wrong shape.
+    """
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
+    if shape is not None:
+        ndim = len(shape)
+    if ndim is not None and x.ndim != ndim:
+        expected = _format_shape(shape) if shape is not None else f"{ndim} dimensions"
+        raise ValueError(f"{name} must have shape {expected}, got {x.shape} ({x.ndim} dimensions)")
+    if shape is not None and any(s is not None and s != d for s, d in zip(shape, x.shape)):
+        raise ValueError(f"{name} must have shape {_format_shape(shape)}, got {x.shape}")
+    return x
+
+
+def check_finite(name: str, x: np.ndarray) -> None:
+    """Raise :class:`NonFiniteError` if ``x`` holds NaN or infinity."""
+    if not np.isfinite(x).all():
+        bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+        raise NonFiniteError(f"{name} contains {bad} non-finite value(s) (NaN or inf)")
+
+
+def check_same_dtype(**arrays: np.ndarray) -> None:
+    """Raise ``TypeError`` unless all the named arrays share one dtype."""
+    dtypes = {name: a.dtype for name, a in arrays.items()}
+    if len(set(dtypes.values())) > 1:
+        listed = ", ".join(f"{name}: {dt}" for name, dt in dtypes.items())
+        raise TypeError(f"arrays must share one float dtype, got {listed}")
+
+
+def check_size(size, name: str = "size") -> tuple[int, int, int, int]:
+    """Check an output size ``(N, C, H, W)`` of non-negative ints (H, W >= 1)."""
+    try:
+        size = tuple(int(s) for s in size)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence (N, C, H, W) of ints, got {size!r}") from None
+    if len(size) != 4:
+        raise ValueError(f"{name} must have 4 entries (N, C, H, W), got {len(size)}: {size}")
+    if size[0] < 0 or size[1] < 1 or size[2] < 1 or size[3] < 1:
+        raise ValueError(f"{name} must have N >= 0 and C, H, W >= 1, got {size}")
+    return size
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+
+
+class NonFiniteError(ValueError):
+    """A transform parameter or sampling grid holds NaN or infinity.
+
+    The samplers refuse non-finite coordinates rather than guess where they point; the
+    trainer catches this to stop a diverged run cleanly.
+    """
+
+
+def _format_shape(shape) -> str:
+    return "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"

@@ -1,0 +1,363 @@
+"""Grid generators: transformation parameters -> sampling grids, each with its backward.
+
+Notation follows Jaderberg et al., "Spatial Transformer Networks" (2015), Sec. 3.2. The
+output V is a regular grid of *target* points ``(x_t, y_t)``; a transform ``T_theta`` maps
+each to the *source* point ``(x_s, y_s)`` where the input U is sampled. Coordinates are
+normalized so that -1 and +1 are the left/top and right/bottom of the image; what exactly
+sits at +-1 is decided by ``align_corners`` (the convention of PyTorch's ``affine_grid``):
+
+* ``align_corners=True``: +-1 are the *centres* of the corner pixels,
+  ``x_t[j] = -1 + 2 j / (W - 1)``;
+* ``align_corners=False``: +-1 are the outer *edges* of the corner pixels,
+  ``x_t[j] = (-1 + 2 j / (W - 1)) * (W - 1) / W = (2 j + 1) / W - 1``.
+
+A size of 1 gives the single coordinate 0 in both conventions.
+
+Every generator returns ``grid`` of shape ``(N, H, W, 2)`` with ``grid[..., 0] = x_s`` and
+``grid[..., 1] = y_s``, the layout :func:`stn_numpy.grid_sample` reads. Each ``*_grid``
+has a ``*_grid_backward(dgrid, <the same arguments>)`` right below it returning the
+gradient with respect to the transform parameters; ``size`` and ``align_corners`` are not
+differentiable.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from ._checks import check_choice, check_finite, check_float_array, check_size
+
+__all__ = [
+    "target_coordinates",
+    "affine_grid",
+    "affine_grid_backward",
+    "attention_grid",
+    "attention_grid_backward",
+    "projective_grid",
+    "projective_grid_backward",
+    "tps_grid",
+    "tps_grid_backward",
+    "tps_lattice",
+]
+
+
+def _linspace_from_neg_one(steps: int, align_corners: bool) -> np.ndarray:
+    if steps <= 1:
+        return np.zeros(max(steps, 0))
+    line = np.linspace(-1.0, 1.0, steps)
+    return line if align_corners else line * ((steps - 1) / steps)
+
+
+@lru_cache(maxsize=64)
+def _base_grid(H: int, W: int, align_corners: bool) -> np.ndarray:
+    """Homogeneous target coordinates ``[x_t, y_t, 1]``, shape ``(H, W, 3)``, float64."""
+    base = np.ones((H, W, 3))
+    base[..., 0] = _linspace_from_neg_one(W, align_corners)[None, :]
+    base[..., 1] = _linspace_from_neg_one(H, align_corners)[:, None]
+    base.setflags(write=False)
+    return base
+
+
+def target_coordinates(H: int, W: int, align_corners: bool = False, dtype=np.float64):
+    """The regular target grid ``G`` of the output, shape ``(H, W, 2)`` holding ``(x_t, y_t)``."""
+    return _base_grid(int(H), int(W), bool(align_corners))[..., :2].astype(dtype)
+
+
+def _check_params(name: str, theta, shape) -> np.ndarray:
+    theta = check_float_array(name, theta, shape=shape)
+    check_finite(name, theta)
+    return theta
+
+
+def _check_output_size(size, N: int, align_corners) -> tuple[int, int, int, int]:
+    size = check_size(size)
+    if size[0] != N:
+        raise ValueError(f"size[0] (batch) must equal the batch of the parameters, {N}, got {size}")
+    check_choice("align_corners", align_corners, (True, False))
+    return size
+
+
+def _check_dgrid(dgrid, N: int, H: int, W: int, dtype) -> np.ndarray:
+    dgrid = check_float_array("dgrid", dgrid, shape=(N, H, W, 2))
+    if dgrid.dtype != dtype:
+        raise TypeError(f"dgrid must have the parameters' dtype {dtype}, got {dgrid.dtype}")
+    return dgrid
+
+
+# --------------------------------------------------------------------------------------
+# Affine: the paper's eq. (1), 6 parameters.
+# --------------------------------------------------------------------------------------
+
+
+def affine_grid(theta: np.ndarray, size, align_corners: bool = False) -> np.ndarray:
+    """Affine sampling grid, as PyTorch's ``F.affine_grid``.
+
+    ``(x_s, y_s)^T = theta @ (x_t, y_t, 1)^T`` for every target point (paper eq. 1).
+
+    Parameters
+    ----------
+    theta : ndarray, shape (N, 2, 3), float32 or float64
+        Affine matrices; the identity is ``[[1, 0, 0], [0, 1, 0]]``.
+    size : sequence of 4 ints
+        Output size ``(N, C, H, W)``; only ``N``, ``H``, ``W`` are used.
+    align_corners : bool
+        Coordinate convention, see the module docstring.
+
+    Returns
+    -------
+    grid : ndarray, shape (N, H, W, 2), dtype of ``theta``
+    """
+    theta = _check_params("theta", theta, (None, 2, 3))
+    N, _, H, W = _check_output_size(size, theta.shape[0], align_corners)
+    base = _base_grid(H, W, align_corners).astype(theta.dtype, copy=False)
+    # grid[n, h, w, i] = sum_j base[h, w, j] * theta[n, i, j]
+    grid = base.reshape(1, H * W, 3) @ theta.transpose(0, 2, 1)
+    return grid.reshape(N, H, W, 2)
+
+
+def affine_grid_backward(dgrid: np.ndarray, theta: np.ndarray, size, align_corners=False):
+    """Gradient of :func:`affine_grid` with respect to ``theta``.
+
+    The grid is linear in theta, so ``dtheta[n, i, j] = sum_{h,w} dgrid[n, h, w, i] *
+    base[h, w, j]`` with ``base = (x_t, y_t, 1)``: each row of theta collects the upstream
+    gradient of its coordinate weighted by ``x_t``, ``y_t`` and 1.
+
+    Parameters
+    ----------
+    dgrid : ndarray, shape (N, H, W, 2)
+        Upstream gradient, same dtype as ``theta``.
+    theta, size, align_corners
+        As in :func:`affine_grid`.
+
+    Returns
+    -------
+    dtheta : ndarray, shape (N, 2, 3)
+    """
+    theta = _check_params("theta", theta, (None, 2, 3))
+    N, _, H, W = _check_output_size(size, theta.shape[0], align_corners)
+    dgrid = _check_dgrid(dgrid, N, H, W, theta.dtype)
+    base = _base_grid(H, W, align_corners).astype(theta.dtype, copy=False)
+    return dgrid.reshape(N, H * W, 2).transpose(0, 2, 1) @ base.reshape(H * W, 3)
+
+
+# --------------------------------------------------------------------------------------
+# Attention: isotropic scale and translation, 3 parameters (paper Sec. 3.2).
+# --------------------------------------------------------------------------------------
+
+
+def attention_grid(theta: np.ndarray, size, align_corners: bool = False) -> np.ndarray:
+    """Attention grid: ``x_s = s x_t + t_x``, ``y_s = s y_t + t_y``.
+
+    The paper's attention transform ``A_theta = [[s, 0, t_x], [0, s, t_y]]``: crop and
+    isotropic zoom, no rotation or shear.
+
+    Parameters
+    ----------
+    theta : ndarray, shape (N, 3)
+        ``(s, t_x, t_y)`` per sample; the identity is ``(1, 0, 0)``.
+    size, align_corners
+        As in :func:`affine_grid`.
+
+    Returns
+    -------
+    grid : ndarray, shape (N, H, W, 2)
+    """
+    theta = _check_params("theta", theta, (None, 3))
+    N, _, H, W = _check_output_size(size, theta.shape[0], align_corners)
+    xy_t = _base_grid(H, W, align_corners)[..., :2].astype(theta.dtype, copy=False)
+    s = theta[:, 0, None, None, None]
+    t = theta[:, None, None, 1:]
+    return s * xy_t + t
+
+
+def attention_grid_backward(dgrid: np.ndarray, theta: np.ndarray, size, align_corners=False):
+    """Gradient of :func:`attention_grid` with respect to ``theta = (s, t_x, t_y)``.
+
+    ``ds = sum(dgrid_x * x_t + dgrid_y * y_t)``, ``dt_x = sum(dgrid_x)``,
+    ``dt_y = sum(dgrid_y)``, sums over the H x W target points of each sample.
+
+    Returns
+    -------
+    dtheta : ndarray, shape (N, 3)
+    """
+    theta = _check_params("theta", theta, (None, 3))
+    N, _, H, W = _check_output_size(size, theta.shape[0], align_corners)
+    dgrid = _check_dgrid(dgrid, N, H, W, theta.dtype)
+    xy_t = _base_grid(H, W, align_corners)[..., :2].astype(theta.dtype, copy=False)
+    dtheta = np.empty_like(theta)
+    dtheta[:, 0] = np.einsum("nhwi,hwi->n", dgrid, xy_t)
+    dtheta[:, 1:] = dgrid.sum(axis=(1, 2))
+    return dtheta
+
+
+# --------------------------------------------------------------------------------------
+# Projective: a homography with 8 free parameters (h_33 fixed to 1).
+# --------------------------------------------------------------------------------------
+
+
+def _homography_terms(theta: np.ndarray, H: int, W: int, align_corners: bool):
+    base = _base_grid(H, W, align_corners).astype(theta.dtype, copy=False)
+    h = np.concatenate([theta, np.ones_like(theta[:, :1])], axis=1).reshape(-1, 3, 3)
+    # num_den[n, h, w] = (a, b, w) = h @ (x_t, y_t, 1)
+    num_den = (base.reshape(1, H * W, 3) @ h.transpose(0, 2, 1)).reshape(-1, H, W, 3)
+    return base, num_den
+
+
+def projective_grid(theta: np.ndarray, size, align_corners: bool = False) -> np.ndarray:
+    """Projective (homography) grid.
+
+    With ``h = [[h0, h1, h2], [h3, h4, h5], [h6, h7, 1]]`` and ``(a, b, w) = h (x_t, y_t, 1)``:
+    ``x_s = a / w`` and ``y_s = b / w``.
+
+    Parameters
+    ----------
+    theta : ndarray, shape (N, 8)
+        ``(h0, ..., h7)``; the identity is ``(1, 0, 0, 0, 1, 0, 0, 0)``.
+    size, align_corners
+        As in :func:`affine_grid`.
+
+    Returns
+    -------
+    grid : ndarray, shape (N, H, W, 2)
+        Where the denominator ``w`` vanishes the grid is infinite: keep ``h6``, ``h7``
+        small (``|h6| + |h7| < 1`` guarantees ``w > 0`` on ``[-1, 1]^2``).
+    """
+    theta = _check_params("theta", theta, (None, 8))
+    _, _, H, W = _check_output_size(size, theta.shape[0], align_corners)
+    _, abw = _homography_terms(theta, H, W, align_corners)
+    return abw[..., :2] / abw[..., 2:]
+
+
+def projective_grid_backward(dgrid: np.ndarray, theta: np.ndarray, size, align_corners=False):
+    """Gradient of :func:`projective_grid` with respect to ``theta = (h0, ..., h7)``.
+
+    By the quotient rule, with ``p = (x_t, y_t, 1)``:
+    ``d x_s / d(h0, h1, h2) = p / w``, ``d y_s / d(h3, h4, h5) = p / w`` and
+    ``d(x_s, y_s) / d(h6, h7) = -(x_s, y_s) (x_t, y_t) / w``. So with
+    ``g = (dgrid_x, dgrid_y) / w``:
+    ``dh[0:3] = sum g_x p``, ``dh[3:6] = sum g_y p``,
+    ``dh[6:8] = -sum (g_x x_s + g_y y_s) (x_t, y_t)``.
+
+    Returns
+    -------
+    dtheta : ndarray, shape (N, 8)
+    """
+    theta = _check_params("theta", theta, (None, 8))
+    N, _, H, W = _check_output_size(size, theta.shape[0], align_corners)
+    dgrid = _check_dgrid(dgrid, N, H, W, theta.dtype)
+    base, abw = _homography_terms(theta, H, W, align_corners)
+    g = dgrid / abw[..., 2:]
+    xy_s = abw[..., :2] / abw[..., 2:]
+    dtheta = np.empty_like(theta)
+    dtheta[:, 0:3] = np.einsum("nhw,hwj->nj", g[..., 0], base)
+    dtheta[:, 3:6] = np.einsum("nhw,hwj->nj", g[..., 1], base)
+    dtheta[:, 6:8] = -np.einsum("nhw,hwj->nj", (g * xy_s).sum(-1), base[..., :2])
+    return dtheta
+
+
+# --------------------------------------------------------------------------------------
+# Thin-plate spline: K control points on a regular target lattice (paper Sec. 3.2, 4.1).
+# --------------------------------------------------------------------------------------
+
+
+def tps_lattice(lattice=(4, 4), dtype=np.float64) -> np.ndarray:
+    """The regular target lattice of control points, shape ``(K, 2)``, ``K = rows * cols``.
+
+    Points ``(x, y)`` span ``[-1, 1]^2``, row-major (y outer, x inner). Passing the lattice
+    itself as ``theta`` to :func:`tps_grid` gives the identity transform.
+    """
+    rows, cols = _check_lattice(lattice)
+    y, x = np.meshgrid(np.linspace(-1, 1, rows), np.linspace(-1, 1, cols), indexing="ij")
+    return np.stack([x.ravel(), y.ravel()], axis=1).astype(dtype)
+
+
+def _check_lattice(lattice) -> tuple[int, int]:
+    try:
+        rows, cols = (int(v) for v in lattice)
+    except (TypeError, ValueError):
+        raise ValueError(f"lattice must be a pair (rows, cols), got {lattice!r}") from None
+    if rows < 2 or cols < 2:
+        raise ValueError(f"lattice must have at least 2 rows and 2 columns, got {lattice!r}")
+    return rows, cols
+
+
+def _tps_radial(r2: np.ndarray) -> np.ndarray:
+    """The TPS kernel ``phi(r) = r^2 log r^2`` as a function of ``r^2`` (0 at r = 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(r2 > 0, r2 * np.log(np.where(r2 > 0, r2, 1.0)), 0.0)
+
+
+@lru_cache(maxsize=32)
+def _tps_matrix(lattice: tuple[int, int], H: int, W: int, align_corners: bool) -> np.ndarray:
+    """The fixed linear map from source control points to the grid, shape ``(H*W, K)``.
+
+    A TPS ``f(p) = a_0 + a_1 x + a_2 y + sum_k w_k phi(|p - c_k|)`` through the target
+    lattice ``c`` solves ``L [w; a] = [P'; 0]`` with ``L = [[Phi, C], [C^T, 0]]``,
+    ``Phi_ij = phi(|c_i - c_j|)`` and ``C = [1, c]`` (K x 3). Evaluating at the target
+    points gives ``grid = B L^{-1}[:, :K] P'`` with ``B = [phi(|p - c_k|), 1, x_t, y_t]``:
+    linear in the control points ``P'``, so the solve happens once per lattice and size.
+    """
+    c = tps_lattice(lattice)
+    K = c.shape[0]
+    Phi = _tps_radial(((c[:, None, :] - c[None, :, :]) ** 2).sum(-1))
+    C = np.concatenate([np.ones((K, 1)), c], axis=1)
+    L = np.zeros((K + 3, K + 3))
+    L[:K, :K] = Phi
+    L[:K, K:] = C
+    L[K:, :K] = C.T
+    L_inv_top = np.linalg.solve(L, np.eye(K + 3)[:, :K])  # (K+3, K): [w; a] per unit P'
+    p = _base_grid(H, W, align_corners)[..., :2].reshape(H * W, 2)
+    B = np.concatenate(
+        [_tps_radial(((p[:, None, :] - c[None, :, :]) ** 2).sum(-1)), np.ones((H * W, 1)), p],
+        axis=1,
+    )
+    M = B @ L_inv_top
+    M.setflags(write=False)
+    return M
+
+
+def tps_grid(theta: np.ndarray, size, lattice=(4, 4), align_corners: bool = False):
+    """Thin-plate-spline grid through K source control points.
+
+    The spline maps each point ``c_k`` of the regular target lattice (see
+    :func:`tps_lattice`) to the source point ``theta[n, k]`` and interpolates in between
+    with minimal bending energy: ``grid[n] = M theta[n]`` with a fixed ``M`` of shape
+    ``(H * W, K)`` (see ``_tps_matrix``).
+
+    Parameters
+    ----------
+    theta : ndarray, shape (N, K, 2)
+        Source control points ``(x, y)``, ``K = lattice[0] * lattice[1]``.
+    size : sequence of 4 ints
+        Output size ``(N, C, H, W)``.
+    lattice : (rows, cols)
+        Shape of the target control-point lattice; the paper uses 4 x 4.
+    align_corners : bool
+        Convention of the target points, as in :func:`affine_grid`.
+
+    Returns
+    -------
+    grid : ndarray, shape (N, H, W, 2)
+    """
+    rows, cols = _check_lattice(lattice)
+    theta = _check_params("theta", theta, (None, rows * cols, 2))
+    N, _, H, W = _check_output_size(size, theta.shape[0], align_corners)
+    M = _tps_matrix((rows, cols), H, W, align_corners).astype(theta.dtype, copy=False)
+    return (M @ theta).reshape(N, H, W, 2)
+
+
+def tps_grid_backward(dgrid: np.ndarray, theta: np.ndarray, size, lattice=(4, 4),
+                      align_corners: bool = False):
+    """Gradient of :func:`tps_grid` with respect to the control points: ``M^T dgrid[n]``.
+
+    Returns
+    -------
+    dtheta : ndarray, shape (N, K, 2)
+    """
+    rows, cols = _check_lattice(lattice)
+    theta = _check_params("theta", theta, (None, rows * cols, 2))
+    N, _, H, W = _check_output_size(size, theta.shape[0], align_corners)
+    dgrid = _check_dgrid(dgrid, N, H, W, theta.dtype)
+    M = _tps_matrix((rows, cols), H, W, align_corners).astype(theta.dtype, copy=False)
+    return M.T @ dgrid.reshape(N, H * W, 2)

@@ -1,0 +1,366 @@
+"""The differentiable image sampler: ``grid_sample`` and its backward.
+
+Notation of Jaderberg et al. (2015), Sec. 3.3: the input U has shape ``(N, C, H, W)``,
+the output V has shape ``(N, C, H_o, W_o)``, and the grid holds for every output point the
+normalized source coordinates ``(x_s, y_s)`` (see :mod:`stn_numpy.grids`). Each output
+value is a weighted sum of input pixels (paper eq. 3)::
+
+    V[n, c, i] = sum_{h, w} U[n, c, h, w] k(x_s[n, i] - w) k(y_s[n, i] - h)
+
+with the kernel ``k`` set by ``mode``:
+
+* ``"bilinear"``: ``k(d) = max(0, 1 - |d|)`` (paper eq. 5), 4 pixels per point;
+* ``"nearest"``: the paper's integer kernel ``delta(round(x_s) - w)`` (eq. 4), 1 pixel;
+  its gradient with respect to the grid is zero everywhere (as in PyTorch);
+* ``"bicubic"``: Keys' cubic convolution with ``a = -0.75``, 16 pixels per point.
+
+Conventions are exactly those of PyTorch's ``F.grid_sample`` on the CPU:
+
+* unnormalization: ``x = (x_s + 1) / 2 * (W - 1)`` with ``align_corners=True``, and
+  ``x = (x_s + 1) * W / 2 - 1/2`` with ``align_corners=False``, in pixel units;
+* ``padding_mode="zeros"`` reads 0 outside the image; ``"border"`` clips ``x`` to
+  ``[0, W - 1]``; ``"reflection"`` reflects ``x`` about the image borders (the pixel
+  centres ``0`` and ``W - 1`` with ``align_corners=True``, the pixel edges ``-1/2`` and
+  ``W - 1/2`` otherwise) and then clips. Bilinear and nearest apply the padding to the
+  coordinate; bicubic applies it to each of its 16 integer taps.
+* ``round`` for nearest is round-half-to-even.
+* At a kink of these piecewise maps the gradient is the one PyTorch takes: at an exact
+  integer ``x`` bilinear uses the pixels ``x`` and ``x + 1`` (the right-hand derivative),
+  and a coordinate clipped to, or lying exactly on, ``0`` or ``W - 1`` in border or
+  reflection mode gets zero gradient.
+
+For a fixed grid the sampler is linear in U: ``V = S U`` with a sparse matrix ``S`` of
+4, 1 or 16 weights per output point. The backward pass therefore is ``dU = S^T dV``, and
+the grid gradient is ``dx_s = sum_c dV * (S_x U) * dx/dx_s`` where ``S_x`` holds the
+derivatives of the weights with respect to ``x`` (likewise for ``y``). All three products
+run through ``scipy.sparse`` on a copy of U padded with one ring of zeros (two for
+bicubic is not needed: taps outside the image all land on the zero ring).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from ._checks import check_choice, check_finite, check_float_array
+
+__all__ = [
+    "grid_sample",
+    "grid_sample_backward",
+    "grid_sample_forward",
+    "grid_sample_backward_from_cache",
+    "MODES",
+    "PADDING_MODES",
+]
+
+MODES = ("bilinear", "nearest", "bicubic")
+PADDING_MODES = ("zeros", "border", "reflection")
+_CUBIC_A = -0.75
+
+
+# --------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------
+
+
+def grid_sample(U, grid, mode="bilinear", padding_mode="zeros", align_corners=False):
+    """Sample U at the grid's source coordinates, as PyTorch's ``F.grid_sample``.
+
+    Parameters
+    ----------
+    U : ndarray, shape (N, C, H, W), float32 or float64
+        Input feature map.
+    grid : ndarray, shape (N, H_o, W_o, 2), dtype of ``U``
+        Normalized source coordinates ``(x_s, y_s)``; must be finite.
+    mode : {"bilinear", "nearest", "bicubic"}
+    padding_mode : {"zeros", "border", "reflection"}
+    align_corners : bool
+
+    Returns
+    -------
+    V : ndarray, shape (N, C, H_o, W_o), dtype of ``U``
+
+    Raises
+    ------
+    TypeError
+        Non-float arrays or mismatched dtypes.
+    ValueError
+        Wrong shapes, unknown modes; :class:`~stn_numpy.NonFiniteError` (a ValueError)
+        for NaN or inf in ``grid``. NaN or inf in ``U`` propagate.
+    """
+    V, _ = grid_sample_forward(U, grid, mode, padding_mode, align_corners)
+    return V
+
+
+def grid_sample_backward(dV, U, grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False):
+    """Gradients of :func:`grid_sample` with respect to U and grid.
+
+    ``dU = S^T dV`` and ``dgrid[..., 0] = sum_c dV (S_x U) dx/dx_s`` (likewise for y),
+    see the module docstring. For ``mode="nearest"`` ``dgrid`` is zero.
+
+    Parameters
+    ----------
+    dV : ndarray, shape (N, C, H_o, W_o)
+        Upstream gradient, dtype of ``U``.
+    U, grid, mode, padding_mode, align_corners
+        Exactly the arguments of the forward call.
+
+    Returns
+    -------
+    dU : ndarray, shape (N, C, H, W)
+    dgrid : ndarray, shape (N, H_o, W_o, 2)
+    """
+    _check_inputs(U, grid, mode, padding_mode, align_corners)
+    dV = check_float_array("dV", dV, shape=(U.shape[0], U.shape[1]) + grid.shape[1:3])
+    if dV.dtype != U.dtype:
+        raise TypeError(f"dV must have the dtype of U, {U.dtype}, got {dV.dtype}")
+    cache = _build(U, grid, mode, padding_mode, align_corners, with_grad=True)
+    return grid_sample_backward_from_cache(dV, cache)
+
+
+def grid_sample_forward(U, grid, mode="bilinear", padding_mode="zeros", align_corners=False):
+    """:func:`grid_sample` that also returns the cache its backward needs.
+
+    Returns
+    -------
+    V : ndarray, shape (N, C, H_o, W_o)
+    cache : object
+        Pass to :func:`grid_sample_backward_from_cache`; it holds the sparse sampling
+        matrices, so the backward pass does not rebuild them.
+    """
+    _check_inputs(U, grid, mode, padding_mode, align_corners)
+    cache = _build(U, grid, mode, padding_mode, align_corners, with_grad=True)
+    return _apply(cache), cache
+
+
+def grid_sample_backward_from_cache(dV, cache):
+    """``(dU, dgrid)`` for the forward call that produced ``cache``; dV as in the forward's V."""
+    N, C, H, W = cache.U_shape
+    Ho, Wo = cache.out_hw
+    Hp, Wp = H + 2, W + 2
+    dV_rows = dV.reshape(N, C, Ho * Wo).transpose(0, 2, 1).reshape(N * Ho * Wo, C)
+    dU_pad = _matmul(cache.S.T, dV_rows).reshape(N, Hp, Wp, C)
+    dU = np.ascontiguousarray(dU_pad[:, 1:-1, 1:-1, :].transpose(0, 3, 1, 2))
+    dgrid = np.zeros((N, Ho, Wo, 2), dtype=cache.dtype)
+    if cache.S_x is not None:
+        flat = dgrid.reshape(N * Ho * Wo, 2)
+        flat[:, 0] = np.einsum("mc,mc->m", dV_rows, _matmul(cache.S_x, cache.U_rows))
+        flat[:, 1] = np.einsum("mc,mc->m", dV_rows, _matmul(cache.S_y, cache.U_rows))
+        flat *= cache.coord_grad
+    return dU, dgrid
+
+
+# --------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------
+
+
+def _check_inputs(U, grid, mode, padding_mode, align_corners) -> None:
+    check_float_array("U", U, shape=(None, None, None, None))
+    check_float_array("grid", grid, shape=(None, None, None, 2))
+    if grid.dtype != U.dtype:
+        raise TypeError(f"grid must have the dtype of U, {U.dtype}, got {grid.dtype}")
+    if grid.shape[0] != U.shape[0]:
+        raise ValueError(
+            f"grid batch size must equal U's, {U.shape[0]}, got grid of shape {grid.shape}"
+        )
+    if U.shape[2] < 1 or U.shape[3] < 1:
+        raise ValueError(f"U must have H, W >= 1, got shape {U.shape}")
+    check_choice("mode", mode, MODES)
+    check_choice("padding_mode", padding_mode, PADDING_MODES)
+    check_choice("align_corners", align_corners, (True, False))
+    check_finite("grid", grid)
+
+
+# --------------------------------------------------------------------------------------
+# Coordinate maps: unnormalize, clip, reflect (each returns its derivative too)
+# --------------------------------------------------------------------------------------
+
+
+def _unnormalize(coord: np.ndarray, size: int, align_corners: bool):
+    """Normalized -> pixel coordinate; returns ``(x, dx/dcoord)``."""
+    if align_corners:
+        scale = (size - 1) / 2
+        return (coord + 1) * scale, scale
+    scale = size / 2
+    return (coord + 1) * scale - 0.5, scale
+
+
+def _clip(x: np.ndarray, size: int):
+    """Clip to ``[0, size - 1]``; the derivative is 0 on *and* beyond both ends."""
+    grad = (x > 0) & (x < size - 1)
+    return np.clip(x, 0, size - 1), grad
+
+
+def _reflect(x: np.ndarray, twice_low: int, twice_high: int):
+    """Reflect about ``low`` and ``high`` until inside ``[low, high]``; returns ``(x, +-1)``."""
+    if twice_low == twice_high:
+        return np.zeros_like(x), np.zeros_like(x)
+    low = twice_low / 2
+    span = (twice_high - twice_low) / 2
+    d = x - low
+    sign = np.where(d < 0, -1.0, 1.0)
+    d = np.abs(d)
+    extra = np.fmod(d, span)
+    odd = np.floor(d / span) % 2 == 1
+    return np.where(odd, span - extra + low, extra + low), np.where(odd, -sign, sign)
+
+
+def _pad_coordinate(x: np.ndarray, size: int, padding_mode: str, align_corners: bool):
+    """Apply the padding mode to pixel coordinates; returns ``(x, dx_out/dx_in)``."""
+    if padding_mode == "zeros":
+        return x, None
+    if padding_mode == "border":
+        return _clip(x, size)
+    if align_corners:
+        x, sign = _reflect(x, 0, 2 * (size - 1))
+    else:
+        x, sign = _reflect(x, -1, 2 * size - 1)
+    x, grad = _clip(x, size)
+    return x, sign * grad
+
+
+def _padded_index(i: np.ndarray, size: int) -> np.ndarray:
+    """Integer pixel index -> index into the zero-ringed axis of length ``size + 2``.
+
+    Everything left of the image lands on the ring's 0, everything right on ``size + 1``.
+    """
+    return (np.clip(i, -1, size) + 1).astype(np.intp)
+
+
+# --------------------------------------------------------------------------------------
+# Kernels: per axis, the pixel indices, weights and weight derivatives of each tap
+# --------------------------------------------------------------------------------------
+
+
+def _axis_taps(coord, size, mode, padding_mode, align_corners):
+    """Taps along one axis for every output point.
+
+    Returns
+    -------
+    index : (M, k) int, indices into the padded axis
+    weight : (M, k) float, kernel weights
+    dweight : (M, k) float or None, derivative of the weights w.r.t. the pixel coordinate
+    coord_grad : (M,) float, d(pixel coordinate fed to the kernel) / d(normalized coord)
+    """
+    x, scale = _unnormalize(coord, size, align_corners)
+    if mode == "bicubic":
+        x0 = np.floor(x)
+        t = x - x0
+        taps = x0[:, None] + np.arange(-1, 3)
+        if padding_mode != "zeros":
+            taps, _ = _pad_coordinate(taps, size, padding_mode, align_corners)
+            taps = np.rint(taps)
+        weight, dweight = _cubic_weights(t)
+        coord_grad = np.full_like(x, scale)
+        return _padded_index(taps, size), weight, dweight, coord_grad
+
+    x, pad_grad = _pad_coordinate(x, size, padding_mode, align_corners)
+    coord_grad = np.full_like(x, scale) if pad_grad is None else scale * pad_grad
+    if mode == "nearest":
+        index = _padded_index(np.rint(x), size)[:, None]
+        return index, np.ones_like(x)[:, None], None, coord_grad
+    x0 = np.floor(x)
+    t = x - x0
+    index = _padded_index(np.stack([x0, x0 + 1], axis=1), size)
+    weight = np.stack([1 - t, t], axis=1)
+    dweight = np.broadcast_to(np.array([-1.0, 1.0], dtype=x.dtype), weight.shape)
+    return index, weight, dweight, coord_grad
+
+
+def _cubic_weights(t: np.ndarray):
+    """Keys' cubic-convolution weights for taps at distances ``1 + t, t, 1 - t, 2 - t``.
+
+    ``k(d) = (a + 2)|d|^3 - (a + 3)|d|^2 + 1`` for ``|d| <= 1`` and
+    ``k(d) = a|d|^3 - 5a|d|^2 + 8a|d| - 4a`` for ``1 < |d| < 2``, ``a = -0.75``.
+    Returns the weights and their derivatives with respect to ``t``, each ``(M, 4)``.
+    """
+    a = _CUBIC_A
+
+    def near(d):
+        return ((a + 2) * d - (a + 3)) * d * d + 1
+
+    def near_grad(d):
+        return (3 * (a + 2) * d - 2 * (a + 3)) * d
+
+    def far(d):
+        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+
+    def far_grad(d):
+        return (3 * a * d - 10 * a) * d + 8 * a
+
+    weight = np.stack([far(1 + t), near(t), near(1 - t), far(2 - t)], axis=1)
+    # d/dt of k(1 + t), k(t), k(1 - t), k(2 - t): the chain rule flips the last two.
+    dweight = np.stack([far_grad(1 + t), near_grad(t), -near_grad(1 - t), -far_grad(2 - t)],
+                       axis=1)
+    return weight, dweight
+
+
+# --------------------------------------------------------------------------------------
+# The sparse sampling matrices
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _SamplingCache:
+    S: sp.csr_matrix  # (N*Ho*Wo, N*Hp*Wp): V_rows = S @ U_rows
+    S_x: sp.csr_matrix | None  # dS/dx, None for nearest
+    S_y: sp.csr_matrix | None
+    coord_grad: np.ndarray | None  # (N*Ho*Wo, 2): d(pixel coords)/d(normalized coords)
+    U_rows: np.ndarray  # (N*Hp*Wp, C): U padded with zeros, one row per pixel
+    U_shape: tuple
+    out_hw: tuple
+    dtype: np.dtype
+
+
+def _build(U, grid, mode, padding_mode, align_corners, with_grad):
+    N, C, H, W = U.shape
+    _, Ho, Wo, _ = grid.shape
+    Hp, Wp = H + 2, W + 2
+    M = N * Ho * Wo
+    dtype = U.dtype
+    coords = grid.reshape(M, 2)
+    ix, wx, dwx, gx = _axis_taps(coords[:, 0], W, mode, padding_mode, align_corners)
+    iy, wy, dwy, gy = _axis_taps(coords[:, 1], H, mode, padding_mode, align_corners)
+    k = ix.shape[1] * iy.shape[1]
+
+    index_dtype = np.int32 if N * Hp * Wp < 2**31 - 1 else np.int64
+    batch_offset = np.repeat(np.arange(N, dtype=np.intp) * (Hp * Wp), Ho * Wo)
+    cols = (batch_offset[:, None, None] + iy[:, :, None] * Wp + ix[:, None, :])
+    cols = cols.reshape(M * k).astype(index_dtype)
+    indptr = np.arange(0, M * k + 1, k, dtype=index_dtype)
+
+    def matrix(weights_y, weights_x):
+        data = (weights_y[:, :, None] * weights_x[:, None, :]).reshape(M * k).astype(dtype)
+        return sp.csr_matrix((data, cols, indptr), shape=(M, N * Hp * Wp))
+
+    S = matrix(wy, wx)
+    S_x = S_y = coord_grad = None
+    if with_grad and dwx is not None:
+        S_x = matrix(wy, dwx)
+        S_y = matrix(dwy, wx)
+        coord_grad = np.stack([gx, gy], axis=1).astype(dtype)
+
+    U_pad = np.zeros((N, Hp, Wp, C), dtype=dtype)
+    U_pad[:, 1:-1, 1:-1, :] = U.transpose(0, 2, 3, 1)
+    U_rows = U_pad.reshape(N * Hp * Wp, C)
+    return _SamplingCache(S, S_x, S_y, coord_grad, U_rows, (N, C, H, W), (Ho, Wo), dtype)
+
+
+def _matmul(A, B: np.ndarray) -> np.ndarray:
+    """Sparse @ dense for a dense ``(rows, C)``; a single column goes through matvec."""
+    if B.shape[1] == 1:
+        return (A @ B[:, 0])[:, None]
+    return A @ B
+
+
+def _apply(cache: _SamplingCache) -> np.ndarray:
+    N, C, _, _ = cache.U_shape
+    Ho, Wo = cache.out_hw
+    V_rows = _matmul(cache.S, cache.U_rows)
+    return np.ascontiguousarray(V_rows.reshape(N, Ho * Wo, C).transpose(0, 2, 1)).reshape(
+        N, C, Ho, Wo
+    )
