@@ -1,0 +1,41 @@
+"""Tests for stn_numpy.gradcheck against functions with known derivatives."""
+
+import numpy as np
+import pytest
+
+from stn_numpy.gradcheck import check_gradient, numerical_gradient, rel_error
+
+
+def test_numerical_gradient_of_known_functions(rng):
+    x = rng.standard_normal((3, 4))
+    np.testing.assert_allclose(numerical_gradient(lambda v: np.sum(v**3), x.copy()), 3 * x**2,
+                               rtol=1e-8, atol=1e-9)
+    df = rng.standard_normal((3, 4))
+    np.testing.assert_allclose(numerical_gradient(np.sin, x.copy(), df), np.cos(x) * df,
+                               rtol=1e-8, atol=1e-10)
+
+
+def test_numerical_gradient_restores_x(rng):
+    x = rng.standard_normal(5)
+    x0 = x.copy()
+    numerical_gradient(np.exp, x)
+    np.testing.assert_array_equal(x, x0)
+
+
+def test_check_gradient_reports_agreement_and_disagreement(rng):
+    x = rng.standard_normal(6)
+    good = check_gradient(lambda v: v**2, x, 2 * x)
+    assert good.max_rel_error < 1e-9 and good.max_abs_error < 1e-8
+    bad = check_gradient(lambda v: v**2, x, 2 * x + 0.1)
+    assert bad.max_abs_error == pytest.approx(0.1, rel=1e-6)
+    assert "max rel error" in str(bad)
+    with pytest.raises(ValueError, match="shape"):
+        check_gradient(lambda v: v**2, x, np.zeros(5))
+
+
+def test_rel_error():
+    assert rel_error(np.zeros(3), np.zeros(3)) == 0
+    assert rel_error([1.0, 2.0], [1.0, 2.0]) == 0
+    assert rel_error([1.0], [3.0]) == pytest.approx(0.5)
+    with pytest.raises(TypeError):
+        numerical_gradient(lambda v: v, np.arange(3))

@@ -1,0 +1,177 @@
+"""Tests for stn_numpy.grids: closed forms, finite differences, PyTorch parity, bad input."""
+
+import numpy as np
+import pytest
+
+from stn_numpy import (
+    NonFiniteError,
+    affine_grid,
+    affine_grid_backward,
+    attention_grid,
+    attention_grid_backward,
+    projective_grid,
+    projective_grid_backward,
+    target_coordinates,
+    tps_grid,
+    tps_grid_backward,
+    tps_lattice,
+)
+from stn_numpy.gradcheck import numerical_gradient, rel_error
+
+
+def random_params(rng, kind, N):
+    if kind == "affine":
+        return np.array([[1.0, 0, 0], [0, 1, 0]]) + 0.3 * rng.standard_normal((N, 2, 3))
+    if kind == "attention":
+        return np.array([1.0, 0, 0]) + 0.3 * rng.standard_normal((N, 3))
+    if kind == "projective":
+        theta = np.array([1.0, 0, 0, 0, 1, 0, 0, 0]) + 0.2 * rng.standard_normal((N, 8))
+        theta[:, 6:] = rng.uniform(-0.3, 0.3, (N, 2))  # keeps the denominator w > 0.4
+        return theta
+    return tps_lattice((3, 4)) + 0.2 * rng.standard_normal((N, 12, 2))
+
+
+GENERATORS = {
+    "affine": (affine_grid, affine_grid_backward, {}),
+    "attention": (attention_grid, attention_grid_backward, {}),
+    "projective": (projective_grid, projective_grid_backward, {}),
+    "tps": (tps_grid, tps_grid_backward, {"lattice": (3, 4)}),
+}
+
+
+@pytest.mark.parametrize("kind", list(GENERATORS))
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_gradient_matches_finite_differences(rng, kind, align_corners):
+    forward, backward, kw = GENERATORS[kind]
+    N, H, W = 2, 4, 5
+    theta = random_params(rng, kind, N)
+    size = (N, 3, H, W)
+    dgrid = rng.standard_normal((N, H, W, 2))
+    dtheta = backward(dgrid, theta, size, align_corners=align_corners, **kw)
+    num = numerical_gradient(lambda t: forward(t, size, align_corners=align_corners, **kw),
+                             theta.copy(), dgrid)
+    assert dtheta.shape == theta.shape
+    # Affine, attention and TPS grids are linear in theta (exact up to round-off);
+    # the homography's quotient leaves O(h^2) truncation, still far below 1e-7.
+    assert rel_error(dtheta, num) < 1e-7
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+@pytest.mark.parametrize("H,W", [(5, 7), (1, 4), (3, 1), (8, 8)])
+def test_affine_matches_torch(rng, align_corners, H, W):
+    torch = pytest.importorskip("torch", reason="PyTorch not installed: pip install torch==2.13.0")
+    theta = random_params(rng, "affine", 3)
+    size = (3, 2, H, W)
+    dgrid = rng.standard_normal((3, H, W, 2))
+    theta_t = torch.tensor(theta, requires_grad=True)
+    with pytest.warns(UserWarning) if (align_corners and min(H, W) == 1) else _no_warning():
+        grid_t = torch.nn.functional.affine_grid(theta_t, size, align_corners=align_corners)
+    grid_t.backward(torch.tensor(dgrid))
+    assert rel_error(affine_grid(theta, size, align_corners), grid_t.detach().numpy()) <= 1e-10
+    dtheta = affine_grid_backward(dgrid, theta, size, align_corners)
+    assert rel_error(dtheta, theta_t.grad.numpy()) <= 1e-10
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_target_coordinates_convention(align_corners):
+    x_t = target_coordinates(1, 4, align_corners)[0, :, 0]
+    expected = [-1, -1 / 3, 1 / 3, 1] if align_corners else [-0.75, -0.25, 0.25, 0.75]
+    np.testing.assert_allclose(x_t, expected, atol=1e-15)
+    assert target_coordinates(1, 1, align_corners)[0, 0, 0] == 0
+
+
+def test_special_cases_agree_with_affine(rng):
+    size = (2, 1, 6, 5)
+    s, tx, ty = 0.7, 0.2, -0.1
+    affine = np.tile(np.array([[[s, 0, tx], [0, s, ty]]]), (2, 1, 1))
+    np.testing.assert_allclose(attention_grid(np.tile([s, tx, ty], (2, 1)), size),
+                               affine_grid(affine, size), atol=1e-15)
+    theta = random_params(rng, "affine", 2)
+    homography = np.concatenate([theta.reshape(2, 6), np.zeros((2, 2))], axis=1)
+    np.testing.assert_allclose(projective_grid(homography, size), affine_grid(theta, size),
+                               atol=1e-14)
+
+
+def test_tps_reproduces_affine_maps_and_interpolates(rng):
+    # A TPS contains the affine maps: control points moved by an affine map give that map.
+    lattice = tps_lattice((4, 4))
+    theta = random_params(rng, "affine", 2)
+    points = lattice @ theta[:, :, :2].transpose(0, 2, 1) + theta[:, None, :, 2]
+    size = (2, 1, 7, 9)
+    np.testing.assert_allclose(tps_grid(points, size), affine_grid(theta, size), atol=1e-12)
+    # With align_corners=True a 4x4 output lands exactly on the lattice: f(c_k) = theta_k.
+    warped = lattice + 0.2 * rng.standard_normal((1, 16, 2))
+    grid = tps_grid(warped, (1, 1, 4, 4), align_corners=True)
+    np.testing.assert_allclose(grid.reshape(1, 16, 2), warped, atol=1e-12)
+
+
+def test_projective_is_a_homography(rng):
+    theta = random_params(rng, "projective", 1)
+    grid = projective_grid(theta, (1, 1, 3, 4), align_corners=True)
+    h = np.append(theta[0], 1.0).reshape(3, 3)
+    p = np.concatenate([target_coordinates(3, 4, True), np.ones((3, 4, 1))], -1)
+    q = p @ h.T
+    np.testing.assert_allclose(grid[0], q[..., :2] / q[..., 2:], atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", list(GENERATORS))
+def test_keeps_dtype_and_leaves_theta_alone(rng, kind, dtype):
+    forward, backward, kw = GENERATORS[kind]
+    theta = random_params(rng, kind, 2).astype(dtype)
+    theta0 = theta.copy()
+    grid = forward(theta, (2, 1, 3, 4), **kw)
+    dtheta = backward(np.ones_like(grid), theta, (2, 1, 3, 4), **kw)
+    assert grid.dtype == dtheta.dtype == dtype
+    assert grid.shape == (2, 3, 4, 2)
+    np.testing.assert_array_equal(theta, theta0)
+
+
+@pytest.mark.parametrize("kind", list(GENERATORS))
+def test_empty_batch(rng, kind):
+    forward, backward, kw = GENERATORS[kind]
+    theta = random_params(rng, kind, 1)[:0]
+    grid = forward(theta, (0, 1, 3, 4), **kw)
+    assert grid.shape == (0, 3, 4, 2)
+    assert backward(grid, theta, (0, 1, 3, 4), **kw).shape == theta.shape
+
+
+def test_rejects_bad_input():
+    theta = np.zeros((2, 2, 3))
+    with pytest.raises(ValueError, match=r"theta must have shape \(\*, 2, 3\), got \(2, 3\)"):
+        affine_grid(np.zeros((2, 3)), (2, 1, 4, 4))
+    with pytest.raises(ValueError, match=r"theta must have shape \(\*, 2, 3\), got \(2, 3, 3\)"):
+        affine_grid(np.zeros((2, 3, 3)), (2, 1, 4, 4))
+    with pytest.raises(ValueError, match="size\\[0\\] \\(batch\\) must equal"):
+        affine_grid(theta, (3, 1, 4, 4))
+    with pytest.raises(ValueError, match="size must have 4 entries"):
+        affine_grid(theta, (2, 4, 4))
+    with pytest.raises(TypeError, match="theta must have dtype float32 or float64, got int64"):
+        affine_grid(theta.astype(np.int64), (2, 1, 4, 4))
+    with pytest.raises(ValueError, match=r"dgrid must have shape \(2, 4, 4, 2\)"):
+        affine_grid_backward(np.zeros((2, 4, 4, 3)), theta, (2, 1, 4, 4))
+    with pytest.raises(TypeError, match="dgrid must have the parameters' dtype"):
+        affine_grid_backward(np.zeros((2, 4, 4, 2), np.float32), theta, (2, 1, 4, 4))
+    with pytest.raises(ValueError, match=r"theta must have shape \(\*, 16, 2\)"):
+        tps_grid(np.zeros((1, 9, 2)), (1, 1, 4, 4))
+    with pytest.raises(ValueError, match="lattice must have at least 2"):
+        tps_lattice((1, 4))
+    with pytest.raises(ValueError, match="align_corners must be one of"):
+        affine_grid(theta, (2, 1, 4, 4), align_corners="yes")
+
+
+@pytest.mark.parametrize("kind", list(GENERATORS))
+def test_non_finite_theta_raises(rng, kind):
+    forward, _, kw = GENERATORS[kind]
+    theta = random_params(rng, kind, 2)
+    theta.reshape(-1)[1] = np.nan
+    with pytest.raises(NonFiniteError, match="theta contains 1 non-finite"):
+        forward(theta, (2, 1, 3, 3), **kw)

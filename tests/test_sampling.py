@@ -1,0 +1,244 @@
+"""Tests for stn_numpy.sampling: closed forms, finite differences, PyTorch parity, bad input."""
+
+import itertools
+
+import numpy as np
+import pytest
+from conftest import normalize, smooth_grid
+
+from stn_numpy import NonFiniteError, affine_grid, grid_sample, grid_sample_backward
+from stn_numpy.gradcheck import numerical_gradient, rel_error
+from stn_numpy.sampling import MODES, PADDING_MODES
+
+ALL_COMBOS = list(itertools.product(MODES, PADDING_MODES, [True, False]))
+
+
+def dense_bilinear_zeros(U, grid, align_corners):
+    """Paper eq. (5) summed over every input pixel: an independent, loop-free reference."""
+    N, C, H, W = U.shape
+    x = grid[..., 0]
+    y = grid[..., 1]
+    if align_corners:
+        x, y = (x + 1) / 2 * (W - 1), (y + 1) / 2 * (H - 1)
+    else:
+        x, y = ((x + 1) * W - 1) / 2, ((y + 1) * H - 1) / 2
+    kx = np.maximum(0, 1 - np.abs(x[..., None] - np.arange(W)))  # (N, Ho, Wo, W)
+    ky = np.maximum(0, 1 - np.abs(y[..., None] - np.arange(H)))  # (N, Ho, Wo, H)
+    return np.einsum("nchw,nijh,nijw->ncij", U, ky, kx)
+
+
+# ---------------------------------------------------------------------------------------
+# Closed forms, no PyTorch needed
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_bilinear_zeros_matches_paper_formula(rng, align_corners):
+    U = rng.standard_normal((2, 3, 5, 7))
+    grid = rng.uniform(-1.3, 1.3, size=(2, 4, 6, 2))
+    V = grid_sample(U, grid, "bilinear", "zeros", align_corners)
+    np.testing.assert_allclose(V, dense_bilinear_zeros(U, grid, align_corners), atol=1e-13)
+
+
+@pytest.mark.parametrize("mode,padding_mode,align_corners", ALL_COMBOS)
+def test_identity_grid_reproduces_input(rng, mode, padding_mode, align_corners):
+    U = rng.standard_normal((2, 3, 6, 5))
+    identity = np.tile(np.array([[[1.0, 0, 0], [0, 1, 0]]]), (2, 1, 1))
+    grid = affine_grid(identity, U.shape, align_corners)
+    V = grid_sample(U, grid, mode, padding_mode, align_corners)
+    np.testing.assert_allclose(V, U, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest", "bicubic"])
+def test_integer_shift_moves_pixels(rng, mode):
+    # Sampling at x + 1 pixel reads the right neighbour; the last column reads zero padding.
+    U = rng.standard_normal((1, 2, 4, 6))
+    H, W = 4, 6
+    ys, xs = np.meshgrid(np.arange(H), np.arange(W) + 1.0, indexing="ij")
+    grid = np.stack([normalize(xs, W, True), normalize(ys, H, True)], -1)[None]
+    V = grid_sample(U, grid, mode, "zeros", align_corners=True)
+    np.testing.assert_allclose(V[..., :-1], U[..., 1:], atol=1e-12)
+    if mode != "bicubic":  # bicubic's last column still mixes in the pixel to the left
+        np.testing.assert_allclose(V[..., -1], 0.0, atol=1e-12)
+
+
+def test_bilinear_gradient_at_integer_is_right_hand_derivative():
+    # At an exact integer x the sampler uses pixels x and x + 1, so dV/dx = U[x+1] - U[x],
+    # times dx/dx_s = (W - 1) / 2 for align_corners=True.
+    U = np.arange(5.0).reshape(1, 1, 1, 5) ** 2  # values 0, 1, 4, 9, 16
+    W = 5
+    grid = np.array([[[[normalize(2.0, W, True), 0.0]]]])
+    _, dgrid = grid_sample_backward(np.ones((1, 1, 1, 1)), U, grid, "bilinear", "zeros", True)
+    assert dgrid[0, 0, 0, 0] == pytest.approx((9 - 4) * (W - 1) / 2)
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_border_clipped_coordinates_have_zero_gradient(align_corners):
+    U = np.random.default_rng(0).standard_normal((1, 1, 4, 4))
+    grid = np.array([[[[-3.0, 0.1], [3.0, 0.1], [0.1, -3.0], [0.1, 3.0]]]])
+    _, dgrid = grid_sample_backward(np.ones((1, 1, 1, 4)), U, grid, "bilinear", "border",
+                                    align_corners)
+    assert dgrid[0, 0, 0, 0] == 0 and dgrid[0, 0, 1, 0] == 0
+    assert dgrid[0, 0, 2, 1] == 0 and dgrid[0, 0, 3, 1] == 0
+
+
+# ---------------------------------------------------------------------------------------
+# Finite differences (float64, away from kinks: see conftest.smooth_pixel_coords)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode,padding_mode,align_corners", ALL_COMBOS)
+def test_gradients_match_finite_differences(rng, mode, padding_mode, align_corners):
+    N, C, H, W, Ho, Wo = 2, 2, 4, 5, 3, 4
+    U = rng.standard_normal((N, C, H, W))
+    grid = smooth_grid(rng, N, Ho, Wo, H, W, align_corners)
+    dV = rng.standard_normal((N, C, Ho, Wo))
+    dU, dgrid = grid_sample_backward(dV, U, grid, mode, padding_mode, align_corners)
+
+    def f_U(U_):
+        return grid_sample(U_, grid, mode, padding_mode, align_corners)
+
+    def f_grid(g_):
+        return grid_sample(U, g_, mode, padding_mode, align_corners)
+
+    # V is linear in U, so central differences are exact up to round-off.
+    assert rel_error(dU, numerical_gradient(f_U, U.copy(), dV)) < 1e-8
+    num_dgrid = numerical_gradient(f_grid, grid.copy(), dV)
+    if mode == "nearest":
+        assert np.all(dgrid == 0) and np.all(num_dgrid == 0)
+    else:
+        assert rel_error(dgrid, num_dgrid) < 1e-7
+
+
+# ---------------------------------------------------------------------------------------
+# PyTorch parity: forward and both gradients, points inside, on the border and outside
+# ---------------------------------------------------------------------------------------
+
+
+def parity_grid(rng, N, Ho, Wo, H, W, align_corners):
+    """Random points inside and outside plus points exactly on pixel centres, on the
+    image border, on the reflection lines and on the normalized edges +-1."""
+    grid = rng.uniform(-1.6, 1.6, size=(N, Ho, Wo, 2))
+    special_x = [normalize(u, W, align_corners) for u in (-1.0, -0.5, 0.0, 0.5, W - 1.5, W - 1,
+                                                           W - 0.5, W, 1.0, 2.5)]
+    special_y = [normalize(u, H, align_corners) for u in (-0.5, 0.0, 1.0, H - 1, H - 0.5)]
+    special_x += [-1.0, 1.0]
+    special_y += [-1.0, 1.0]
+    for k, (sx, sy) in enumerate(itertools.product(special_x, special_y)):
+        n, i = divmod(k, Ho * Wo)
+        if n >= N:
+            break
+        grid[n, i // Wo, i % Wo] = sx, sy
+    return grid
+
+
+@pytest.mark.parametrize("mode,padding_mode,align_corners", ALL_COMBOS)
+def test_matches_torch_forward_and_backward(rng, mode, padding_mode, align_corners):
+    torch = pytest.importorskip("torch", reason="PyTorch not installed: pip install torch==2.13.0")
+    F = torch.nn.functional
+    N, C, H, W, Ho, Wo = 3, 2, 5, 6, 7, 8
+    U = rng.standard_normal((N, C, H, W))
+    grid = parity_grid(rng, N, Ho, Wo, H, W, align_corners)
+    dV = rng.standard_normal((N, C, Ho, Wo))
+    V = grid_sample(U, grid, mode, padding_mode, align_corners)
+    dU, dgrid = grid_sample_backward(dV, U, grid, mode, padding_mode, align_corners)
+
+    U_t = torch.tensor(U, requires_grad=True)
+    grid_t = torch.tensor(grid, requires_grad=True)
+    V_t = F.grid_sample(U_t, grid_t, mode=mode, padding_mode=padding_mode,
+                        align_corners=align_corners)
+    V_t.backward(torch.tensor(dV))
+    assert rel_error(V, V_t.detach().numpy()) <= 1e-10
+    assert rel_error(dU, U_t.grad.numpy()) <= 1e-10
+    assert rel_error(dgrid, grid_t.grad.numpy()) <= 1e-10
+    if mode == "nearest":
+        assert np.all(dgrid == 0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_float32_matches_torch(rng, mode):
+    torch = pytest.importorskip("torch", reason="PyTorch not installed: pip install torch==2.13.0")
+    U = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    grid = rng.uniform(-1.2, 1.2, size=(2, 5, 5, 2)).astype(np.float32)
+    V = grid_sample(U, grid, mode)
+    V_t = torch.nn.functional.grid_sample(torch.tensor(U), torch.tensor(grid), mode=mode,
+                                          align_corners=False)
+    assert V.dtype == np.float32
+    np.testing.assert_allclose(V, V_t.numpy(), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# dtype, shapes, bad input
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_keeps_dtype_and_leaves_inputs_alone(rng, dtype):
+    U = rng.standard_normal((2, 3, 4, 5)).astype(dtype)
+    grid = rng.uniform(-1, 1, (2, 3, 3, 2)).astype(dtype)
+    dV = rng.standard_normal((2, 3, 3, 3)).astype(dtype)
+    U0, grid0, dV0 = U.copy(), grid.copy(), dV.copy()
+    V = grid_sample(U, grid)
+    dU, dgrid = grid_sample_backward(dV, U, grid)
+    assert V.dtype == dU.dtype == dgrid.dtype == dtype
+    assert V.shape == (2, 3, 3, 3) and dU.shape == U.shape and dgrid.shape == grid.shape
+    np.testing.assert_array_equal(U, U0)
+    np.testing.assert_array_equal(grid, grid0)
+    np.testing.assert_array_equal(dV, dV0)
+
+
+def test_empty_batch():
+    V = grid_sample(np.zeros((0, 3, 4, 4)), np.zeros((0, 2, 2, 2)))
+    assert V.shape == (0, 3, 2, 2)
+    dU, dgrid = grid_sample_backward(np.zeros((0, 3, 2, 2)), np.zeros((0, 3, 4, 4)),
+                                     np.zeros((0, 2, 2, 2)))
+    assert dU.shape == (0, 3, 4, 4) and dgrid.shape == (0, 2, 2, 2)
+
+
+@pytest.mark.parametrize(
+    "U_shape,grid_shape,error,match",
+    [
+        ((3, 4, 4), (1, 2, 2, 2), ValueError, "U must have shape"),
+        ((1, 1, 4, 4), (1, 2, 2), ValueError, "grid must have shape"),
+        ((1, 1, 4, 4), (1, 2, 2, 3), ValueError, r"grid must have shape \(\*, \*, \*, 2\)"),
+        ((2, 1, 4, 4), (3, 2, 2, 2), ValueError, "batch size"),
+        ((1, 1, 0, 4), (1, 2, 2, 2), ValueError, "H, W >= 1"),
+    ],
+)
+def test_rejects_bad_shapes(U_shape, grid_shape, error, match):
+    with pytest.raises(error, match=match):
+        grid_sample(np.zeros(U_shape), np.zeros(grid_shape))
+
+
+def test_rejects_bad_dtypes_and_options():
+    U = np.zeros((1, 1, 4, 4))
+    grid = np.zeros((1, 2, 2, 2))
+    with pytest.raises(TypeError, match="U must have dtype float32 or float64, got int64"):
+        grid_sample(np.zeros((1, 1, 4, 4), dtype=np.int64), grid)
+    with pytest.raises(TypeError, match="grid must have the dtype of U"):
+        grid_sample(U, grid.astype(np.float32))
+    with pytest.raises(TypeError, match="numpy.ndarray"):
+        grid_sample(U.tolist(), grid)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        grid_sample(U, grid, mode="area")
+    with pytest.raises(ValueError, match="padding_mode must be one of"):
+        grid_sample(U, grid, padding_mode="wrap")
+    with pytest.raises(ValueError, match="dV must have shape"):
+        grid_sample_backward(np.zeros((1, 1, 3, 3)), U, grid)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_grid_raises(bad):
+    # Decision: a NaN/inf coordinate points nowhere, so we raise instead of guessing.
+    grid = np.zeros((1, 2, 2, 2))
+    grid[0, 1, 0, 1] = bad
+    with pytest.raises(NonFiniteError, match="grid contains 1 non-finite"):
+        grid_sample(np.zeros((1, 1, 4, 4)), grid)
+    assert issubclass(NonFiniteError, ValueError)
+
+
+def test_nan_in_input_propagates():
+    U = np.zeros((1, 1, 4, 4))
+    U[0, 0, 1, 1] = np.nan
+    V = grid_sample(U, np.zeros((1, 1, 1, 2)), align_corners=True)  # centre mixes pixel (1,1)
+    assert np.isnan(V).all()
