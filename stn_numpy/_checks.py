@@ -26,7 +26,9 @@ def check_float_array(name: str, x, ndim: int | None = None, shape=None) -> np.n
     if ndim is not None and x.ndim != ndim:
         expected = _format_shape(shape) if shape is not None else f"{ndim} dimensions"
         raise ValueError(f"{name} must have shape {expected}, got {x.shape} ({x.ndim} dimensions)")
-    if shape is not None and any(s is not None and s != d for s, d in zip(shape, x.shape, strict=True)):
+    if shape is not None and any(
+        s is not None and s != d for s, d in zip(shape, x.shape, strict=True)
+    ):
         raise ValueError(f"{name} must have shape {_format_shape(shape)}, got {x.shape}")
     return x
 
