@@ -1,0 +1,197 @@
+"""The named architectures: ``stn`` and ``cnn`` of the PyTorch spatial transformer tutorial.
+
+Both share one classifier (the tutorial's)::
+
+    conv 10@5x5 -> maxpool 2 -> relu -> conv 20@5x5 -> dropout2d -> maxpool 2 -> relu
+    -> flatten -> fc ->50 -> relu -> dropout -> fc 50->10
+
+``stn`` puts a spatial transformer in front, with the localisation net::
+
+    conv 8@7x7 -> maxpool 2 -> relu -> conv 10@5x5 -> maxpool 2 -> relu
+    -> flatten -> fc ->32 -> relu -> fc 32->P
+
+where ``P`` is the number of transform parameters (6 for affine). Flattened sizes follow
+from the input size, so 28x28 (MNIST), 42x42 (RTS) and 60x60 (translated, cluttered) all
+work. Images enter in ``[0, 1]``; the model normalises with the MNIST mean and standard
+deviation itself. The transformer samples the raw image, so ``"zeros"`` padding is black
+background, and the localisation net and classifier see normalised values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._checks import check_choice, check_float_array
+from .layers import (
+    Conv2d,
+    Dropout,
+    Dropout2d,
+    Flatten,
+    Layer,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    Sequential,
+)
+from .transformer import SpatialTransformer, identity_parameters
+
+__all__ = ["ARCHITECTURES", "Model", "Normalize", "build_model"]
+
+ARCHITECTURES = ("stn", "cnn")
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+class Normalize(Layer):
+    """``out = (x - mean) / std``; ``dx = dout / std``. No parameters."""
+
+    def __init__(self, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> None:
+        super().__init__()
+        self.mean, self.std = float(mean), float(std)
+
+    def __repr__(self) -> str:
+        return f"Normalize(mean={self.mean}, std={self.std})"
+
+    def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
+        x = check_float_array("x", x)
+        self._out_shape = x.shape
+        return (x - x.dtype.type(self.mean)) / x.dtype.type(self.std)
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        dout = self._check_dout(dout)
+        return dout / dout.dtype.type(self.std)
+
+
+def _after_conv_pool(size: int, kernel: int) -> int:
+    return (size - kernel + 1) // 2
+
+
+def _classifier(H: int, W: int, rng, dtype) -> Sequential:
+    h = _after_conv_pool(_after_conv_pool(H, 5), 5)
+    w = _after_conv_pool(_after_conv_pool(W, 5), 5)
+    if h < 1 or w < 1:
+        raise ValueError(f"input_size must be at least 16x16 for the classifier, got {(H, W)}")
+    return Sequential(
+        Normalize(),
+        Conv2d(1, 10, 5, rng, dtype), MaxPool2d(2), ReLU(),
+        Conv2d(10, 20, 5, rng, dtype), Dropout2d(0.5, rng), MaxPool2d(2), ReLU(),
+        Flatten(), Linear(20 * h * w, 50, rng, dtype), ReLU(), Dropout(0.5, rng),
+        Linear(50, 10, rng, dtype),
+    )
+
+
+def _localization(H: int, W: int, n_params: int, rng, dtype) -> Sequential:
+    h = _after_conv_pool(_after_conv_pool(H, 7), 5)
+    w = _after_conv_pool(_after_conv_pool(W, 7), 5)
+    if h < 1 or w < 1:
+        raise ValueError(f"input_size must be at least 20x20 for the localisation net, "
+                         f"got {(H, W)}")
+    return Sequential(
+        Normalize(),
+        Conv2d(1, 8, 7, rng, dtype), MaxPool2d(2), ReLU(),
+        Conv2d(8, 10, 5, rng, dtype), MaxPool2d(2), ReLU(),
+        Flatten(), Linear(10 * h * w, 32, rng, dtype), ReLU(),
+        Linear(32, n_params, rng, dtype),
+    )
+
+
+class Model:
+    """A classifier for ``(N, 1, H, W)`` images in ``[0, 1]``, optionally with a transformer.
+
+    Parameters
+    ----------
+    net : Sequential
+        The layers; for ``stn`` the first one is the :class:`SpatialTransformer`.
+    config : dict
+        What :func:`build_model` needs to rebuild the architecture (saved in checkpoints).
+
+    ``params`` / ``grads`` are flat dicts keyed like PyTorch's ``state_dict``
+    (``"0.localization.1.weight"``, ``"2.bias"``, ...).
+    """
+
+    def __init__(self, net: Sequential, config: dict) -> None:
+        self.net = net
+        self.config = dict(config)
+
+    def __repr__(self) -> str:
+        return f"Model({self.config['arch']!r}, {self.net!r})"
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        return self.net.params
+
+    @property
+    def grads(self) -> dict[str, np.ndarray]:
+        return self.net.grads
+
+    @property
+    def transformer(self) -> SpatialTransformer | None:
+        first = self.net[0]
+        return first if isinstance(first, SpatialTransformer) else None
+
+    @property
+    def dtype(self):
+        return next(iter(self.params.values())).dtype
+
+    def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
+        """Logits ``(N, 10)`` for images ``x`` ``(N, 1, H, W)`` of the parameters' dtype."""
+        return self.net.forward(x, train=train)
+
+    def backward(self, dlogits: np.ndarray) -> np.ndarray:
+        """Backpropagate ``dL/dlogits`` ``(N, 10)``; fills :attr:`grads`, returns ``dx``."""
+        return self.net.backward(dlogits)
+
+    def _images(self, X) -> np.ndarray:
+        X = np.asarray(X)
+        if not np.issubdtype(X.dtype, np.floating):
+            raise TypeError(f"X must be float images in [0, 1], got dtype {X.dtype}")
+        if X.ndim == 3:
+            X = X[:, None]
+        H, W = self.config["input_size"]
+        if X.ndim != 4 or X.shape[1:] != (1, H, W):
+            raise ValueError(f"X must have shape (N, {H}, {W}) or (N, 1, {H}, {W}), "
+                             f"got {X.shape}")
+        return X.astype(self.dtype, copy=False)
+
+    def _batched(self, fn, X, batch_size: int) -> np.ndarray:
+        X = self._images(X)
+        outs = [fn(X[i:i + batch_size]) for i in range(0, len(X), batch_size)]
+        if not outs:
+            return fn(X)
+        return np.concatenate(outs)
+
+    def predict(self, X, batch_size: int = 1000) -> np.ndarray:
+        """Logits ``(N, 10)`` in evaluation mode for images ``X`` in ``[0, 1]``.
+
+        ``X`` has shape ``(N, 1, H, W)`` or ``(N, H, W)``, any float dtype.
+        """
+        return self._batched(lambda x: self.net.forward(x, train=False), X, batch_size)
+
+    def transform(self, X, batch_size: int = 1000) -> np.ndarray:
+        """The transformer's output images ``(N, 1, H_o, W_o)`` for images ``X`` in ``[0, 1]``."""
+        if self.transformer is None:
+            raise ValueError(f"model {self.config['arch']!r} has no spatial transformer")
+        return self._batched(lambda x: self.transformer.forward(x, train=False), X, batch_size)
+
+
+def build_model(arch: str = "stn", input_size=(28, 28), transform: str = "affine",
+                mode: str = "bilinear", padding_mode: str = "zeros", align_corners=False,
+                seed: int = 0, dtype=np.float32) -> Model:
+    """Build ``stn`` or ``cnn`` for ``input_size = (H, W)``, initialised from ``seed``.
+
+    ``transform``, ``mode``, ``padding_mode`` and ``align_corners`` configure the
+    transformer of ``stn`` (see :class:`~stn_numpy.transformer.SpatialTransformer`).
+    Dropout masks come from the same seeded generator, so one seed fixes the whole run.
+    """
+    check_choice("arch", arch, ARCHITECTURES)
+    H, W = (int(s) for s in input_size)
+    rng = np.random.default_rng(seed)
+    config = {"arch": arch, "input_size": [H, W], "transform": transform, "mode": mode,
+              "padding_mode": padding_mode, "align_corners": bool(align_corners),
+              "seed": int(seed), "dtype": np.dtype(dtype).name}
+    classifier = _classifier(H, W, rng, dtype)
+    if arch == "cnn":
+        return Model(classifier, config)
+    n_params = identity_parameters(transform).size
+    stn = SpatialTransformer(_localization(H, W, n_params, rng, dtype), transform,
+                             mode=mode, padding_mode=padding_mode, align_corners=align_corners)
+    return Model(Sequential(stn, *classifier), config)
