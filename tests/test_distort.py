@@ -1,0 +1,233 @@
+"""Tests for stn_numpy.data.distort, on synthetic digits: laws every distortion must obey
+(shape, range, determinism), closed forms (identity, exact 90-degree turns, scaled mass) and
+rotation against scipy's."""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from stn_numpy.data import distort
+from stn_numpy.data.distort import (
+    DATASETS,
+    elastic,
+    output_size,
+    projective,
+    rotate,
+    rts,
+    to_unit,
+    translate_clutter,
+)
+
+
+def blobs(n=8, size=28, seed=0):
+    """uint8 digits stand-ins: a few Gaussian strokes well inside the frame, full range."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] - (size - 1) / 2
+    images = np.zeros((n, size, size))
+    for _ in range(3):
+        cx, cy = rng.uniform(-5, 5, size=(2, n, 1, 1))
+        images += np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * rng.uniform(1, 2.5) ** 2))
+    images /= images.max(axis=(1, 2), keepdims=True)
+    return np.round(255 * images).astype(np.uint8)
+
+
+class HighRng:
+    """A stand-in Generator whose uniform draws all return their upper bound."""
+
+    def uniform(self, low=0.0, high=1.0, size=None):
+        shape = np.shape(high) if size is None else size
+        return np.broadcast_to(np.asarray(high, float), shape).copy()
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_dataset_shape_dtype_range(name):
+    images = blobs(6)
+    before = images.copy()
+    out = DATASETS[name](images, np.random.default_rng(0))
+    assert out.shape == (6, *output_size(name))
+    assert out.dtype == np.float32
+    assert out.min() >= 0 and out.max() <= 1
+    assert out.max() > 0.5
+    np.testing.assert_array_equal(images, before)
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_dataset_deterministic_given_seed(name):
+    images = blobs(6)
+    make = DATASETS[name]
+    first = make(images, np.random.default_rng(7))
+    np.testing.assert_array_equal(first, make(images, np.random.default_rng(7)))
+    if name != "mnist":
+        assert not np.array_equal(first, make(images, np.random.default_rng(8)))
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_dataset_uint8_and_float_agree(name):
+    images = blobs(5)
+    from_uint8 = DATASETS[name](images, np.random.default_rng(3))
+    from_float = DATASETS[name](images / 255, np.random.default_rng(3))
+    np.testing.assert_allclose(from_uint8, from_float, atol=1e-6)
+
+
+def test_output_size_unknown():
+    with pytest.raises(ValueError, match="unknown dataset 'x'"):
+        output_size("x")
+
+
+def test_input_validation():
+    with pytest.raises(ValueError, match=r"shape \(N, H, W\)"):
+        rotate(np.zeros((28, 28), np.uint8), np.random.default_rng(0))
+    with pytest.raises(TypeError, match="int64"):
+        rotate(np.zeros((1, 28, 28), np.int64), np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"\[0, 1\].*divide uint8 pixels by 255"):
+        rotate(np.full((1, 28, 28), 255.0), np.random.default_rng(0))
+
+
+def test_to_unit():
+    images = blobs(3)
+    np.testing.assert_allclose(to_unit(images), images / 255, atol=1e-7)
+
+
+def test_rotate_zero_angle_is_identity():
+    images = blobs()
+    out = rotate(images, np.random.default_rng(0), max_angle=0)
+    np.testing.assert_allclose(out, images / 255, atol=1e-6)
+
+
+def test_rotate_quarter_turn_is_rot90():
+    images = blobs()
+    # Every drawn angle is +90 degrees: counter-clockwise on screen, as np.rot90 turns.
+    out = rotate(images, HighRng(), max_angle=90)
+    np.testing.assert_allclose(out, np.rot90(images, 1, axes=(1, 2)) / 255, atol=1e-5)
+
+
+def test_rotate_preserves_mass():
+    images = blobs(64)
+    out = rotate(images, np.random.default_rng(0))
+    np.testing.assert_allclose(out.sum(axis=(1, 2)), images.sum(axis=(1, 2)) / 255, rtol=0.02)
+
+
+def test_rts_without_distortion_is_identity():
+    images = blobs()
+    out = rts(images, np.random.default_rng(0), max_angle=0, scale=(1, 1), canvas=28)
+    np.testing.assert_allclose(out, images / 255, atol=1e-6)
+
+
+def test_rts_translation_moves_right_and_down():
+    images = blobs()
+    # Scale 1 in a 42 x 42 canvas leaves 7 pixels of play; the upper bound puts the digit's
+    # top-left corner at 7 + 7.
+    out = rts(images, HighRng(), max_angle=0, scale=(1, 1), canvas=42)
+    np.testing.assert_allclose(out[:, 14:, 14:], images / 255, atol=1e-6)
+    assert out[:, :14].max() == 0 and out[:, :, :14].max() == 0
+
+
+def test_rts_scale_scales_mass():
+    images = blobs(16)
+    # Every uniform draw at its upper end: angle 45 degrees, scale 1.2, the largest shift.
+    out = rts(images, HighRng())
+    np.testing.assert_allclose(
+        out.sum(axis=(1, 2)), 1.2**2 * images.sum(axis=(1, 2)) / 255, rtol=0.02
+    )
+
+
+def test_rts_mean_mass_ratio():
+    images = blobs(400)
+    out = rts(images, np.random.default_rng(0))
+    ratio = out.sum(axis=(1, 2)) / (images.sum(axis=(1, 2)) / 255)
+    # E[s^2] for s uniform in [0.7, 1.2]: (1.2^3 - 0.7^3) / (3 * 0.5).
+    assert ratio.mean() == pytest.approx((1.2**3 - 0.7**3) / 1.5, abs=0.03)
+    assert ratio.min() > 0.7**2 - 0.02 and ratio.max() < 1.2**2 + 0.02
+
+
+def test_projective_without_noise_is_identity():
+    images = blobs()
+    out = projective(images, np.random.default_rng(0), sigma=0.0, scale=(1.0, 1.0))
+    np.testing.assert_allclose(out, images / 255, atol=1e-5)
+
+
+def test_homography_maps_the_four_points():
+    rng = np.random.default_rng(0)
+    corners = np.array([[-14.0, -14], [14, -14], [14, 14], [-14, 14]])
+    moved = corners + rng.normal(0, 1.4, size=(5, 4, 2))
+    maps = distort._homography(moved, corners)
+    mapped = np.concatenate([moved, np.ones((5, 4, 1))], axis=2) @ maps.transpose(0, 2, 1)
+    np.testing.assert_allclose(mapped[..., :2] / mapped[..., 2:], np.tile(corners, (5, 1, 1)))
+
+
+def test_projective_mass_shrinks_with_scale():
+    images = blobs(200)
+    out = projective(images, np.random.default_rng(0))
+    ratio = out.sum(axis=(1, 2)) / (images.sum(axis=(1, 2)) / 255)
+    # E[s^2] for s uniform in [0.75, 1]; the corner noise is zero-mean.
+    assert ratio.mean() == pytest.approx((1 - 0.75**3) / 0.75, abs=0.05)
+
+
+def test_elastic_without_displacement_is_identity():
+    images = blobs()
+    out = elastic(images, np.random.default_rng(0), alpha=0.0, scale=(1.0, 1.0))
+    np.testing.assert_allclose(out, images / 255, atol=1e-6)
+
+
+def test_elastic_displacement_statistics():
+    # On a ramp in x, bilinear sampling is exact, so output minus input recovers the
+    # horizontal displacement dx (in ramp units of 1/28 pixel^-1) wherever it stays inside.
+    n, alpha, sigma = 400, 34.0, 4.0
+    ramp = np.broadcast_to((np.arange(28) + 0.5) / 28, (n, 28, 28))
+    out = elastic(ramp, np.random.default_rng(0), alpha=alpha, sigma=sigma, scale=(1, 1))
+    dx = 28 * (out - ramp)[:, 8:20, 8:20]
+    # Uniform [-1, 1] noise has variance 1/3; a 2-D Gaussian of std sigma has squared weights
+    # summing to 1 / (4 pi sigma^2).
+    expected_std = alpha * np.sqrt(1 / 3 / (4 * np.pi * sigma**2))
+    assert dx.std() == pytest.approx(expected_std, rel=0.15)
+    assert abs(dx.mean()) < 0.1 * expected_std
+    neighbours = np.corrcoef(dx[:, :, :-1].ravel(), dx[:, :, 1:].ravel())[0, 1]
+    assert neighbours > 0.95
+
+
+def test_translate_places_the_digit_exactly():
+    images = blobs(5)
+    out = translate_clutter(images, np.random.default_rng(0), n_clutter=0)
+    for image, canvas in zip(images / 255, out, strict=True):
+        found = [
+            (r, c)
+            for r in range(60 - 28 + 1)
+            for c in range(60 - 28 + 1)
+            if np.allclose(canvas[r : r + 28, c : c + 28], image, atol=1e-7)
+        ]
+        assert len(found) == 1
+        assert canvas.sum() == pytest.approx(image.sum(), rel=1e-6)
+
+
+def test_clutter_patch_from_other_images():
+    images = np.stack([np.zeros((28, 28)), np.ones((28, 28))]).astype(np.uint8) * 255
+    out = translate_clutter(images, np.random.default_rng(0), n_clutter=1)
+    # Image 0 is blank, so its canvas shows exactly one 6 x 6 patch cut from image 1;
+    # image 1's only possible clutter source is the blank image 0.
+    rows, cols = np.nonzero(out[0])
+    assert out[0].sum() == 36 and np.ptp(rows) == 5 and np.ptp(cols) == 5
+    assert out[1].sum() == 28 * 28
+
+
+def test_clutter_from_separate_images_adds_and_clips():
+    images = np.zeros((4, 28, 28), np.uint8)
+    ones = np.ones((2, 28, 28))
+    out = translate_clutter(images, np.random.default_rng(0), n_clutter=6, clutter_images=ones)
+    assert out.max() == 1.0
+    assert np.all(out.sum(axis=(1, 2)) <= 6 * 36)
+    assert np.all(out.sum(axis=(1, 2)) >= 36)
+
+
+def test_clutter_needs_two_images():
+    with pytest.raises(ValueError, match="at least 2 images"):
+        translate_clutter(blobs(1), np.random.default_rng(0))
+
+
+def test_rotate_matches_scipy():
+    images = blobs()
+    # scipy.ndimage.rotate turns counter-clockwise as displayed too, about the same centre.
+    out = rotate(images, HighRng(), max_angle=30)
+    expected = ndimage.rotate(
+        images / 255, 30, axes=(1, 2), reshape=False, order=1, mode="grid-constant"
+    )
+    np.testing.assert_allclose(out, expected, atol=1e-6)
