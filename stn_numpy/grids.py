@@ -22,6 +22,7 @@ differentiable.
 
 from __future__ import annotations
 
+from fractions import Fraction
 from functools import lru_cache
 
 import numpy as np
@@ -42,26 +43,45 @@ __all__ = [
 ]
 
 
-def _linspace_from_neg_one(steps: int, align_corners: bool) -> np.ndarray:
+def _linspace_from_neg_one(steps: int, align_corners: bool, dtype) -> np.ndarray:
+    """``steps`` points from -1 to 1 (scaled by ``(steps - 1) / steps`` without corners).
+
+    The values are PyTorch's, bit for bit: ``step = 2 / (steps - 1)`` in ``dtype``; the
+    first half is ``-1 + step * i`` and the second half ``1 - step * (steps - 1 - i)``,
+    each rounded once (a fused multiply-add, computed here exactly with fractions); the
+    scaling multiplies by ``steps - 1``, rounds, then divides by ``steps``. This matters
+    because an identity transform puts the points on pixel centres, exactly where the
+    sampler's gradient jumps: a grid one rounding step off would take the gradient from
+    the other side of the jump.
+    """
+    dtype = np.dtype(dtype)
     if steps <= 1:
-        return np.zeros(max(steps, 0))
-    line = np.linspace(-1.0, 1.0, steps)
-    return line if align_corners else line * ((steps - 1) / steps)
+        return np.zeros(max(steps, 0), dtype=dtype)
+    step = Fraction(float(dtype.type(2) / dtype.type(steps - 1)))
+    exact = [-1 + step * i if i < steps // 2 else 1 - step * (steps - 1 - i)
+             for i in range(steps)]
+    # Each exact value has few enough bits that float() is the one correct rounding for
+    # float64 and exact for float32, so the cast to dtype rounds only once.
+    line = np.array([float(v) for v in exact]).astype(dtype)
+    if not align_corners:
+        line = line * dtype.type(steps - 1) / dtype.type(steps)
+    return line
 
 
 @lru_cache(maxsize=64)
-def _base_grid(H: int, W: int, align_corners: bool) -> np.ndarray:
-    """Homogeneous target coordinates ``[x_t, y_t, 1]``, shape ``(H, W, 3)``, float64."""
-    base = np.ones((H, W, 3))
-    base[..., 0] = _linspace_from_neg_one(W, align_corners)[None, :]
-    base[..., 1] = _linspace_from_neg_one(H, align_corners)[:, None]
+def _base_grid(H: int, W: int, align_corners: bool, dtype=np.dtype(np.float64)) -> np.ndarray:
+    """Homogeneous target coordinates ``[x_t, y_t, 1]``, shape ``(H, W, 3)``, read-only."""
+    base = np.ones((H, W, 3), dtype=dtype)
+    base[..., 0] = _linspace_from_neg_one(W, align_corners, dtype)[None, :]
+    base[..., 1] = _linspace_from_neg_one(H, align_corners, dtype)[:, None]
     base.setflags(write=False)
     return base
 
 
 def target_coordinates(H: int, W: int, align_corners: bool = False, dtype=np.float64):
     """The regular target grid ``G`` of the output, shape ``(H, W, 2)`` holding ``(x_t, y_t)``."""
-    return _base_grid(int(H), int(W), bool(align_corners))[..., :2].astype(dtype)
+    dtype = np.dtype(dtype)
+    return _base_grid(int(H), int(W), bool(align_corners), dtype)[..., :2].copy()
 
 
 def _check_params(name: str, theta, shape) -> np.ndarray:
@@ -110,7 +130,7 @@ def affine_grid(theta: np.ndarray, size, align_corners: bool = False) -> np.ndar
     """
     theta = _check_params("theta", theta, (None, 2, 3))
     N, _, H, W = _check_output_size(size, theta.shape[0], align_corners)
-    base = _base_grid(H, W, align_corners).astype(theta.dtype, copy=False)
+    base = _base_grid(H, W, align_corners, theta.dtype)
     # grid[n, h, w, i] = sum_j base[h, w, j] * theta[n, i, j]
     grid = base.reshape(1, H * W, 3) @ theta.transpose(0, 2, 1)
     return grid.reshape(N, H, W, 2)
@@ -137,7 +157,7 @@ def affine_grid_backward(dgrid: np.ndarray, theta: np.ndarray, size, align_corne
     theta = _check_params("theta", theta, (None, 2, 3))
     N, _, H, W = _check_output_size(size, theta.shape[0], align_corners)
     dgrid = _check_dgrid(dgrid, N, H, W, theta.dtype)
-    base = _base_grid(H, W, align_corners).astype(theta.dtype, copy=False)
+    base = _base_grid(H, W, align_corners, theta.dtype)
     return dgrid.reshape(N, H * W, 2).transpose(0, 2, 1) @ base.reshape(H * W, 3)
 
 
@@ -165,7 +185,7 @@ def attention_grid(theta: np.ndarray, size, align_corners: bool = False) -> np.n
     """
     theta = _check_params("theta", theta, (None, 3))
     N, _, H, W = _check_output_size(size, theta.shape[0], align_corners)
-    xy_t = _base_grid(H, W, align_corners)[..., :2].astype(theta.dtype, copy=False)
+    xy_t = _base_grid(H, W, align_corners, theta.dtype)[..., :2]
     s = theta[:, 0, None, None, None]
     t = theta[:, None, None, 1:]
     return s * xy_t + t
@@ -184,7 +204,7 @@ def attention_grid_backward(dgrid: np.ndarray, theta: np.ndarray, size, align_co
     theta = _check_params("theta", theta, (None, 3))
     N, _, H, W = _check_output_size(size, theta.shape[0], align_corners)
     dgrid = _check_dgrid(dgrid, N, H, W, theta.dtype)
-    xy_t = _base_grid(H, W, align_corners)[..., :2].astype(theta.dtype, copy=False)
+    xy_t = _base_grid(H, W, align_corners, theta.dtype)[..., :2]
     dtheta = np.empty_like(theta)
     dtheta[:, 0] = np.einsum("nhwi,hwi->n", dgrid, xy_t)
     dtheta[:, 1:] = dgrid.sum(axis=(1, 2))
@@ -197,7 +217,7 @@ def attention_grid_backward(dgrid: np.ndarray, theta: np.ndarray, size, align_co
 
 
 def _homography_terms(theta: np.ndarray, H: int, W: int, align_corners: bool):
-    base = _base_grid(H, W, align_corners).astype(theta.dtype, copy=False)
+    base = _base_grid(H, W, align_corners, theta.dtype)
     h = np.concatenate([theta, np.ones_like(theta[:, :1])], axis=1).reshape(-1, 3, 3)
     # num_den[n, h, w] = (a, b, w) = h @ (x_t, y_t, 1)
     num_den = (base.reshape(1, H * W, 3) @ h.transpose(0, 2, 1)).reshape(-1, H, W, 3)

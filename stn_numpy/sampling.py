@@ -33,8 +33,8 @@ For a fixed grid the sampler is linear in U: ``V = S U`` with a sparse matrix ``
 4, 1 or 16 weights per output point. The backward pass therefore is ``dU = S^T dV``, and
 the grid gradient is ``dx_s = sum_c dV * (S_x U) * dx/dx_s`` where ``S_x`` holds the
 derivatives of the weights with respect to ``x`` (likewise for ``y``). All three products
-run through ``scipy.sparse`` on a copy of U padded with one ring of zeros (two for
-bicubic is not needed: taps outside the image all land on the zero ring).
+run through ``scipy.sparse`` on a copy of U padded with one ring of zeros: every tap
+outside the image, whatever the mode, is redirected to that ring.
 """
 
 from __future__ import annotations
@@ -114,9 +114,6 @@ def grid_sample_backward(dV, U, grid, mode="bilinear", padding_mode="zeros",
     dgrid : ndarray, shape (N, H_o, W_o, 2)
     """
     _check_inputs(U, grid, mode, padding_mode, align_corners)
-    dV = check_float_array("dV", dV, shape=(U.shape[0], U.shape[1]) + grid.shape[1:3])
-    if dV.dtype != U.dtype:
-        raise TypeError(f"dV must have the dtype of U, {U.dtype}, got {dV.dtype}")
     cache = _build(U, grid, mode, padding_mode, align_corners, with_grad=True)
     return grid_sample_backward_from_cache(dV, cache)
 
@@ -140,6 +137,9 @@ def grid_sample_backward_from_cache(dV, cache):
     """``(dU, dgrid)`` for the forward call that produced ``cache``; dV as in the forward's V."""
     N, C, H, W = cache.U_shape
     Ho, Wo = cache.out_hw
+    dV = check_float_array("dV", dV, shape=(N, C, Ho, Wo))
+    if dV.dtype != cache.dtype:
+        raise TypeError(f"dV must have the dtype of U, {cache.dtype}, got {dV.dtype}")
     Hp, Wp = H + 2, W + 2
     dV_rows = dV.reshape(N, C, Ho * Wo).transpose(0, 2, 1).reshape(N * Ho * Wo, C)
     dU_pad = _matmul(cache.S.T, dV_rows).reshape(N, Hp, Wp, C)
@@ -325,7 +325,7 @@ def _build(U, grid, mode, padding_mode, align_corners, with_grad):
     iy, wy, dwy, gy = _axis_taps(coords[:, 1], H, mode, padding_mode, align_corners)
     kx, ky = len(ix), len(iy)
 
-    index_dtype = np.int32 if N * Hp * Wp < 2**31 - 1 else np.int64
+    index_dtype = np.int32 if max(N * Hp * Wp, M * kx * ky) < 2**31 - 1 else np.int64
     batch_rows = (np.arange(N, dtype=index_dtype) * (Hp * Wp)).repeat(Ho * Wo)
     # Entries of row m are the ky * kx taps (j, i); filling one tap at a time keeps every
     # operation a long contiguous loop, several times faster than a (M, ky, kx) broadcast.

@@ -242,3 +242,29 @@ def test_nan_in_input_propagates():
     U[0, 0, 1, 1] = np.nan
     V = grid_sample(U, np.zeros((1, 1, 1, 2)), align_corners=True)  # centre mixes pixel (1,1)
     assert np.isnan(V).all()
+
+
+@pytest.mark.parametrize("mode,padding_mode,align_corners", ALL_COMBOS)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_identity_transform_gradients_match_torch(rng, mode, padding_mode, align_corners, dtype):
+    # The identity puts every sample on a pixel centre, where the sampler's gradient jumps:
+    # the theta gradient agrees only because affine_grid reproduces PyTorch's grid bit for bit.
+    torch = pytest.importorskip("torch", reason="PyTorch not installed: pip install torch==2.13.0")
+    F = torch.nn.functional
+    from stn_numpy import affine_grid_backward
+
+    N, C, H, W = 2, 2, 8, 9
+    theta = np.tile(np.array([[[1.0, 0, 0], [0, 1, 0]]], dtype=dtype), (N, 1, 1))
+    U = rng.standard_normal((N, C, H, W)).astype(dtype)
+    dV = rng.standard_normal((N, C, H, W)).astype(dtype)
+    grid = affine_grid(theta, U.shape, align_corners)
+    _, dgrid = grid_sample_backward(dV, U, grid, mode, padding_mode, align_corners)
+    dtheta = affine_grid_backward(dgrid, theta, U.shape, align_corners)
+
+    theta_t = torch.tensor(theta, requires_grad=True)
+    grid_t = F.affine_grid(theta_t, U.shape, align_corners=align_corners)
+    np.testing.assert_array_equal(grid, grid_t.detach().numpy())
+    F.grid_sample(torch.tensor(U), grid_t, mode=mode, padding_mode=padding_mode,
+                  align_corners=align_corners).backward(torch.tensor(dV))
+    tol = 1e-10 if dtype == np.float64 else 1e-4
+    assert rel_error(dtheta, theta_t.grad.numpy()) <= tol
