@@ -7,6 +7,7 @@ Jaderberg, Simonyan, Zisserman and Kavukcuoglu, "Spatial Transformer Networks", 
 
 from . import gradcheck
 from ._checks import NonFiniteError
+from .checkpoint import load_model
 from .grids import (
     affine_grid,
     affine_grid_backward,
@@ -19,26 +20,31 @@ from .grids import (
     tps_grid_backward,
     tps_lattice,
 )
+from .models import build_model
 from .sampling import (
     grid_sample,
     grid_sample_backward,
     grid_sample_backward_from_cache,
     grid_sample_forward,
 )
+from .transformer import SpatialTransformer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "NonFiniteError",
+    "SpatialTransformer",
     "affine_grid",
     "affine_grid_backward",
     "attention_grid",
     "attention_grid_backward",
+    "build_model",
     "gradcheck",
     "grid_sample",
     "grid_sample_backward",
     "grid_sample_backward_from_cache",
     "grid_sample_forward",
+    "load_model",
     "projective_grid",
     "projective_grid_backward",
     "target_coordinates",
