@@ -28,6 +28,10 @@ Conventions are exactly those of PyTorch's ``F.grid_sample`` on the CPU:
   integer ``x`` bilinear uses the pixels ``x`` and ``x + 1`` (the right-hand derivative),
   and a coordinate clipped to, or lying exactly on, ``0`` or ``W - 1`` in border or
   reflection mode gets zero gradient.
+* Unnormalization rounds twice (multiply, then subtract), as PyTorch's scalar CPU kernel
+  does. Its AVX2/AVX512 kernels fuse the two into one multiply-add, which can move a
+  coordinate that lies within one rounding step of a kink to the other side of it; only
+  such points can differ, and :func:`stn_numpy.verify.make_grid` avoids them.
 
 For a fixed grid the sampler is linear in U: ``V = S U`` with a sparse matrix ``S`` of
 4, 1 or 16 weights per output point. The backward pass therefore is ``dU = S^T dV``, and

@@ -1,0 +1,56 @@
+"""Figures of a training run: learning curves and the transformer's work.
+
+Figures are drawn on a bare :class:`matplotlib.figure.Figure` with the Agg canvas, so
+nothing depends on a display or on pyplot's global state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["plot_curves", "plot_transforms"]
+
+
+def _save(fig, path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+
+
+def plot_curves(history: list[dict], path) -> None:
+    """Loss and accuracy per epoch, train and test, side by side."""
+    from matplotlib.figure import Figure
+
+    epochs = [row["epoch"] for row in history]
+    fig = Figure(figsize=(9, 3.5))
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    for split in ("train", "test"):
+        ax_loss.plot(epochs, [r[f"{split}_loss"] for r in history], "o-", label=split)
+        ax_acc.plot(epochs, [100 * r[f"{split}_acc"] for r in history], "o-", label=split)
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _save(fig, path)
+
+
+def plot_transforms(model, X: np.ndarray, path) -> None:
+    """Inputs (top row) above the spatial transformer's outputs (bottom row)."""
+    from matplotlib.figure import Figure
+
+    V = model.transform(X)
+    n = len(X)
+    fig = Figure(figsize=(1.2 * n, 2.7))
+    axes = fig.subplots(2, n, squeeze=False)
+    for i in range(n):
+        for row, images in enumerate((X, V)):
+            axes[row, i].imshow(images[i, 0], cmap="gray", vmin=0, vmax=1)
+            axes[row, i].set_axis_off()
+    axes[0, 0].set_title("input U", loc="left", fontsize=9)
+    axes[1, 0].set_title("transformed V", loc="left", fontsize=9)
+    _save(fig, path)

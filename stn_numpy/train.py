@@ -1,0 +1,270 @@
+"""Training: the loop, metrics, checkpoints, resume and figures.
+
+One epoch shuffles the training set with a seeded generator, runs mini-batch steps
+(forward, cross-entropy, hand-derived backward, optimizer step) under a progress bar, then
+evaluates on the test set and writes, into the run folder:
+
+* ``checkpoint.npz`` -- weights, optimizer state, config, epoch, history and generator
+  states (see :mod:`stn_numpy.checkpoint`), atomically, after every epoch;
+* ``metrics.csv`` and ``metrics.json`` -- one row per epoch;
+* at the end, ``curves.png`` (loss and accuracy per epoch) and, for models with a spatial
+  transformer, ``transforms.png`` (test inputs beside the transformer's outputs).
+
+The same seed gives the same weights, and ``resume=True`` continues from the last
+checkpoint bit-identically (shuffling and dropout generators are restored). A non-finite
+loss stops the run with :class:`TrainingDiverged`, leaving the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from ._checks import NonFiniteError, check_choice
+from .checkpoint import atomic_write, load_checkpoint, model_from_params, save_checkpoint
+from .data import DATASETS, load_mnist
+from .layers import Dropout, Sequential, cross_entropy
+from .models import ARCHITECTURES, Model, build_model
+from .optim import SGD, Adam
+from .transformer import TRANSFORMS, SpatialTransformer
+
+__all__ = ["TrainConfig", "TrainingDiverged", "train", "evaluate", "load_dataset"]
+
+OPTIMIZERS = ("sgd", "adam")
+DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3}
+METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
+_DATA_SEED = 20150605  # distortions are fixed per dataset, whatever the training seed
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. The defaults are the main job: ``stn`` on MNIST."""
+
+    model: str = "stn"
+    dataset: str = "mnist"
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float | None = None  # None: DEFAULT_LR of the optimizer
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+    out: str = "runs/stn-mnist"
+    data_dir: str | None = None
+    train_limit: int | None = None
+    test_limit: int | None = None
+    transform: str = "affine"
+    mode: str = "bilinear"
+    padding_mode: str = "zeros"
+    align_corners: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        check_choice("model", self.model, ARCHITECTURES)
+        check_choice("dataset", self.dataset, DATASETS)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("transform", self.transform, TRANSFORMS)
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("train_limit", "test_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.optimizer]
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or the transform parameters) became NaN or infinite."""
+
+
+# --------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------
+
+
+def load_dataset(name: str = "mnist", data_dir=None, train_limit=None, test_limit=None):
+    """Train and test images in ``[0, 1]``, float32 ``(N, 1, H, W)``, and int64 labels.
+
+    Distorted variants (``rot``, ``rts``, ``proj``, ``elastic``, ``tc``, see
+    :mod:`stn_numpy.data.distort`) are generated from MNIST with a fixed seed, so every
+    run sees the same images. ``*_limit`` keeps the first images of a split.
+    """
+    out = []
+    for split, limit, offset in (("train", train_limit, 0), ("test", test_limit, 1)):
+        images, labels = load_mnist(split, data_dir)
+        images, labels = images[:limit], labels[:limit]
+        X = DATASETS[name](images, np.random.default_rng(_DATA_SEED + offset))
+        out += [X[:, None].astype(np.float32, copy=False), labels.astype(np.int64)]
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------
+
+
+def evaluate(model: Model, X: np.ndarray, y: np.ndarray, batch_size: int = 1000):
+    """Mean cross-entropy and accuracy of ``model`` (evaluation mode) on ``(X, y)``."""
+    logits = model.predict(X, batch_size).astype(np.float64)
+    loss, _ = cross_entropy(logits, y)
+    return loss, float(np.mean(logits.argmax(axis=1) == y))
+
+
+def _make_optimizer(cfg: TrainConfig, params: dict):
+    if cfg.optimizer == "sgd":
+        return SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _dropout_layers(layer):
+    if isinstance(layer, Dropout):
+        yield layer
+    elif isinstance(layer, Sequential):
+        for child in layer:
+            yield from _dropout_layers(child)
+    elif isinstance(layer, SpatialTransformer):
+        yield from _dropout_layers(layer.localization)
+
+
+def _rng_states(shuffle_rng, model: Model) -> dict:
+    return {"shuffle": shuffle_rng.bit_generator.state,
+            "dropout": [d.rng.bit_generator.state for d in _dropout_layers(model.net)]}
+
+
+def _restore_rng_states(states: dict, shuffle_rng, model: Model) -> None:
+    shuffle_rng.bit_generator.state = states["shuffle"]
+    for d, state in zip(_dropout_layers(model.net), states["dropout"], strict=True):
+        d.rng.bit_generator.state = state
+
+
+def _write_metrics(out: Path, history: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write(out / "metrics.csv", lambda f: f.write(buf.getvalue().encode()))
+    text = json.dumps(history, indent=2) + "\n"
+    atomic_write(out / "metrics.json", lambda f: f.write(text.encode()))
+
+
+def train(config: TrainConfig | None = None, resume: bool = False, data=None, log=print):
+    """Train a model; returns ``(model, history)``.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        The run; ``config.out`` is the run folder.
+    resume : bool
+        Continue from ``<out>/checkpoint.npz``: the stored config is used, except for
+        ``epochs`` (which may extend the run), ``out``, ``data_dir`` and ``progress``.
+    data : tuple, optional
+        ``(X_train, y_train, X_test, y_test)`` to use instead of :func:`load_dataset`.
+    log : callable
+        Receives one line of text per epoch.
+
+    Raises
+    ------
+    TrainingDiverged
+        The loss became non-finite; the last good checkpoint is left in place.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = config or TrainConfig()
+    out = Path(cfg.out)
+    ckpt_path = out / "checkpoint.npz"
+    start_epoch, history, saved = 0, [], None
+    if resume:
+        params, optim_state, meta = load_checkpoint(ckpt_path)
+        stored = dict(meta["train"], epochs=cfg.epochs, out=cfg.out, data_dir=cfg.data_dir,
+                      progress=cfg.progress)
+        cfg = TrainConfig.from_dict(stored)
+        start_epoch, history = meta["epoch"], meta["history"]
+        saved = (params, optim_state, meta)
+    cfg.validate()
+
+    X_train, y_train, X_test, y_test = data or load_dataset(
+        cfg.dataset, cfg.data_dir, cfg.train_limit, cfg.test_limit)
+    input_size = X_train.shape[2:]
+    if saved is None:
+        model = build_model(cfg.model, input_size, cfg.transform, cfg.mode, cfg.padding_mode,
+                            cfg.align_corners, seed=cfg.seed)
+    else:
+        model = model_from_params(saved[2]["model"], saved[0], source=str(ckpt_path))
+    optimizer = _make_optimizer(cfg, model.params)
+    shuffle_rng = np.random.default_rng([cfg.seed, 1])
+    if saved is not None:
+        optimizer.load_state_dict(saved[1])
+        _restore_rng_states(saved[2]["rng"], shuffle_rng, model)
+        log(f"resumed from {ckpt_path} after epoch {start_epoch}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    n_train = len(X_train)
+    steps = -(-n_train // cfg.batch_size)
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        order = shuffle_rng.permutation(n_train)
+        loss_sum = correct = seen = 0
+        bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress,
+                   unit="batch", leave=False)
+        for step in range(steps):
+            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            xb, yb = X_train[idx], y_train[idx]
+            try:
+                # Overflow is detected below, through the loss, and reported once, clearly.
+                with np.errstate(over="ignore", invalid="ignore"):
+                    logits = model.forward(xb, train=True)
+                    loss, dlogits = cross_entropy(logits, yb)
+            except NonFiniteError as e:
+                loss, reason = float("nan"), f" ({e})"
+            else:
+                reason = ""
+            if not np.isfinite(loss):
+                bar.close()
+                raise TrainingDiverged(
+                    f"non-finite loss at epoch {epoch}, step {step + 1}{reason}: try a smaller "
+                    f"--lr than {cfg.lr}. The last good checkpoint is kept: "
+                    + (f"{ckpt_path} (epoch {epoch - 1})" if epoch > 1 else "none was written")
+                )
+            model.backward(dlogits)
+            optimizer.step(model.grads)
+            loss_sum += loss * len(idx)
+            correct += int(np.sum(logits.argmax(axis=1) == yb))
+            seen += len(idx)
+            bar.update()
+            if step % 20 == 0 or step == steps - 1:
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+        bar.close()
+        test_loss, test_acc = evaluate(model, X_test, y_test)
+        row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+               "test_loss": test_loss, "test_acc": test_acc,
+               "seconds": round(time.perf_counter() - t0, 3)}
+        history.append(row)
+        train_cfg = asdict(cfg)
+        meta = {"model": model.config, "train": train_cfg, "epoch": epoch,
+                "history": history, "rng": _rng_states(shuffle_rng, model)}
+        save_checkpoint(ckpt_path, model.params, optimizer.state_dict(), meta)
+        _write_metrics(out, history)
+        log(f"epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
+            f"acc {row['train_acc']:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f} "
+            f"| {row['seconds']:.1f}s")
+
+    from .plots import plot_curves, plot_transforms
+
+    plot_curves(history, out / "curves.png")
+    if model.transformer is not None:
+        plot_transforms(model, X_test[:16], out / "transforms.png")
+    return model, history

@@ -1,0 +1,156 @@
+"""Tests for the training loop and CLI: determinism, resume, divergence, real MNIST."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import stn_numpy.train as train_module
+from stn_numpy.checkpoint import load_checkpoint, load_model
+from stn_numpy.cli import main
+from stn_numpy.train import TrainConfig, TrainingDiverged, train
+
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+def synthetic_data(n_train=96, n_test=32, seed=0):
+    """Bright-square images whose label is the square's row band: learnable, tiny, no MNIST."""
+    rng = np.random.default_rng(seed)
+
+    def make(n):
+        y = rng.integers(0, 10, n)
+        X = 0.1 * rng.random((n, 1, 28, 28), dtype=np.float32)
+        for i, label in enumerate(y):
+            r = 2 + 2 * label
+            X[i, 0, r:r + 4, 10:18] = 1.0
+        return X, y
+
+    return (*make(n_train), *make(n_test))
+
+
+def config(tmp_path, **kw):
+    return TrainConfig(**{"out": str(tmp_path / "run"), "epochs": 2, "batch_size": 32,
+                          "progress": False, **kw})
+
+
+def final_state(path):
+    params, optim_state, meta = load_checkpoint(path)
+    history = [{k: v for k, v in row.items() if k != "seconds"} for row in meta["history"]]
+    return params, optim_state, history
+
+
+def assert_same_state(a, b):
+    for x, y in zip(a[:2], b[:2], strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+    assert a[2] == b[2]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_same_seed_same_weights(tmp_path, optimizer):
+    data = synthetic_data()
+    lr = 0.01 if optimizer == "sgd" else 1e-3
+    train(config(tmp_path / "a", optimizer=optimizer, lr=lr), data=data, log=lambda s: None)
+    train(config(tmp_path / "b", optimizer=optimizer, lr=lr), data=data, log=lambda s: None)
+    train(config(tmp_path / "c", optimizer=optimizer, lr=lr, seed=1), data=data,
+          log=lambda s: None)
+    a = final_state(tmp_path / "a" / "run" / "checkpoint.npz")
+    assert_same_state(a, final_state(tmp_path / "b" / "run" / "checkpoint.npz"))
+    c = final_state(tmp_path / "c" / "run" / "checkpoint.npz")
+    assert not np.array_equal(a[0]["2.weight"], c[0]["2.weight"])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_resume_is_bit_identical(tmp_path, optimizer):
+    data = synthetic_data()
+    lr = 0.01 if optimizer == "sgd" else 1e-3
+    train(config(tmp_path / "straight", epochs=3, optimizer=optimizer, lr=lr), data=data,
+          log=lambda s: None)
+    train(config(tmp_path / "resumed", epochs=1, optimizer=optimizer, lr=lr), data=data,
+          log=lambda s: None)
+    lines = []
+    train(config(tmp_path / "resumed", epochs=3), resume=True, data=data, log=lines.append)
+    assert lines[0].startswith("resumed from") and "after epoch 1" in lines[0]
+    assert_same_state(final_state(tmp_path / "straight" / "run" / "checkpoint.npz"),
+                      final_state(tmp_path / "resumed" / "run" / "checkpoint.npz"))
+
+
+def test_outputs_written(tmp_path):
+    model, history = train(config(tmp_path), data=synthetic_data(), log=lambda s: None)
+    run = tmp_path / "run"
+    assert {p.name for p in run.iterdir()} == {"checkpoint.npz", "metrics.csv", "metrics.json",
+                                               "curves.png", "transforms.png"}
+    rows = json.loads((run / "metrics.json").read_text())
+    assert [r["epoch"] for r in rows] == [1, 2] and rows == history
+    csv_lines = (run / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0] == "epoch,train_loss,train_acc,test_loss,test_acc,seconds"
+    assert len(csv_lines) == 3
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    data = synthetic_data()
+    steps_per_epoch = 3
+    calls = {"n": 0}
+    real = train_module.cross_entropy
+
+    def nan_in_second_epoch(logits, y):
+        calls["n"] += 1
+        loss, dlogits = real(logits, y)
+        return (float("nan") if calls["n"] > steps_per_epoch else loss), dlogits
+
+    monkeypatch.setattr(train_module, "cross_entropy", nan_in_second_epoch)
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss at epoch 2, step 1.*"
+                                               r"checkpoint.npz \(epoch 1\)"):
+        train(config(tmp_path, epochs=3), data=data, log=lambda s: None)
+    _, _, meta = load_checkpoint(tmp_path / "run" / "checkpoint.npz")
+    assert meta["epoch"] == 1
+
+
+def test_real_divergence_is_caught(tmp_path):
+    # An absurd learning rate blows up the weights within a few steps: the loss (or the
+    # transform parameters, caught by the grid generator) turns non-finite.
+    with pytest.raises(TrainingDiverged, match="non-finite loss at epoch 1"):
+        train(config(tmp_path, optimizer="sgd", lr=1e12, momentum=0.0), data=synthetic_data(),
+              log=lambda s: None)
+    assert not (tmp_path / "run" / "checkpoint.npz").exists()
+
+
+def test_cli_reports_divergence_and_bad_arguments(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "r"), "--epochs", "0"]) == 2
+    assert "epochs must be >= 1" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "nope.npz")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+@pytest.fixture
+def mnist_dir():
+    root = os.environ.get("STN_NUMPY_DATA") or (SHARED_MNIST if SHARED_MNIST.is_dir() else None)
+    if root is None or not Path(root, "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("MNIST files not found: set STN_NUMPY_DATA to a folder with the four .gz")
+    return str(root)
+
+
+@pytest.mark.slow
+def test_short_real_mnist_training_beats_chance(tmp_path, mnist_dir, capsys):
+    out = tmp_path / "mnist"
+    code = main(["train", "--data-dir", mnist_dir, "--train-limit", "10000", "--test-limit",
+                 "1000", "--epochs", "1", "--out", str(out), "--no-progress"])
+    assert code == 0
+    rows = json.loads((out / "metrics.json").read_text())
+    assert rows[0]["test_acc"] > 0.6, rows  # chance is 0.1
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "checkpoint.npz"), "--data-dir", mnist_dir,
+                 "--test-limit", "1000"]) == 0
+    printed = capsys.readouterr().out
+    assert f"accuracy {100 * rows[0]['test_acc']:.2f}%" in printed
+    model = load_model(out / "checkpoint.npz")
+    from stn_numpy.data import load_mnist
+
+    images, labels = load_mnist("test", mnist_dir)
+    X = images[:200].astype(np.float64) / 255
+    assert model.predict(X).shape == (200, 10)
+    assert model.transform(X).shape == (200, 1, 28, 28)
