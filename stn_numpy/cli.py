@@ -19,7 +19,7 @@ def _add_train(sub) -> None:
     from .data import DATASETS
     from .models import ARCHITECTURES
     from .sampling import MODES, PADDING_MODES
-    from .train import OPTIMIZERS, TrainConfig
+    from .train import LR_SCHEDULES, OPTIMIZERS, TrainConfig
     from .transformer import TRANSFORMS
 
     d = TrainConfig()
@@ -34,6 +34,8 @@ def _add_train(sub) -> None:
                    help="learning rate (default: 0.001 for adam, 0.01 for sgd)")
     p.add_argument("--momentum", type=float, default=d.momentum, help="SGD only")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
+                   help="cosine: anneal the learning rate towards 0 over --epochs")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default=d.out, help="run folder")
     p.add_argument("--data-dir", default=None,

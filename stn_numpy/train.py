@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -37,8 +38,9 @@ from .transformer import TRANSFORMS, SpatialTransformer
 __all__ = ["TrainConfig", "TrainingDiverged", "train", "evaluate", "load_dataset"]
 
 OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("cosine", "constant")
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3}
-METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
+METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
 _DATA_SEED = 20150605  # distortions are fixed per dataset, whatever the training seed
 
 
@@ -54,6 +56,7 @@ class TrainConfig:
     lr: float | None = None  # None: DEFAULT_LR of the optimizer
     momentum: float = 0.9
     weight_decay: float = 0.0
+    lr_schedule: str = "cosine"
     seed: int = 0
     out: str = "runs/stn-mnist"
     data_dir: str | None = None
@@ -69,6 +72,7 @@ class TrainConfig:
         check_choice("model", self.model, ARCHITECTURES)
         check_choice("dataset", self.dataset, DATASETS)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("transform", self.transform, TRANSFORMS)
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
@@ -122,6 +126,18 @@ def evaluate(model: Model, X: np.ndarray, y: np.ndarray, batch_size: int = 1000)
     logits = model.predict(X, batch_size).astype(np.float64)
     loss, _ = cross_entropy(logits, y)
     return loss, float(np.mean(logits.argmax(axis=1) == y))
+
+
+def learning_rate(cfg: TrainConfig, epoch: int) -> float:
+    """The learning rate of ``epoch`` (1-based).
+
+    ``"cosine"`` anneals from ``lr`` towards 0 over ``cfg.epochs``:
+    ``lr * (1 + cos(pi * (epoch - 1) / epochs)) / 2``; ``"constant"`` keeps ``lr``.
+    It depends only on the epoch, so a resumed run uses the rates of a straight one.
+    """
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / cfg.epochs))
 
 
 def _make_optimizer(cfg: TrainConfig, params: dict):
@@ -216,6 +232,7 @@ def train(config: TrainConfig | None = None, resume: bool = False, data=None, lo
     steps = -(-n_train // cfg.batch_size)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
+        optimizer.lr = learning_rate(cfg, epoch)
         order = shuffle_rng.permutation(n_train)
         loss_sum = correct = seen = 0
         bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress,
@@ -249,7 +266,8 @@ def train(config: TrainConfig | None = None, resume: bool = False, data=None, lo
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
         bar.close()
         test_loss, test_acc = evaluate(model, X_test, y_test)
-        row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+        row = {"epoch": epoch, "lr": optimizer.lr,
+               "train_loss": loss_sum / seen, "train_acc": correct / seen,
                "test_loss": test_loss, "test_acc": test_acc,
                "seconds": round(time.perf_counter() - t0, 3)}
         history.append(row)

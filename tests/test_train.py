@@ -78,6 +78,14 @@ def test_resume_is_bit_identical(tmp_path, optimizer):
                       final_state(tmp_path / "resumed" / "run" / "checkpoint.npz"))
 
 
+def test_cosine_schedule():
+    cfg = TrainConfig(epochs=4, lr=0.1)
+    rates = [train_module.learning_rate(cfg, e) for e in range(1, 5)]
+    np.testing.assert_allclose(rates, [0.1, 0.1 * (1 + 2**-0.5) / 2, 0.05, 0.1 * (1 - 2**-0.5) / 2])
+    cfg.lr_schedule = "constant"
+    assert train_module.learning_rate(cfg, 3) == 0.1
+
+
 def test_outputs_written(tmp_path):
     model, history = train(config(tmp_path), data=synthetic_data(), log=lambda s: None)
     run = tmp_path / "run"
@@ -86,7 +94,7 @@ def test_outputs_written(tmp_path):
     rows = json.loads((run / "metrics.json").read_text())
     assert [r["epoch"] for r in rows] == [1, 2] and rows == history
     csv_lines = (run / "metrics.csv").read_text().splitlines()
-    assert csv_lines[0] == "epoch,train_loss,train_acc,test_loss,test_acc,seconds"
+    assert csv_lines[0] == "epoch,lr,train_loss,train_acc,test_loss,test_acc,seconds"
     assert len(csv_lines) == 3
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
