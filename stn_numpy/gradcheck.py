@@ -52,9 +52,10 @@ def numerical_gradient(f, x: np.ndarray, df=None, h: float = 1e-6) -> np.ndarray
         i = it.multi_index
         old = x[i]
         x[i] = old + h
-        plus = np.asarray(f(x), dtype=np.float64)
+        # np.array copies: f may return a view of x, which the next perturbation would change.
+        plus = np.array(f(x), dtype=np.float64)
         x[i] = old - h
-        minus = np.asarray(f(x), dtype=np.float64)
+        minus = np.array(f(x), dtype=np.float64)
         x[i] = old
         weight = 1.0 if df is None else df
         grad[i] = np.sum((plus - minus) * weight) / (2 * h)

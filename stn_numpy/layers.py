@@ -104,11 +104,11 @@ def _check_positive_int(name: str, value) -> int:
 class Conv2d(Layer):
     """2-D convolution (cross-correlation), stride 1, no padding, as ``torch.nn.Conv2d``.
 
-    Forward, for ``x`` of shape ``(N, C, H, W)`` and weight ``w`` of shape ``(O, C, k, k)``::
+    Forward, for ``x`` of shape ``(N, C, H, W)`` and weight ``w`` of shape ``(F, C, k, k)``::
 
         out[n, o, i, j] = b[o] + sum_{c, p, q} w[o, c, p, q] x[n, c, i + p, j + q]
 
-    with ``out`` of shape ``(N, O, H - k + 1, W - k + 1)``. Backward::
+    with ``out`` of shape ``(N, F, H - k + 1, W - k + 1)``. Backward::
 
         dw[o, c, p, q] = sum_{n, i, j} dout[n, o, i, j] x[n, c, i + p, j + q]
         db[o]          = sum_{n, i, j} dout[n, o, i, j]
@@ -119,16 +119,16 @@ class Conv2d(Layer):
 
     Implementation (im2col): the ``k * k`` shifted copies of ``x`` form a column matrix
     ``X`` of shape ``(C k k, H_o W_o N)``, so that ``out = W X + b`` with ``W`` the weight
-    reshaped to ``(O, C k k)``, ``dW = dOut X^T`` and ``dX = W^T dOut``, three matrix
+    reshaped to ``(F, C k k)``, ``dW = dOut X^T`` and ``dX = W^T dOut``, three matrix
     products. ``dx`` is then ``dX`` summed back onto the image, one strided add per kernel
     offset (col2im). This is faster than an im2col of the zero-padded ``dout`` for ``dx``,
-    whose column matrix is ``O / C * (H W) / (H_o W_o)`` times larger. The batch axis is
+    whose column matrix is ``F / C * (H W) / (H_o W_o)`` times larger. The batch axis is
     kept last in every column matrix so each copy and add moves long contiguous rows.
 
     Parameters
     ----------
     in_channels, out_channels, kernel_size : int
-        ``C``, ``O`` and ``k`` (square kernels).
+        ``C``, ``F`` and ``k`` (square kernels).
     rng : numpy.random.Generator or int or None
         Source of the initial weights (``np.random.default_rng(rng)``).
     dtype : numpy float dtype
@@ -147,10 +147,10 @@ class Conv2d(Layer):
         self.out_channels = _check_positive_int("out_channels", out_channels)
         self.kernel_size = _check_positive_int("kernel_size", kernel_size)
         rng = np.random.default_rng(rng)
-        C, O, k = self.in_channels, self.out_channels, self.kernel_size
+        C, F, k = self.in_channels, self.out_channels, self.kernel_size
         bound = 1.0 / math.sqrt(C * k * k)
-        self.params["weight"] = _init_uniform(rng, bound, (O, C, k, k), dtype)
-        self.params["bias"] = _init_uniform(rng, bound, (O,), dtype)
+        self.params["weight"] = _init_uniform(rng, bound, (F, C, k, k), dtype)
+        self.params["bias"] = _init_uniform(rng, bound, (F,), dtype)
         self._cache = None
         # Reused between calls: fresh multi-megabyte arrays every step cost page faults
         # that rival the matrix products themselves.
@@ -176,11 +176,11 @@ class Conv2d(Layer):
 
         Returns
         -------
-        out : ndarray, shape (N, O, H - k + 1, W - k + 1)
+        out : ndarray, shape (N, F, H - k + 1, W - k + 1)
         """
         x = check_float_array("x", x, shape=(None, self.in_channels, None, None))
         N, C, H, W = x.shape
-        k, O = self.kernel_size, self.out_channels
+        k, F = self.kernel_size, self.out_channels
         if H < k or W < k:
             raise ValueError(f"x must have H, W >= kernel_size={k}, got shape {x.shape}")
         Ho, Wo = H - k + 1, W - k + 1
@@ -188,32 +188,32 @@ class Conv2d(Layer):
         cols = self._buffer("cols", (C, k, k, Ho, Wo, N), x.dtype)
         np.copyto(cols, sliding_window_view(xt, (k, k), axis=(1, 2)).transpose(0, 4, 5, 1, 2, 3))
         cols = cols.reshape(C * k * k, Ho * Wo * N)
-        out = self.params["weight"].reshape(O, -1) @ cols
+        out = self.params["weight"].reshape(F, -1) @ cols
         out += self.params["bias"][:, None]
         self._cache = (x.shape, cols)
-        self._out_shape = (N, O, Ho, Wo)
-        return out.reshape(O, Ho, Wo, N).transpose(3, 0, 1, 2)
+        self._out_shape = (N, F, Ho, Wo)
+        return out.reshape(F, Ho, Wo, N).transpose(3, 0, 1, 2)
 
     def backward(self, dout: np.ndarray) -> np.ndarray:
         """Gradients of the convolution; fills ``grads["weight"]`` and ``grads["bias"]``.
 
         Parameters
         ----------
-        dout : ndarray, shape (N, O, H - k + 1, W - k + 1)
+        dout : ndarray, shape (N, F, H - k + 1, W - k + 1)
 
         Returns
         -------
         dx : ndarray, shape (N, C, H, W)
         """
         dout = self._check_dout(dout)
-        (N, C, H, W), cols = self._cache
-        N, O, Ho, Wo = dout.shape
+        (_, C, H, W), cols = self._cache
+        N, F, Ho, Wo = dout.shape
         k = self.kernel_size
         w = self.params["weight"]
-        dout_mat = dout.transpose(1, 2, 3, 0).reshape(O, Ho * Wo * N)
+        dout_mat = dout.transpose(1, 2, 3, 0).reshape(F, Ho * Wo * N)
         self.grads["weight"] = (dout_mat @ cols.T).reshape(w.shape)
         self.grads["bias"] = dout_mat.sum(axis=1)
-        w_mat = w.transpose(2, 3, 1, 0).reshape(k * k * C, O)
+        w_mat = w.transpose(2, 3, 1, 0).reshape(k * k * C, F)
         dcols = self._buffer("dcols", (k * k * C, Ho * Wo * N), np.result_type(w, dout))
         np.matmul(w_mat, dout_mat, out=dcols)
         dcols = dcols.reshape(k, k, C, Ho, Wo, N)

@@ -15,6 +15,13 @@ def test_numerical_gradient_of_known_functions(rng):
                                rtol=1e-8, atol=1e-10)
 
 
+def test_numerical_gradient_of_a_function_returning_a_view(rng):
+    x = rng.standard_normal((2, 3))
+    df = rng.standard_normal(6)
+    np.testing.assert_allclose(numerical_gradient(lambda v: v.reshape(-1), x, df),
+                               df.reshape(2, 3), rtol=1e-8)
+
+
 def test_numerical_gradient_restores_x(rng):
     x = rng.standard_normal(5)
     x0 = x.copy()
