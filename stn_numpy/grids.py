@@ -29,6 +29,8 @@ import numpy as np
 
 from ._checks import check_choice, check_finite, check_float_array, check_size
 
+_FLOAT64 = np.dtype(np.float64)
+
 __all__ = [
     "target_coordinates",
     "affine_grid",
@@ -69,7 +71,7 @@ def _linspace_from_neg_one(steps: int, align_corners: bool, dtype) -> np.ndarray
 
 
 @lru_cache(maxsize=64)
-def _base_grid(H: int, W: int, align_corners: bool, dtype=np.dtype(np.float64)) -> np.ndarray:
+def _base_grid(H: int, W: int, align_corners: bool, dtype=_FLOAT64) -> np.ndarray:
     """Homogeneous target coordinates ``[x_t, y_t, 1]``, shape ``(H, W, 3)``, read-only."""
     base = np.ones((H, W, 3), dtype=dtype)
     base[..., 0] = _linspace_from_neg_one(W, align_corners, dtype)[None, :]
