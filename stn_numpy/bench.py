@@ -1,0 +1,463 @@
+"""Timings of the sampler and of a training step, ours beside PyTorch's in the same run.
+
+Cases, all float32:
+
+* ``sampler fwd``: ``affine_grid`` + ``grid_sample`` (bilinear, zeros, align_corners=False),
+  output size = input size, ``theta`` = identity + a small seeded perturbation; PyTorch's
+  ``F.affine_grid`` + ``F.grid_sample`` under ``torch.no_grad()``.
+* ``sampler fwd+bwd``: the forward, then the gradients with respect to U and theta. Ours
+  runs the path training takes: ``grid_sample_forward`` keeps the sparse matrices for
+  ``grid_sample_backward_from_cache``, then ``affine_grid_backward``. PyTorch runs autograd
+  with respect to U and theta.
+* ``sampler fwd+bwd uncached``: the same with the stand-alone pair ``grid_sample`` /
+  ``grid_sample_backward``, which builds the sampling matrices twice; against the same
+  PyTorch call.
+* ``train step stn|cnn``: one SGD step (lr 0.01, momentum 0.9) of the tutorial's model on
+  a batch of 28x28 images: forward in training mode (dropout on), cross-entropy, backward,
+  update. The PyTorch side is the tutorial's ``Net`` written out below, with the MNIST
+  normalisation moved inside it so both sides run the same operations (our models
+  normalise internally and the transformer samples the raw image).
+
+Sampler configurations: ``N=256, C=1, 60x60`` (the translated/cluttered MNIST images) and
+``N=64, C=32, 32x32`` (a transformer placed on a feature map); training at batch 64.
+
+Each case is warmed up, then timed as the best (minimum) of ``repeats`` calls with
+``time.perf_counter``, which is the figure least disturbed by other processes. PyTorch keeps
+its default thread count, printed in the header; so does NumPy's BLAS. The ratio is
+``ours / torch``: above 1 means we are slower. Thread pools spread over every core stall
+when another process holds one of them, so the header prints the load average and warns
+when other processes kept cores busy just before the run.
+
+Environment variables: ``OPENBLAS_CORETYPE`` and ``OPENBLAS_L2_SIZE`` are set on some
+machines, and a wrong core type or cache size makes OpenBLAS pick slow kernels for NumPy's
+matrix products (convolutions here). The header prints them, and the thread-count
+variables, when set; the benchmark never changes them.
+
+Run with ``python -m stn_numpy.bench`` or ``stn-numpy bench``; ``--quick`` uses tiny sizes
+(a smoke test, not a measurement). PyTorch is imported lazily and is optional: without it
+the torch columns are empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import time
+
+import numpy as np
+import scipy
+
+from .grids import affine_grid, affine_grid_backward
+from .layers import cross_entropy
+from .models import MNIST_MEAN, MNIST_STD, build_model
+from .optim import SGD
+from .sampling import (
+    grid_sample,
+    grid_sample_backward,
+    grid_sample_backward_from_cache,
+    grid_sample_forward,
+)
+
+__all__ = ["best_ms", "environment", "format_header", "format_table", "main", "run"]
+
+SAMPLER_SIZES = ((256, 1, 60, 60), (64, 32, 32, 32))
+QUICK_SAMPLER_SIZES = ((4, 1, 8, 8), (2, 3, 6, 5))
+TRAIN_BATCH, QUICK_TRAIN_BATCH = 64, 4
+INPUT_SIZE = (28, 28)
+LR, MOMENTUM = 0.01, 0.9
+THETA_NOISE = 0.1
+SEED = 0
+WARMUP, QUICK_WARMUP = 2, 1
+# Half a core busy elsewhere is enough to stall a thread pool spread over every core.
+BUSY_CORES = 0.5
+ENV_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS",
+            "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+_SAMPLER_KW = {"mode": "bilinear", "padding_mode": "zeros", "align_corners": False}
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def best_ms(fn, repeats: int, warmup: int = WARMUP) -> float:
+    """Minimum wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls, in ms.
+
+    Each side is timed in one block rather than alternating with the other: the warm-up
+    then absorbs lazy initialisation, first-touch page faults of reused buffers, and the
+    worker threads of the other library (OpenBLAS, OpenMP) that keep spinning for a while
+    after their last call and compete for the same cores.
+    """
+    for _ in range(warmup):
+        fn()
+    gc_was_enabled = gc.isenabled()
+    # A collection triggered by one call's garbage would be charged to the next call.
+    gc.disable()
+    try:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return 1e3 * min(times)
+
+
+# --------------------------------------------------------------------------------------
+# Environment
+# --------------------------------------------------------------------------------------
+
+
+def _numpy_blas() -> str | None:
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+    except Exception:  # the config layout is not a stable API
+        return None
+    return f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
+
+
+def _threadpools() -> list[str] | None:
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    return [f"{p.get('internal_api')} {p.get('version')} x{p.get('num_threads')}"
+            for p in threadpool_info()]
+
+
+def _busy_cores(seconds: float = 0.25) -> float | None:
+    """Cores kept busy by other processes, sampled from ``/proc/stat`` while we sleep.
+
+    The load average trails by minutes, so it still reports a job that ended a minute ago
+    and hides one that just began; a fresh sample does neither.
+    """
+
+    def sample():
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return round((1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1), 2)
+
+
+def environment() -> dict:
+    """Versions, BLAS, cores, current and average load, and the BLAS environment variables."""
+    torch = _import_torch()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on every platform
+        usable = os.cpu_count()
+    try:
+        load = [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        load = None
+    return {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "torch": None if torch is None else torch.__version__,
+        "torch_threads": None if torch is None else torch.get_num_threads(),
+        "numpy_blas": _numpy_blas(),
+        "threadpools": _threadpools(),
+        "cpu_count": os.cpu_count(),
+        "usable_cores": usable,
+        "load_average": load,
+        "busy_cores": _busy_cores(),
+        "machine": platform.machine(),
+        "env": {k: os.environ[k] for k in ENV_VARS if k in os.environ},
+    }
+
+
+def format_header(env: dict) -> str:
+    """The environment as the lines printed above the table."""
+    torch = "not installed" if env["torch"] is None else (
+        f"{env['torch']} ({env['torch_threads']} threads)")
+    machine = (f"{env['machine']}, {env['usable_cores']} usable cores of {env['cpu_count']}, "
+               f"numpy BLAS {env['numpy_blas'] or 'unknown'}")
+    if env["busy_cores"] is not None:
+        machine += f", busy cores before the run {env['busy_cores']:g}"
+    if env["load_average"] is not None:
+        machine += ", load (1/5/15 min) " + " ".join(f"{v:g}" for v in env["load_average"])
+    lines = [f"numpy {env['numpy']} | scipy {env['scipy']} | torch {torch} | "
+             f"python {env['python']}", machine]
+    if env["busy_cores"] is not None and env["busy_cores"] >= BUSY_CORES:
+        lines.append(f"warning: other processes kept {env['busy_cores']:g} cores busy just "
+                     "before the run; the times, PyTorch's most of all, can be several times "
+                     "too high")
+    if env["threadpools"]:
+        lines.append("threadpools: " + "; ".join(env["threadpools"]))
+    if env["env"]:
+        lines.append("env: " + " ".join(f"{k}={v}" for k, v in env["env"].items()))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# Sampler
+# --------------------------------------------------------------------------------------
+
+
+def _sampler_inputs(N: int, C: int, H: int, W: int):
+    rng = np.random.default_rng(SEED)
+    U = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    identity = np.array([[1, 0, 0], [0, 1, 0]], dtype=np.float32)
+    theta = identity + THETA_NOISE * rng.standard_normal((N, 2, 3)).astype(np.float32)
+    dV = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    return U, theta, dV
+
+
+def _ours_sampler(U, theta, dV):
+    size = U.shape
+
+    def forward():
+        return grid_sample(U, affine_grid(theta, size, align_corners=False), **_SAMPLER_KW)
+
+    def forward_backward():
+        grid = affine_grid(theta, size, align_corners=False)
+        _, cache = grid_sample_forward(U, grid, **_SAMPLER_KW)
+        dU, dgrid = grid_sample_backward_from_cache(dV, cache)
+        return dU, affine_grid_backward(dgrid, theta, size, align_corners=False)
+
+    def forward_backward_uncached():
+        grid = affine_grid(theta, size, align_corners=False)
+        grid_sample(U, grid, **_SAMPLER_KW)
+        dU, dgrid = grid_sample_backward(dV, U, grid, **_SAMPLER_KW)
+        return dU, affine_grid_backward(dgrid, theta, size, align_corners=False)
+
+    return forward, forward_backward, forward_backward_uncached
+
+
+def _torch_sampler(torch, U, theta, dV):
+    import torch.nn.functional as F
+
+    size = list(U.shape)
+    U_t, theta_t, dV_t = (torch.from_numpy(a) for a in (U, theta, dV))
+    U_leaf = U_t.clone().requires_grad_(True)
+    theta_leaf = theta_t.clone().requires_grad_(True)
+
+    def forward():
+        with torch.no_grad():
+            grid = F.affine_grid(theta_t, size, align_corners=False)
+            return F.grid_sample(U_t, grid, **_SAMPLER_KW)
+
+    def forward_backward():
+        grid = F.affine_grid(theta_leaf, size, align_corners=False)
+        V = F.grid_sample(U_leaf, grid, **_SAMPLER_KW)
+        return torch.autograd.grad(V, (U_leaf, theta_leaf), dV_t)
+
+    return forward, forward_backward
+
+
+def _sampler_rows(torch, sizes, timing) -> list[dict]:
+    rows = []
+    for N, C, H, W in sizes:
+        shape = f"N={N} C={C} {H}x{W}"
+        U, theta, dV = _sampler_inputs(N, C, H, W)
+        ours = _ours_sampler(U, theta, dV)
+        theirs = (None, None) if torch is None else _torch_sampler(torch, U, theta, dV)
+        cases = (("sampler fwd", ours[0], theirs[0]),
+                 ("sampler fwd+bwd", ours[1], theirs[1]),
+                 ("sampler fwd+bwd uncached", ours[2], theirs[1]))
+        for name, fn_ours, fn_torch in cases:
+            rows.append(_row(f"{name} {shape}", fn_ours, fn_torch, timing))
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# Training step
+# --------------------------------------------------------------------------------------
+
+
+def _torch_net(torch, arch: str):
+    """The PyTorch spatial transformer tutorial's ``Net`` (``stn``) or its classifier alone."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    class Net(nn.Module):
+        def __init__(self, with_stn: bool):
+            super().__init__()
+            self.with_stn = with_stn
+            self.conv1 = nn.Conv2d(1, 10, kernel_size=5)
+            self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
+            self.conv2_drop = nn.Dropout2d()
+            self.fc1 = nn.Linear(320, 50)
+            self.fc2 = nn.Linear(50, 10)
+            if with_stn:
+                self.localization = nn.Sequential(
+                    nn.Conv2d(1, 8, kernel_size=7), nn.MaxPool2d(2, stride=2), nn.ReLU(True),
+                    nn.Conv2d(8, 10, kernel_size=5), nn.MaxPool2d(2, stride=2), nn.ReLU(True),
+                )
+                self.fc_loc = nn.Sequential(nn.Linear(10 * 3 * 3, 32), nn.ReLU(True),
+                                            nn.Linear(32, 3 * 2))
+                self.fc_loc[2].weight.data.zero_()
+                self.fc_loc[2].bias.data.copy_(torch.tensor([1, 0, 0, 0, 1, 0],
+                                                            dtype=torch.float))
+
+        def stn(self, x):
+            xs = self.localization((x - MNIST_MEAN) / MNIST_STD)
+            theta = self.fc_loc(xs.view(-1, 10 * 3 * 3)).view(-1, 2, 3)
+            grid = F.affine_grid(theta, x.size(), align_corners=False)
+            return F.grid_sample(x, grid, align_corners=False)
+
+        def forward(self, x):
+            if self.with_stn:
+                x = self.stn(x)
+            x = (x - MNIST_MEAN) / MNIST_STD
+            x = F.relu(F.max_pool2d(self.conv1(x), 2))
+            x = F.relu(F.max_pool2d(self.conv2_drop(self.conv2(x)), 2))
+            x = x.view(-1, 320)
+            x = F.relu(self.fc1(x))
+            x = F.dropout(x, training=self.training)
+            return self.fc2(x)
+
+    return Net(arch == "stn")
+
+
+def _train_inputs(batch: int):
+    rng = np.random.default_rng(SEED)
+    x = rng.random((batch, 1) + INPUT_SIZE, dtype=np.float32)
+    y = rng.integers(0, 10, size=batch)
+    return x, y
+
+
+def _ours_train_step(arch: str, x, y):
+    model = build_model(arch, input_size=INPUT_SIZE, seed=SEED, dtype=np.float32)
+    optimizer = SGD(model.params, lr=LR, momentum=MOMENTUM)
+
+    def step():
+        _, dlogits = cross_entropy(model.forward(x, train=True), y)
+        model.backward(dlogits)
+        optimizer.step(model.grads)
+
+    return step
+
+
+def _torch_train_step(torch, arch: str, x, y):
+    import torch.nn.functional as F
+
+    torch.manual_seed(SEED)
+    net = _torch_net(torch, arch).train()
+    optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
+    x_t, y_t = torch.from_numpy(x), torch.from_numpy(y)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(net(x_t), y_t).backward()
+        optimizer.step()
+
+    return step
+
+
+def _train_rows(torch, batch: int, timing) -> list[dict]:
+    x, y = _train_inputs(batch)
+    rows = []
+    for arch in ("stn", "cnn"):
+        theirs = None if torch is None else _torch_train_step(torch, arch, x, y)
+        name = f"train step {arch} N={batch} {INPUT_SIZE[0]}x{INPUT_SIZE[1]}"
+        rows.append(_row(name, _ours_train_step(arch, x, y), theirs, timing))
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# Rows, table, command line
+# --------------------------------------------------------------------------------------
+
+
+def _row(case: str, fn_ours, fn_torch, timing: tuple[int, int]) -> dict:
+    ours = best_ms(fn_ours, *timing)
+    theirs = None if fn_torch is None else best_ms(fn_torch, *timing)
+    return {"case": case, "ours_ms": ours, "torch_ms": theirs,
+            "ratio": None if theirs is None else ours / theirs}
+
+
+def run(repeats: int = 5, quick: bool = False) -> list[dict]:
+    """Time every case; torch columns are ``None`` when PyTorch is not importable.
+
+    Parameters
+    ----------
+    repeats : int
+        Timed calls per case after the warm-up; each row reports the fastest.
+    quick : bool
+        Tiny sizes, for smoke tests: the numbers mean nothing.
+
+    Returns
+    -------
+    rows : list of dict
+        ``{"case": str, "ours_ms": float, "torch_ms": float | None,
+        "ratio": float | None}`` with ``ratio = ours_ms / torch_ms``.
+    """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    torch = _import_torch()
+    sizes = QUICK_SAMPLER_SIZES if quick else SAMPLER_SIZES
+    batch = QUICK_TRAIN_BATCH if quick else TRAIN_BATCH
+    timing = (repeats, QUICK_WARMUP if quick else WARMUP)
+    return _sampler_rows(torch, sizes, timing) + _train_rows(torch, batch, timing)
+
+
+def format_table(rows: list[dict]) -> str:
+    """The rows as a fixed-width table: case, ours ms, torch ms, ours/torch."""
+    width = max([len("case")] + [len(r["case"]) for r in rows])
+
+    def cell(value, suffix=""):
+        return "-" if value is None else f"{value:.2f}{suffix}"
+
+    lines = [f"{'case':<{width}}  {'ours ms':>10}  {'torch ms':>10}  {'ours/torch':>10}",
+             f"{'-' * width}  {'-' * 10}  {'-' * 10}  {'-' * 10}"]
+    for r in rows:
+        lines.append(f"{r['case']:<{width}}  {cell(r['ours_ms']):>10}  "
+                     f"{cell(r['torch_ms']):>10}  {cell(r['ratio'], 'x'):>10}")
+    return "\n".join(lines)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def main(argv=None) -> int:
+    """Command line: print the environment and the table; ``--json PATH`` also saves them."""
+    parser = argparse.ArgumentParser(
+        prog="stn-numpy bench",
+        description="Time the sampler and a training step, ours beside PyTorch's.",
+    )
+    parser.add_argument("--repeats", type=_positive_int, default=5,
+                        help="timed calls per case after warm-up; the best is kept (default 5)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes, a smoke test rather than a measurement")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write {'environment': ..., 'rows': [...]} to PATH")
+    args = parser.parse_args(argv)
+    env = environment()
+    print(format_header(env), flush=True)
+    rows = run(repeats=args.repeats, quick=args.quick)
+    warmup = QUICK_WARMUP if args.quick else WARMUP
+    print(f"best of {args.repeats} after {warmup} warm-up calls; float32"
+          + (" (quick: tiny sizes)" if args.quick else ""))
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"environment": env, "quick": args.quick, "repeats": args.repeats,
+                       "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""Smoke tests of the benchmark at tiny sizes: rows, table and JSON, never the timings."""
+
+import builtins
+import json
+import math
+
+import pytest
+
+from stn_numpy import bench
+
+
+def _torch_importable() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_rows(rows, with_torch: bool) -> None:
+    assert len(rows) == 3 * len(bench.QUICK_SAMPLER_SIZES) + 2
+    assert len({r["case"] for r in rows}) == len(rows)
+    for r in rows:
+        assert set(r) == {"case", "ours_ms", "torch_ms", "ratio"}
+        assert math.isfinite(r["ours_ms"]) and r["ours_ms"] > 0, r
+        if with_torch:
+            assert math.isfinite(r["torch_ms"]) and r["torch_ms"] > 0, r
+            assert r["ratio"] == pytest.approx(r["ours_ms"] / r["torch_ms"])
+        else:
+            assert r["torch_ms"] is None and r["ratio"] is None, r
+
+
+@pytest.fixture
+def no_torch(monkeypatch):
+    """Make ``import torch`` fail, as on a machine without PyTorch."""
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+
+
+def test_run_quick_rows_are_finite_and_positive():
+    _check_rows(bench.run(repeats=1, quick=True), with_torch=_torch_importable())
+
+
+def test_run_without_torch_leaves_torch_columns_empty(no_torch):
+    rows = bench.run(repeats=1, quick=True)
+    _check_rows(rows, with_torch=False)
+    assert "-" in bench.format_table(rows).splitlines()[-1]
+    assert bench.environment()["torch"] is None
+
+
+def test_main_writes_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--repeats", "1", "--json", str(path)]) == 0
+    saved = json.loads(path.read_text())
+    _check_rows(saved["rows"], with_torch=_torch_importable())
+    assert saved["environment"]["numpy"]
+    out = capsys.readouterr().out
+    for r in saved["rows"]:
+        assert r["case"] in out
+
+
+@pytest.mark.parametrize("repeats", [0, -1, 1.5, True])
+def test_run_rejects_bad_repeats(repeats):
+    with pytest.raises(ValueError, match="repeats"):
+        bench.run(repeats=repeats, quick=True)
+
+
+def test_format_table_aligns_columns():
+    rows = [{"case": "a", "ours_ms": 1.0, "torch_ms": 2.0, "ratio": 0.5},
+            {"case": "longer case", "ours_ms": 123.456, "torch_ms": None, "ratio": None}]
+    lines = bench.format_table(rows).splitlines()
+    assert len({len(line) for line in lines}) == 1
+    assert lines[2].split() == ["a", "1.00", "2.00", "0.50x"]
+    assert lines[3].split() == ["longer", "case", "123.46", "-", "-"]
+
+
+def test_header_reports_blas_env_vars_and_busy_machine(monkeypatch):
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    monkeypatch.delenv("OPENBLAS_L2_SIZE", raising=False)
+    env = bench.environment()
+    assert env["env"]["OPENBLAS_CORETYPE"] == "Haswell"
+    assert "OPENBLAS_L2_SIZE" not in env["env"]
+    env["busy_cores"] = 0.1
+    header = bench.format_header(env)
+    assert "OPENBLAS_CORETYPE=Haswell" in header
+    assert "warning" not in header
+    env["busy_cores"] = 1.5
+    assert "warning: other processes kept 1.5 cores busy" in bench.format_header(env)
