@@ -39,6 +39,7 @@ __all__ = ["ARCHITECTURES", "Model", "Normalize", "build_model"]
 
 ARCHITECTURES = ("stn", "cnn")
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+_PIXELS_PER_BATCH = 1 << 19
 
 
 class Normalize(Layer):
@@ -152,21 +153,26 @@ class Model:
                              f"got {X.shape}")
         return X.astype(self.dtype, copy=False)
 
-    def _batched(self, fn, X, batch_size: int) -> np.ndarray:
+    def _batched(self, fn, X, batch_size) -> np.ndarray:
         X = self._images(X)
+        if batch_size is None:
+            # A fixed pixel budget per batch bounds the convolutions' column buffers
+            # (about 0.3 GB at most) whatever the image size.
+            batch_size = max(1, _PIXELS_PER_BATCH // (X.shape[2] * X.shape[3]))
         outs = [fn(X[i:i + batch_size]) for i in range(0, len(X), batch_size)]
         if not outs:
             return fn(X)
         return np.concatenate(outs)
 
-    def predict(self, X, batch_size: int = 1000) -> np.ndarray:
+    def predict(self, X, batch_size: int | None = None) -> np.ndarray:
         """Logits ``(N, 10)`` in evaluation mode for images ``X`` in ``[0, 1]``.
 
-        ``X`` has shape ``(N, 1, H, W)`` or ``(N, H, W)``, any float dtype.
+        ``X`` has shape ``(N, 1, H, W)`` or ``(N, H, W)``, any float dtype. It is processed
+        in batches of ``batch_size`` images (by default as many as fit 2**19 pixels).
         """
         return self._batched(lambda x: self.net.forward(x, train=False), X, batch_size)
 
-    def transform(self, X, batch_size: int = 1000) -> np.ndarray:
+    def transform(self, X, batch_size: int | None = None) -> np.ndarray:
         """The transformer's output images ``(N, 1, H_o, W_o)`` for images ``X`` in ``[0, 1]``."""
         if self.transformer is None:
             raise ValueError(f"model {self.config['arch']!r} has no spatial transformer")

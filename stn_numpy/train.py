@@ -121,7 +121,7 @@ def load_dataset(name: str = "mnist", data_dir=None, train_limit=None, test_limi
 # --------------------------------------------------------------------------------------
 
 
-def evaluate(model: Model, X: np.ndarray, y: np.ndarray, batch_size: int = 1000):
+def evaluate(model: Model, X: np.ndarray, y: np.ndarray, batch_size: int | None = None):
     """Mean cross-entropy and accuracy of ``model`` (evaluation mode) on ``(X, y)``."""
     logits = model.predict(X, batch_size).astype(np.float64)
     loss, _ = cross_entropy(logits, y)
