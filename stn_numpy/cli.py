@@ -15,7 +15,32 @@ from dataclasses import fields
 __all__ = ["main"]
 
 
-def _add_train(sub) -> None:
+class _HelpFormatter(argparse.HelpFormatter):
+    """Show every option's default, except the empty ones (None, False)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        empty = action.default is None or action.default is False
+        if action.option_strings and not empty and action.default != argparse.SUPPRESS:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+# Options that --resume takes from the command line; every other one is the stored run's.
+_RESUME_OPTIONS = {"epochs", "out", "data_dir", "progress"}
+
+
+def _add_train(sub):
     from .data import DATASETS
     from .models import ARCHITECTURES
     from .sampling import MODES, PADDING_MODES
@@ -24,41 +49,60 @@ def _add_train(sub) -> None:
 
     d = TrainConfig()
     p = sub.add_parser("train", help="train a model (default: stn on MNIST)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", choices=ARCHITECTURES, default=d.model)
-    p.add_argument("--dataset", choices=sorted(DATASETS), default=d.dataset)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+                       formatter_class=_HelpFormatter)
+    p.add_argument("--model", choices=ARCHITECTURES, default=d.model,
+                   help="stn: transformer + classifier; cnn: the classifier alone")
+    p.add_argument("--dataset", choices=sorted(DATASETS), default=d.dataset,
+                   help="MNIST or one of the paper's distorted variants")
+    p.add_argument("--epochs", type=_positive_int, default=None,
+                   help=f"total epochs (default: {d.epochs}; with --resume, the stored total)")
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="images per step")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="update rule")
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate (default: 0.001 for adam, 0.01 for sgd)")
     p.add_argument("--momentum", type=float, default=d.momentum, help="SGD only")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 penalty")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
                    help="cosine: anneal the learning rate towards 0 over --epochs")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="fixes initial weights, shuffling and dropout")
     p.add_argument("--out", default=d.out, help="run folder")
     p.add_argument("--data-dir", default=None,
                    help="folder with the MNIST .gz files (else $STN_NUMPY_DATA, else data/mnist)")
-    p.add_argument("--train-limit", type=int, default=None, help="use the first N train images")
-    p.add_argument("--test-limit", type=int, default=None, help="use the first N test images")
-    p.add_argument("--transform", choices=sorted(TRANSFORMS), default=d.transform)
-    p.add_argument("--mode", choices=MODES, default=d.mode)
-    p.add_argument("--padding-mode", choices=PADDING_MODES, default=d.padding_mode)
-    p.add_argument("--align-corners", action="store_true")
+    p.add_argument("--train-limit", type=_positive_int, default=None,
+                   help="use the first N train images")
+    p.add_argument("--test-limit", type=_positive_int, default=None,
+                   help="use the first N test images")
+    p.add_argument("--transform", choices=sorted(TRANSFORMS), default=d.transform,
+                   help="the transformer's grid generator")
+    p.add_argument("--mode", choices=MODES, default=d.mode, help="the sampling kernel")
+    p.add_argument("--padding-mode", choices=PADDING_MODES, default=d.padding_mode,
+                   help="what the sampler reads outside the image")
+    p.add_argument("--align-corners", action="store_true",
+                   help="+-1 are the corner pixels' centres, not their outer edges")
     p.add_argument("--resume", action="store_true",
                    help="continue from <out>/checkpoint.npz (use --epochs to extend)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing checkpoint in --out with a fresh run")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
 
 
-def _run_train(args) -> int:
+def _run_train(args, parser) -> int:
     from .train import TrainConfig, TrainingDiverged, train
 
     names = {f.name for f in fields(TrainConfig)}
+    if args.resume:
+        changed = sorted(f"--{k.replace('_', '-')}" for k in names - _RESUME_OPTIONS
+                         if k in vars(args) and getattr(args, k) != parser.get_default(k))
+        if changed:
+            raise ValueError(f"--resume continues the stored run with its own settings; "
+                             f"drop {', '.join(changed)} (only --epochs, --out and "
+                             f"--data-dir may be given)")
     cfg = TrainConfig.from_dict({k: v for k, v in vars(args).items() if k in names})
     cfg.progress = not args.no_progress
     try:
-        _, history = train(cfg, resume=args.resume)
+        _, history = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except TrainingDiverged as e:
         print(f"stn-numpy train: stopped: {e}", file=sys.stderr)
         return 3
@@ -77,16 +121,17 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--dataset", choices=sorted(DATASETS), default=None,
                    help="default: the dataset the model was trained on")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--test-limit", type=int, default=None)
+    p.add_argument("--test-limit", type=_positive_int, default=None)
 
 
 def _run_evaluate(args) -> int:
-    from .checkpoint import load_checkpoint, load_model
-    from .train import evaluate, load_dataset
+    from .checkpoint import load_checkpoint, model_from_params
+    from .train import evaluate, load_split
 
-    model = load_model(args.checkpoint)
-    dataset = args.dataset or load_checkpoint(args.checkpoint)[2]["train"]["dataset"]
-    _, _, X, y = load_dataset(dataset, args.data_dir, train_limit=1, test_limit=args.test_limit)
+    params, _, meta = load_checkpoint(args.checkpoint)
+    model = model_from_params(meta["model"], params, source=args.checkpoint)
+    dataset = args.dataset or meta["train"]["dataset"]
+    X, y = load_split(dataset, "test", args.data_dir, args.test_limit)
     loss, acc = evaluate(model, X, y)
     print(f"{dataset} test: accuracy {100 * acc:.2f}% ({len(y)} images), loss {loss:.4f}")
     return 0
@@ -96,7 +141,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="stn-numpy", description="Spatial Transformer Networks in pure NumPy.")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_train(sub)
+    train_parser = _add_train(sub)
     _add_evaluate(sub)
     sub.add_parser("bench", help="time ours against PyTorch (args: see `stn-numpy bench -h`)",
                    add_help=False)
@@ -111,7 +156,9 @@ def main(argv=None) -> int:
         return sub_main(argv[1:]) or 0
     args = parser.parse_args(argv)
     try:
-        return _run_train(args) if args.command == "train" else _run_evaluate(args)
+        if args.command == "train":
+            return _run_train(args, train_parser)
+        return _run_evaluate(args)
     except (FileNotFoundError, ValueError) as e:
         print(f"stn-numpy {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -35,7 +35,8 @@ from .models import ARCHITECTURES, Model, build_model
 from .optim import SGD, Adam
 from .transformer import TRANSFORMS, SpatialTransformer
 
-__all__ = ["TrainConfig", "TrainingDiverged", "train", "evaluate", "load_dataset"]
+__all__ = ["TrainConfig", "TrainingDiverged", "train", "evaluate", "load_dataset",
+           "load_split", "learning_rate"]
 
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("cosine", "constant")
@@ -50,7 +51,7 @@ class TrainConfig:
 
     model: str = "stn"
     dataset: str = "mnist"
-    epochs: int = 10
+    epochs: int | None = 10  # None when resuming: keep the stored total
     batch_size: int = 64
     optimizer: str = "adam"
     lr: float | None = None  # None: DEFAULT_LR of the optimizer
@@ -100,20 +101,28 @@ class TrainingDiverged(RuntimeError):
 # --------------------------------------------------------------------------------------
 
 
-def load_dataset(name: str = "mnist", data_dir=None, train_limit=None, test_limit=None):
-    """Train and test images in ``[0, 1]``, float32 ``(N, 1, H, W)``, and int64 labels.
+def load_split(name: str = "mnist", split: str = "test", data_dir=None, limit=None):
+    """One split of a dataset: images in ``[0, 1]``, float32 ``(N, 1, H, W)``, int64 labels.
 
-    Distorted variants (``rot``, ``rts``, ``proj``, ``elastic``, ``tc``, see
-    :mod:`stn_numpy.data.distort`) are generated from MNIST with a fixed seed, so every
-    run sees the same images. ``*_limit`` keeps the first images of a split.
+    Distorted variants (``rot``, ``rts``, ``proj``, ``elastic``, ``t``, ``tc``, see
+    :mod:`stn_numpy.data.distort`) are generated from the whole MNIST split with a fixed
+    seed and only then cut to the first ``limit`` images, so an image is the same whatever
+    the limit and whichever command loads it.
     """
-    out = []
-    for split, limit, offset in (("train", train_limit, 0), ("test", test_limit, 1)):
-        images, labels = load_mnist(split, data_dir)
-        images, labels = images[:limit], labels[:limit]
-        X = DATASETS[name](images, np.random.default_rng(_DATA_SEED + offset))
-        out += [X[:, None].astype(np.float32, copy=False), labels.astype(np.int64)]
-    return tuple(out)
+    check_choice("dataset", name, DATASETS)
+    check_choice("split", split, ("train", "test"))
+    if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    images, labels = load_mnist(split, data_dir)
+    offset = 0 if split == "train" else 1
+    X = DATASETS[name](images, np.random.default_rng(_DATA_SEED + offset))[:limit]
+    return X[:, None].astype(np.float32, copy=False), labels[:limit].astype(np.int64)
+
+
+def load_dataset(name: str = "mnist", data_dir=None, train_limit=None, test_limit=None):
+    """``(X_train, y_train, X_test, y_test)``, each split as :func:`load_split` gives it."""
+    return (*load_split(name, "train", data_dir, train_limit),
+            *load_split(name, "test", data_dir, test_limit))
 
 
 # --------------------------------------------------------------------------------------
@@ -167,17 +176,24 @@ def _restore_rng_states(states: dict, shuffle_rng, model: Model) -> None:
         d.rng.bit_generator.state = state
 
 
+def _diverged(what: str, cfg: TrainConfig, ckpt_path: Path, epoch: int) -> TrainingDiverged:
+    kept = f"{ckpt_path} (epoch {epoch - 1})" if epoch > 1 else "none was written"
+    return TrainingDiverged(f"{what}: try a smaller --lr than {cfg.lr}. "
+                            f"The last good checkpoint is kept: {kept}")
+
+
 def _write_metrics(out: Path, history: list[dict]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
     atomic_write(out / "metrics.csv", lambda f: f.write(buf.getvalue().encode()))
-    text = json.dumps(history, indent=2) + "\n"
+    text = json.dumps(history, indent=2, allow_nan=False) + "\n"
     atomic_write(out / "metrics.json", lambda f: f.write(text.encode()))
 
 
-def train(config: TrainConfig | None = None, resume: bool = False, data=None, log=print):
+def train(config: TrainConfig | None = None, resume: bool = False, data=None, log=print,
+          overwrite: bool = False):
     """Train a model; returns ``(model, history)``.
 
     Parameters
@@ -185,8 +201,15 @@ def train(config: TrainConfig | None = None, resume: bool = False, data=None, lo
     config : TrainConfig
         The run; ``config.out`` is the run folder.
     resume : bool
-        Continue from ``<out>/checkpoint.npz``: the stored config is used, except for
-        ``epochs`` (which may extend the run), ``out``, ``data_dir`` and ``progress``.
+        Continue from ``<out>/checkpoint.npz`` with the stored config; only ``out``,
+        ``data_dir``, ``progress`` and ``epochs`` come from ``config`` (``epochs=None``
+        keeps the stored total). Resuming an interrupted run with its own ``epochs`` is
+        bit-identical to a run that was never interrupted. A larger ``epochs`` extends the
+        run; the cosine schedule is then recomputed over the new total, so the extension
+        differs from a straight run of that length.
+    overwrite : bool
+        Allow a fresh run to replace an existing checkpoint in ``out``; otherwise that is
+        refused, so that no finished run is lost by accident.
     data : tuple, optional
         ``(X_train, y_train, X_test, y_test)`` to use instead of :func:`load_dataset`.
     log : callable
@@ -205,11 +228,23 @@ def train(config: TrainConfig | None = None, resume: bool = False, data=None, lo
     start_epoch, history, saved = 0, [], None
     if resume:
         params, optim_state, meta = load_checkpoint(ckpt_path)
-        stored = dict(meta["train"], epochs=cfg.epochs, out=cfg.out, data_dir=cfg.data_dir,
-                      progress=cfg.progress)
-        cfg = TrainConfig.from_dict(stored)
+        stored = dict(meta["train"], out=cfg.out, data_dir=cfg.data_dir, progress=cfg.progress)
+        if cfg.epochs is not None:
+            stored["epochs"] = cfg.epochs
         start_epoch, history = meta["epoch"], meta["history"]
+        if stored["epochs"] <= start_epoch:
+            raise ValueError(f"{ckpt_path} already holds {start_epoch} of {stored['epochs']} "
+                             f"epochs: pass --epochs N with N > {start_epoch} to extend it")
+        if stored["epochs"] != meta["train"]["epochs"] and stored["lr_schedule"] == "cosine":
+            log(f"extending the run to {stored['epochs']} epochs: the cosine schedule is "
+                f"recomputed over the new total")
+        cfg = TrainConfig.from_dict(stored)
         saved = (params, optim_state, meta)
+    elif ckpt_path.exists() and not overwrite:
+        raise ValueError(f"{ckpt_path} already exists: pass --resume to continue that run, "
+                         f"--overwrite to replace it, or choose another --out")
+    if cfg.epochs is None:
+        cfg.epochs = TrainConfig.epochs
     cfg.validate()
 
     X_train, y_train, X_test, y_test = data or load_dataset(
@@ -251,11 +286,8 @@ def train(config: TrainConfig | None = None, resume: bool = False, data=None, lo
                 reason = ""
             if not np.isfinite(loss):
                 bar.close()
-                raise TrainingDiverged(
-                    f"non-finite loss at epoch {epoch}, step {step + 1}{reason}: try a smaller "
-                    f"--lr than {cfg.lr}. The last good checkpoint is kept: "
-                    + (f"{ckpt_path} (epoch {epoch - 1})" if epoch > 1 else "none was written")
-                )
+                raise _diverged(f"non-finite loss at epoch {epoch}, step {step + 1}{reason}",
+                                cfg, ckpt_path, epoch)
             model.backward(dlogits)
             optimizer.step(model.grads)
             loss_sum += loss * len(idx)
@@ -266,6 +298,10 @@ def train(config: TrainConfig | None = None, resume: bool = False, data=None, lo
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
         bar.close()
         test_loss, test_acc = evaluate(model, X_test, y_test)
+        if not (np.isfinite(test_loss)
+                and all(np.isfinite(p).all() for p in model.params.values())):
+            raise _diverged(f"non-finite weights or test loss after epoch {epoch}", cfg,
+                            ckpt_path, epoch)
         row = {"epoch": epoch, "lr": optimizer.lr,
                "train_loss": loss_sum / seen, "train_acc": correct / seen,
                "test_loss": test_loss, "test_acc": test_acc,

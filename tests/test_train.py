@@ -63,19 +63,58 @@ def test_same_seed_same_weights(tmp_path, optimizer):
     assert not np.array_equal(a[0]["2.weight"], c[0]["2.weight"])
 
 
+class Interrupted(Exception):
+    pass
+
+
+def stop_after(epoch):
+    """A log callback that interrupts the run once ``epoch`` has been checkpointed."""
+
+    def log(line):
+        if line.startswith(f"epoch {epoch}/"):
+            raise Interrupted
+
+    return log
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_resume_is_bit_identical(tmp_path, optimizer):
+    # Interrupted after epoch 2 of 3, so the resumed epoch runs at a cosine rate that
+    # depends on the total: a resume that mishandled the schedule would differ.
     data = synthetic_data()
     lr = 0.01 if optimizer == "sgd" else 1e-3
     train(config(tmp_path / "straight", epochs=3, optimizer=optimizer, lr=lr), data=data,
           log=lambda s: None)
-    train(config(tmp_path / "resumed", epochs=1, optimizer=optimizer, lr=lr), data=data,
-          log=lambda s: None)
+    with pytest.raises(Interrupted):
+        train(config(tmp_path / "resumed", epochs=3, optimizer=optimizer, lr=lr), data=data,
+              log=stop_after(2))
     lines = []
-    train(config(tmp_path / "resumed", epochs=3), resume=True, data=data, log=lines.append)
-    assert lines[0].startswith("resumed from") and "after epoch 1" in lines[0]
+    train(config(tmp_path / "resumed", epochs=None), resume=True, data=data, log=lines.append)
+    assert lines[0].startswith("resumed from") and "after epoch 2" in lines[0]
     assert_same_state(final_state(tmp_path / "straight" / "run" / "checkpoint.npz"),
                       final_state(tmp_path / "resumed" / "run" / "checkpoint.npz"))
+
+
+def test_resume_extends_or_refuses(tmp_path):
+    data = synthetic_data()
+    train(config(tmp_path, epochs=1), data=data, log=lambda s: None)
+    with pytest.raises(ValueError, match="already holds 1 of 1 epochs: pass --epochs N"):
+        train(config(tmp_path, epochs=None), resume=True, data=data, log=lambda s: None)
+    lines = []
+    _, history = train(config(tmp_path, epochs=2), resume=True, data=data, log=lines.append)
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert any("cosine schedule is recomputed" in line for line in lines)
+
+
+def test_fresh_run_does_not_overwrite_a_checkpoint(tmp_path):
+    data = synthetic_data()
+    train(config(tmp_path, epochs=1), data=data, log=lambda s: None)
+    before = (tmp_path / "run" / "checkpoint.npz").read_bytes()
+    with pytest.raises(ValueError, match="already exists: pass --resume"):
+        train(config(tmp_path, epochs=1, seed=9), data=data, log=lambda s: None)
+    assert (tmp_path / "run" / "checkpoint.npz").read_bytes() == before
+    train(config(tmp_path, epochs=1, seed=9), data=data, log=lambda s: None, overwrite=True)
+    assert (tmp_path / "run" / "checkpoint.npz").read_bytes() != before
 
 
 def test_cosine_schedule():
@@ -106,9 +145,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     real = train_module.cross_entropy
 
     def nan_in_second_epoch(logits, y):
+        # Calls 1-3 are epoch 1's steps and call 4 its evaluation; call 5 is epoch 2, step 1.
         calls["n"] += 1
         loss, dlogits = real(logits, y)
-        return (float("nan") if calls["n"] > steps_per_epoch else loss), dlogits
+        return (float("nan") if calls["n"] > steps_per_epoch + 1 else loss), dlogits
 
     monkeypatch.setattr(train_module, "cross_entropy", nan_in_second_epoch)
     with pytest.raises(TrainingDiverged, match=r"non-finite loss at epoch 2, step 1.*"
@@ -116,6 +156,23 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
         train(config(tmp_path, epochs=3), data=data, log=lambda s: None)
     _, _, meta = load_checkpoint(tmp_path / "run" / "checkpoint.npz")
     assert meta["epoch"] == 1
+
+
+def test_non_finite_test_loss_is_not_checkpointed(tmp_path, monkeypatch):
+    real = train_module.evaluate
+    calls = {"n": 0}
+
+    def nan_after_first_epoch(model, X, y, batch_size=None):
+        calls["n"] += 1
+        loss, acc = real(model, X, y, batch_size)
+        return (float("nan") if calls["n"] > 1 else loss), acc
+
+    monkeypatch.setattr(train_module, "evaluate", nan_after_first_epoch)
+    with pytest.raises(TrainingDiverged, match=r"test loss after epoch 2.*\(epoch 1\)"):
+        train(config(tmp_path, epochs=3), data=synthetic_data(), log=lambda s: None)
+    _, _, meta = load_checkpoint(tmp_path / "run" / "checkpoint.npz")
+    assert meta["epoch"] == 1
+    json.loads((tmp_path / "run" / "metrics.json").read_text())  # strict JSON, no NaN
 
 
 def test_real_divergence_is_caught(tmp_path):
@@ -127,11 +184,22 @@ def test_real_divergence_is_caught(tmp_path):
     assert not (tmp_path / "run" / "checkpoint.npz").exists()
 
 
-def test_cli_reports_divergence_and_bad_arguments(tmp_path, capsys):
-    assert main(["train", "--out", str(tmp_path / "r"), "--epochs", "0"]) == 2
-    assert "epochs must be >= 1" in capsys.readouterr().err
+def test_cli_exit_codes(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train_module, "load_dataset", lambda *a, **k: synthetic_data())
+    out = str(tmp_path / "r")
+    assert main(["train", "--out", out, "--optimizer", "sgd", "--lr", "1e12", "--momentum",
+                 "0", "--no-progress"]) == 3
+    assert "non-finite loss at epoch 1" in capsys.readouterr().err
+    assert main(["train", "--out", out, "--epochs", "1", "--no-progress"]) == 0
+    assert "final test accuracy" in capsys.readouterr().out
+    assert main(["train", "--out", out, "--resume", "--lr", "0.5", "--no-progress"]) == 2
+    assert "drop --lr" in capsys.readouterr().err
+    assert main(["train", "--out", out, "--resume", "--epochs", "2", "--no-progress"]) == 0
     assert main(["evaluate", str(tmp_path / "nope.npz")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--out", out, "--epochs", "0"])
+    assert "expected a positive integer, got 0" in capsys.readouterr().err
 
 
 @pytest.fixture
