@@ -6,6 +6,8 @@ messages here name the argument and show the expected against the actual shape o
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
 FLOAT_DTYPES = (np.float32, np.float64)
@@ -40,18 +42,11 @@ def check_finite(name: str, x: np.ndarray) -> None:
         raise NonFiniteError(f"{name} contains {bad} non-finite value(s) (NaN or inf)")
 
 
-def check_same_dtype(**arrays: np.ndarray) -> None:
-    """Raise ``TypeError`` unless all the named arrays share one dtype."""
-    dtypes = {name: a.dtype for name, a in arrays.items()}
-    if len(set(dtypes.values())) > 1:
-        listed = ", ".join(f"{name}: {dt}" for name, dt in dtypes.items())
-        raise TypeError(f"arrays must share one float dtype, got {listed}")
-
-
 def check_size(size, name: str = "size") -> tuple[int, int, int, int]:
     """Check an output size ``(N, C, H, W)`` of non-negative ints (H, W >= 1)."""
     try:
-        size = tuple(int(s) for s in size)
+        # operator.index, not int(): int() would truncate 4.7 to 4 and parse "4" as 4.
+        size = tuple(operator.index(s) for s in size)
     except TypeError:
         raise TypeError(f"{name} must be a sequence (N, C, H, W) of ints, got {size!r}") from None
     if len(size) != 4:
@@ -61,8 +56,20 @@ def check_size(size, name: str = "size") -> tuple[int, int, int, int]:
     return size
 
 
+def check_positive_int(name: str, value) -> int:
+    """Return ``value`` as an int, raising ``ValueError`` unless it is an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
 def check_choice(name: str, value, choices) -> None:
-    if value not in choices:
+    """Raise ``ValueError`` unless ``value`` is one of ``choices`` (a tuple or a dict's keys)."""
+    try:
+        known = value in choices
+    except TypeError:  # an unhashable value looked up in a dict is not a choice either
+        known = False
+    if not known:
         raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
 
 

@@ -45,11 +45,15 @@ import gc
 import json
 import os
 import platform
+import sys
 import time
 
 import numpy as np
 import scipy
 
+from ._checks import check_positive_int
+from ._io import atomic_write, check_writable
+from ._torch import import_torch
 from .grids import affine_grid, affine_grid_backward
 from .layers import cross_entropy
 from .models import MNIST_MEAN, MNIST_STD, build_model
@@ -76,14 +80,6 @@ BUSY_CORES = 0.5
 ENV_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS",
             "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 _SAMPLER_KW = {"mode": "bilinear", "padding_mode": "zeros", "align_corners": False}
-
-
-def _import_torch():
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch
 
 
 def best_ms(fn, repeats: int, warmup: int = WARMUP) -> float:
@@ -158,7 +154,7 @@ def _busy_cores(seconds: float = 0.25) -> float | None:
 
 def environment() -> dict:
     """Versions, BLAS, cores, current and average load, and the BLAS environment variables."""
-    torch = _import_torch()
+    torch = import_torch(required=False)
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # not on every platform
@@ -401,9 +397,8 @@ def run(repeats: int = 5, quick: bool = False) -> list[dict]:
         ``{"case": str, "ours_ms": float, "torch_ms": float | None,
         "ratio": float | None}`` with ``ratio = ours_ms / torch_ms``.
     """
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
-    torch = _import_torch()
+    check_positive_int("repeats", repeats)
+    torch = import_torch(required=False)
     sizes = QUICK_SAMPLER_SIZES if quick else SAMPLER_SIZES
     batch = QUICK_TRAIN_BATCH if quick else TRAIN_BATCH
     timing = (repeats, QUICK_WARMUP if quick else WARMUP)
@@ -433,7 +428,11 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv=None) -> int:
-    """Command line: print the environment and the table; ``--json PATH`` also saves them."""
+    """Command line: print the environment and the table; ``--json PATH`` also saves them.
+
+    Returns the exit code: 0, or 2 (before anything is timed) when ``PATH`` cannot be
+    written. The JSON file is replaced atomically, so a crash never leaves half of it.
+    """
     parser = argparse.ArgumentParser(
         prog="stn-numpy bench",
         description="Time the sampler and a training step, ours beside PyTorch's.",
@@ -445,6 +444,14 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="PATH",
                         help="also write {'environment': ..., 'rows': [...]} to PATH")
     args = parser.parse_args(argv)
+    if args.json:
+        # Checked first: the benchmark takes minutes, and its results would be lost.
+        try:
+            check_writable(args.json)
+        except OSError as exc:
+            print(f"stn-numpy bench: error: cannot write --json {args.json}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            return 2
     env = environment()
     print(format_header(env), flush=True)
     rows = run(repeats=args.repeats, quick=args.quick)
@@ -453,9 +460,9 @@ def main(argv=None) -> int:
           + (" (quick: tiny sizes)" if args.quick else ""))
     print(format_table(rows))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"environment": env, "quick": args.quick, "repeats": args.repeats,
-                       "rows": rows}, f, indent=2)
+        text = json.dumps({"environment": env, "quick": args.quick, "repeats": args.repeats,
+                           "rows": rows}, indent=2)
+        atomic_write(args.json, lambda f: f.write(text.encode("utf-8")))
     return 0
 
 

@@ -8,20 +8,20 @@ Layout of the archive (all plain arrays, readable with ``np.load(path)``):
   ``epoch`` (completed epochs), ``history`` (per-epoch metrics) and ``rng`` (generator
   states for shuffling and dropout, so a resumed run continues bit-identically).
 
-Files are written atomically: to a temporary file in the same folder, flushed to disk,
-then renamed over the old checkpoint. A crash mid-write leaves the previous checkpoint.
+Files are written atomically (:func:`stn_numpy._io.atomic_write`): to a temporary file in
+the same folder, flushed to disk, then renamed over the old checkpoint. A crash mid-write
+leaves the previous checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from ._io import atomic_write
 from .models import Model, build_model
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "atomic_write"]
@@ -29,27 +29,13 @@ __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "atomic_write"]
 FORMAT = "stn-numpy-checkpoint-1"
 
 
-def atomic_write(path, write) -> None:
-    """Call ``write(file_object)`` on a temporary file, then rename it to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(path, params: dict, optim_state: dict, meta: dict) -> None:
     """Write ``params``, ``optim_state`` (dicts of arrays) and ``meta`` (JSON-able) to ``path``."""
     arrays = {f"param/{k}": np.asarray(v) for k, v in params.items()}
     arrays.update({f"optim/{k}": np.asarray(v) for k, v in optim_state.items()})
     arrays["meta"] = np.array(json.dumps({"format": FORMAT, **meta}))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 

@@ -43,9 +43,16 @@ def numerical_gradient(f, x: np.ndarray, df=None, h: float = 1e-6) -> np.ndarray
     Returns
     -------
     dx : ndarray, shape of ``x``
+
+    Raises
+    ------
+    TypeError
+        ``x`` is not a float64 ndarray.
+    ValueError
+        ``df`` does not have the shape of ``f(x)``.
     """
-    if not np.issubdtype(x.dtype, np.floating):
-        raise TypeError(f"x must be a float array, got dtype {x.dtype}")
+    _check_x(x)
+    df = None if df is None else np.asarray(df)
     grad = np.zeros_like(x)
     it = np.nditer(x, flags=["multi_index"], op_flags=[["readwrite"]])
     for _ in it:
@@ -57,9 +64,21 @@ def numerical_gradient(f, x: np.ndarray, df=None, h: float = 1e-6) -> np.ndarray
         x[i] = old - h
         minus = np.array(f(x), dtype=np.float64)
         x[i] = old
+        # Checked on the values already computed, not by an extra call: f may be costly.
+        if df is not None and df.shape != plus.shape:
+            raise ValueError(f"df must have the shape of f(x), {plus.shape}, got {df.shape}")
         weight = 1.0 if df is None else df
         grad[i] = np.sum((plus - minus) * weight) / (2 * h)
     return grad
+
+
+def _check_x(x) -> None:
+    if not isinstance(x, np.ndarray) or x.dtype != np.float64:
+        got = f"dtype {x.dtype}" if isinstance(x, np.ndarray) else type(x).__name__
+        raise TypeError(
+            f"x must be a float64 ndarray, got {got}: float32 round-off in f, about "
+            "eps / h relative to f, swamps central differences"
+        )
 
 
 def rel_error(a, b) -> float:
@@ -96,12 +115,20 @@ def check_gradient(f, x: np.ndarray, analytic: np.ndarray, df=None, h: float = 1
     GradientReport
         ``max_abs_error = max|analytic - numeric|`` and ``max_rel_error`` as in
         :func:`rel_error`.
+
+    Raises
+    ------
+    TypeError
+        ``x`` is not a float64 ndarray.
+    ValueError
+        ``analytic`` does not have the shape of ``x``, or ``df`` that of ``f(x)``.
     """
-    numeric = numerical_gradient(f, x, df=df, h=h)
+    _check_x(x)
     analytic = np.asarray(analytic)
-    if analytic.shape != numeric.shape:
+    if analytic.shape != x.shape:
         raise ValueError(
-            f"analytic gradient has shape {analytic.shape}, expected {numeric.shape} (shape of x)"
+            f"analytic gradient has shape {analytic.shape}, expected {x.shape} (shape of x)"
         )
+    numeric = numerical_gradient(f, x, df=df, h=h)
     abs_err = float(np.max(np.abs(analytic - numeric))) if numeric.size else 0.0
     return GradientReport(abs_err, rel_error(analytic, numeric))

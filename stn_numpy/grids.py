@@ -22,12 +22,13 @@ differentiable.
 
 from __future__ import annotations
 
+import operator
 from fractions import Fraction
 from functools import lru_cache
 
 import numpy as np
 
-from ._checks import check_choice, check_finite, check_float_array, check_size
+from ._checks import NonFiniteError, check_choice, check_finite, check_float_array, check_size
 
 _FLOAT64 = np.dtype(np.float64)
 
@@ -81,9 +82,18 @@ def _base_grid(H: int, W: int, align_corners: bool, dtype=_FLOAT64) -> np.ndarra
 
 
 def target_coordinates(H: int, W: int, align_corners: bool = False, dtype=np.float64):
-    """The regular target grid ``G`` of the output, shape ``(H, W, 2)`` holding ``(x_t, y_t)``."""
+    """The regular target grid ``G`` of the output, shape ``(H, W, 2)`` holding ``(x_t, y_t)``.
+
+    ``H`` and ``W`` are ints >= 1 (``TypeError`` for a non-int, ``ValueError`` below 1).
+    """
+    try:
+        H, W = operator.index(H), operator.index(W)
+    except TypeError:
+        raise TypeError(f"H and W must be ints, got H={H!r}, W={W!r}") from None
+    if H < 1 or W < 1:
+        raise ValueError(f"H and W must be >= 1, got H={H}, W={W}")
     dtype = np.dtype(dtype)
-    return _base_grid(int(H), int(W), bool(align_corners), dtype)[..., :2].copy()
+    return _base_grid(H, W, bool(align_corners), dtype)[..., :2].copy()
 
 
 def _check_params(name: str, theta, shape) -> np.ndarray:
@@ -199,6 +209,13 @@ def attention_grid_backward(dgrid: np.ndarray, theta: np.ndarray, size, align_co
     ``ds = sum(dgrid_x * x_t + dgrid_y * y_t)``, ``dt_x = sum(dgrid_x)``,
     ``dt_y = sum(dgrid_y)``, sums over the H x W target points of each sample.
 
+    Parameters
+    ----------
+    dgrid : ndarray, shape (N, H, W, 2)
+        Upstream gradient ``dL/dgrid``, same dtype as ``theta``.
+    theta, size, align_corners
+        As in :func:`attention_grid`.
+
     Returns
     -------
     dtheta : ndarray, shape (N, 3)
@@ -219,11 +236,21 @@ def attention_grid_backward(dgrid: np.ndarray, theta: np.ndarray, size, align_co
 
 
 def _homography_terms(theta: np.ndarray, H: int, W: int, align_corners: bool):
+    """``(base, abw, xy_s)``: target points, ``(a, b, w) = h (x_t, y_t, 1)``, ``(a, b) / w``."""
     base = _base_grid(H, W, align_corners, theta.dtype)
     h = np.concatenate([theta, np.ones_like(theta[:, :1])], axis=1).reshape(-1, 3, 3)
-    # num_den[n, h, w] = (a, b, w) = h @ (x_t, y_t, 1)
-    num_den = (base.reshape(1, H * W, 3) @ h.transpose(0, 2, 1)).reshape(-1, H, W, 3)
-    return base, num_den
+    # abw[n, i, j] = (a, b, w) = h @ (x_t, y_t, 1)
+    abw = (base.reshape(1, H * W, 3) @ h.transpose(0, 2, 1)).reshape(-1, H, W, 3)
+    # A vanishing w is reported below as an error; numpy's warnings would only add noise.
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        xy_s = abw[..., :2] / abw[..., 2:]
+    if not np.isfinite(xy_s).all():
+        raise NonFiniteError(
+            "the homography's denominator h6 x + h7 y + 1 is zero (or too close to zero) at "
+            "some target point (x, y), so the grid would be infinite there; keep h6, h7 "
+            "small (|h6| + |h7| < 1 keeps it positive on [-1, 1]^2)"
+        )
+    return base, abw, xy_s
 
 
 def projective_grid(theta: np.ndarray, size, align_corners: bool = False) -> np.ndarray:
@@ -242,13 +269,17 @@ def projective_grid(theta: np.ndarray, size, align_corners: bool = False) -> np.
     Returns
     -------
     grid : ndarray, shape (N, H, W, 2)
-        Where the denominator ``w`` vanishes the grid is infinite: keep ``h6``, ``h7``
-        small (``|h6| + |h7| < 1`` guarantees ``w > 0`` on ``[-1, 1]^2``).
+
+    Raises
+    ------
+    NonFiniteError
+        The denominator ``w`` vanishes at some target point, where the grid would be
+        infinite: keep ``h6``, ``h7`` small (``|h6| + |h7| < 1`` guarantees ``w > 0`` on
+        ``[-1, 1]^2``).
     """
     theta = _check_params("theta", theta, (None, 8))
     _, _, H, W = _check_output_size(size, theta.shape[0], align_corners)
-    _, abw = _homography_terms(theta, H, W, align_corners)
-    return abw[..., :2] / abw[..., 2:]
+    return _homography_terms(theta, H, W, align_corners)[2]
 
 
 def projective_grid_backward(dgrid: np.ndarray, theta: np.ndarray, size, align_corners=False):
@@ -261,16 +292,27 @@ def projective_grid_backward(dgrid: np.ndarray, theta: np.ndarray, size, align_c
     ``dh[0:3] = sum g_x p``, ``dh[3:6] = sum g_y p``,
     ``dh[6:8] = -sum (g_x x_s + g_y y_s) (x_t, y_t)``.
 
+    Parameters
+    ----------
+    dgrid : ndarray, shape (N, H, W, 2)
+        Upstream gradient ``dL/dgrid``, same dtype as ``theta``.
+    theta, size, align_corners
+        As in :func:`projective_grid`.
+
     Returns
     -------
     dtheta : ndarray, shape (N, 8)
+
+    Raises
+    ------
+    NonFiniteError
+        The denominator vanishes at some target point, as in :func:`projective_grid`.
     """
     theta = _check_params("theta", theta, (None, 8))
     N, _, H, W = _check_output_size(size, theta.shape[0], align_corners)
     dgrid = _check_dgrid(dgrid, N, H, W, theta.dtype)
-    base, abw = _homography_terms(theta, H, W, align_corners)
+    base, abw, xy_s = _homography_terms(theta, H, W, align_corners)
     g = dgrid / abw[..., 2:]
-    xy_s = abw[..., :2] / abw[..., 2:]
     dtheta = np.empty_like(theta)
     dtheta[:, 0:3] = np.einsum("nhw,hwj->nj", g[..., 0], base)
     dtheta[:, 3:6] = np.einsum("nhw,hwj->nj", g[..., 1], base)
@@ -339,7 +381,7 @@ def _tps_matrix(lattice: tuple[int, int], H: int, W: int, align_corners: bool) -
     return M
 
 
-def tps_grid(theta: np.ndarray, size, lattice=(4, 4), align_corners: bool = False):
+def tps_grid(theta: np.ndarray, size, *, lattice=(4, 4), align_corners: bool = False):
     """Thin-plate-spline grid through K source control points.
 
     The spline maps each point ``c_k`` of the regular target lattice (see
@@ -353,9 +395,9 @@ def tps_grid(theta: np.ndarray, size, lattice=(4, 4), align_corners: bool = Fals
         Source control points ``(x, y)``, ``K = lattice[0] * lattice[1]``.
     size : sequence of 4 ints
         Output size ``(N, C, H, W)``.
-    lattice : (rows, cols)
+    lattice : (rows, cols), keyword-only
         Shape of the target control-point lattice; the paper uses 4 x 4.
-    align_corners : bool
+    align_corners : bool, keyword-only
         Convention of the target points, as in :func:`affine_grid`.
 
     Returns
@@ -369,9 +411,16 @@ def tps_grid(theta: np.ndarray, size, lattice=(4, 4), align_corners: bool = Fals
     return (M @ theta).reshape(N, H, W, 2)
 
 
-def tps_grid_backward(dgrid: np.ndarray, theta: np.ndarray, size, lattice=(4, 4),
+def tps_grid_backward(dgrid: np.ndarray, theta: np.ndarray, size, *, lattice=(4, 4),
                       align_corners: bool = False):
     """Gradient of :func:`tps_grid` with respect to the control points: ``M^T dgrid[n]``.
+
+    Parameters
+    ----------
+    dgrid : ndarray, shape (N, H, W, 2)
+        Upstream gradient ``dL/dgrid``, same dtype as ``theta``.
+    theta, size, lattice, align_corners
+        As in :func:`tps_grid` (``lattice`` and ``align_corners`` keyword-only).
 
     Returns
     -------

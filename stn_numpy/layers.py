@@ -5,7 +5,9 @@ Conventions
 * Images are ``(N, C, H, W)`` (batch, channels, rows, columns), features ``(N, D)``.
 * A layer is an object with ``forward(x, train=True) -> out`` and ``backward(dout) -> dx``.
   ``forward`` keeps on the layer what ``backward`` needs (the cache), so ``backward``
-  always refers to the most recent ``forward``. ``train`` only changes dropout.
+  always refers to the most recent ``forward``. ``train`` changes dropout here; a
+  :class:`~stn_numpy.SpatialTransformer` run with ``train=False`` keeps no cache at all,
+  so its ``backward`` needs a ``forward`` with ``train=True``.
 * A gradient is named ``d`` + the variable it belongs to: ``dout`` is the upstream gradient
   ``dL/dout``, ``dx`` the one returned for the input. ``backward`` stores the parameter
   gradients in ``layer.grads`` under the names used in ``layer.params`` (``"weight"``,
@@ -22,11 +24,12 @@ The layers are those of the Spatial Transformer Networks MNIST models (Jaderberg
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ._checks import check_float_array
+from ._checks import check_float_array, check_positive_int
 
 __all__ = [
     "Layer",
@@ -90,12 +93,6 @@ def _init_uniform(rng: np.random.Generator, bound: float, shape, dtype) -> np.nd
     return rng.uniform(-bound, bound, size=shape).astype(dtype)
 
 
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 # --------------------------------------------------------------------------------------
 # Convolution and pooling
 # --------------------------------------------------------------------------------------
@@ -143,9 +140,9 @@ class Conv2d(Layer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, rng=None,
                  dtype=np.float32) -> None:
         super().__init__()
-        self.in_channels = _check_positive_int("in_channels", in_channels)
-        self.out_channels = _check_positive_int("out_channels", out_channels)
-        self.kernel_size = _check_positive_int("kernel_size", kernel_size)
+        self.in_channels = check_positive_int("in_channels", in_channels)
+        self.out_channels = check_positive_int("out_channels", out_channels)
+        self.kernel_size = check_positive_int("kernel_size", kernel_size)
         rng = np.random.default_rng(rng)
         C, F, k = self.in_channels, self.out_channels, self.kernel_size
         bound = 1.0 / math.sqrt(C * k * k)
@@ -248,7 +245,7 @@ class MaxPool2d(Layer):
 
     def __init__(self, kernel_size: int = 2) -> None:
         super().__init__()
-        self.kernel_size = _check_positive_int("kernel_size", kernel_size)
+        self.kernel_size = check_positive_int("kernel_size", kernel_size)
         self._cache = None
 
     def __repr__(self) -> str:
@@ -344,7 +341,8 @@ class Flatten(Layer):
         if x.ndim < 1:
             raise ValueError(f"x must have shape (N, ...), got a scalar of shape {x.shape}")
         self._x_shape = x.shape
-        out = x.reshape(x.shape[0], -1)
+        # An explicit D, not -1: with N = 0 the size 0 cannot determine a -1.
+        out = x.reshape(len(x), math.prod(x.shape[1:]))
         self._out_shape = out.shape
         return out
 
@@ -377,8 +375,8 @@ class Linear(Layer):
 
     def __init__(self, in_features: int, out_features: int, rng=None, dtype=np.float32) -> None:
         super().__init__()
-        self.in_features = _check_positive_int("in_features", in_features)
-        self.out_features = _check_positive_int("out_features", out_features)
+        self.in_features = check_positive_int("in_features", in_features)
+        self.out_features = check_positive_int("out_features", out_features)
         rng = np.random.default_rng(rng)
         bound = 1.0 / math.sqrt(self.in_features)
         self.params["weight"] = _init_uniform(rng, bound, (self.out_features, self.in_features),
@@ -428,6 +426,8 @@ class Dropout(Layer):
 
     def __init__(self, p: float = 0.5, rng=None) -> None:
         super().__init__()
+        if isinstance(p, bool) or not isinstance(p, numbers.Real):
+            raise TypeError(f"p must be a number in [0, 1], got {type(p).__name__} {p!r}")
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"p must be in [0, 1], got {p!r}")
         self.p = float(p)
@@ -571,6 +571,7 @@ def cross_entropy(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]
     loss : float
     dlogits : ndarray, shape (N, K), dtype of ``logits``
     """
+    logits = check_float_array("logits", logits, ndim=2)
     logp = log_softmax(logits)
     N, K = logp.shape
     y = np.asarray(y)

@@ -19,9 +19,17 @@ background, and the localisation net and classifier see normalised values.
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
-from ._checks import check_choice, check_float_array
+from ._checks import (
+    FLOAT_DTYPES,
+    check_choice,
+    check_finite,
+    check_float_array,
+    check_positive_int,
+)
 from .layers import (
     Conv2d,
     Dropout,
@@ -33,11 +41,16 @@ from .layers import (
     ReLU,
     Sequential,
 )
-from .transformer import SpatialTransformer, identity_parameters
+from .sampling import MODES, PADDING_MODES
+from .transformer import TRANSFORMS, SpatialTransformer, identity_parameters
 
-__all__ = ["ARCHITECTURES", "Model", "Normalize", "build_model"]
+__all__ = ["ARCHITECTURES", "MIN_INPUT_SIZE", "Model", "Normalize", "build_model"]
 
 ARCHITECTURES = ("stn", "cnn")
+# The smallest side whose feature maps stay at least 1 x 1: the classifier needs 16
+# (conv 5x5 -> 12, pool -> 6, conv 5x5 -> 2, pool -> 1), the localisation net 18
+# (conv 7x7 -> 12, pool -> 6, conv 5x5 -> 2, pool -> 1).
+MIN_INPUT_SIZE = {"cnn": 16, "stn": 18}
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 _PIXELS_PER_BATCH = 1 << 19
 
@@ -53,11 +66,13 @@ class Normalize(Layer):
         return f"Normalize(mean={self.mean}, std={self.std})"
 
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
+        """Parameters: ``x`` ndarray of any shape, float. Returns ``out``, shape of ``x``."""
         x = check_float_array("x", x)
         self._out_shape = x.shape
         return (x - x.dtype.type(self.mean)) / x.dtype.type(self.std)
 
     def backward(self, dout: np.ndarray) -> np.ndarray:
+        """Parameters: ``dout`` of the shape of ``x``. Returns ``dx``, shape of ``x``."""
         dout = self._check_dout(dout)
         return dout / dout.dtype.type(self.std)
 
@@ -69,8 +84,6 @@ def _after_conv_pool(size: int, kernel: int) -> int:
 def _classifier(H: int, W: int, rng, dtype) -> Sequential:
     h = _after_conv_pool(_after_conv_pool(H, 5), 5)
     w = _after_conv_pool(_after_conv_pool(W, 5), 5)
-    if h < 1 or w < 1:
-        raise ValueError(f"input_size must be at least 16x16 for the classifier, got {(H, W)}")
     return Sequential(
         Normalize(),
         Conv2d(1, 10, 5, rng, dtype), MaxPool2d(2), ReLU(),
@@ -83,9 +96,6 @@ def _classifier(H: int, W: int, rng, dtype) -> Sequential:
 def _localization(H: int, W: int, n_params: int, rng, dtype) -> Sequential:
     h = _after_conv_pool(_after_conv_pool(H, 7), 5)
     w = _after_conv_pool(_after_conv_pool(W, 7), 5)
-    if h < 1 or w < 1:
-        raise ValueError(f"input_size must be at least 20x20 for the localisation net, "
-                         f"got {(H, W)}")
     return Sequential(
         Normalize(),
         Conv2d(1, 8, 7, rng, dtype), MaxPool2d(2), ReLU(),
@@ -151,9 +161,17 @@ class Model:
         if X.ndim != 4 or X.shape[1:] != (1, H, W):
             raise ValueError(f"X must have shape (N, {H}, {W}) or (N, 1, {H}, {W}), "
                              f"got {X.shape}")
+        check_finite("X", X)
+        # The model normalises with MNIST's statistics of [0, 1] pixels: 0-255 images
+        # would pass every other check and give confident nonsense.
+        if X.size and (X.min() < 0 or X.max() > 1):
+            raise ValueError(f"X must hold images in [0, 1], got values in "
+                             f"[{X.min()}, {X.max()}]; divide uint8-range (0-255) images by 255")
         return X.astype(self.dtype, copy=False)
 
     def _batched(self, fn, X, batch_size) -> np.ndarray:
+        if batch_size is not None:
+            batch_size = check_positive_int("batch_size", batch_size)
         X = self._images(X)
         if batch_size is None:
             # A fixed pixel budget per batch bounds the convolutions' column buffers
@@ -161,19 +179,24 @@ class Model:
             batch_size = max(1, _PIXELS_PER_BATCH // (X.shape[2] * X.shape[3]))
         outs = [fn(X[i:i + batch_size]) for i in range(0, len(X), batch_size)]
         if not outs:
-            return fn(X)
+            return fn(X)  # an empty batch still goes through the net for its output shape
         return np.concatenate(outs)
 
     def predict(self, X, batch_size: int | None = None) -> np.ndarray:
         """Logits ``(N, 10)`` in evaluation mode for images ``X`` in ``[0, 1]``.
 
-        ``X`` has shape ``(N, 1, H, W)`` or ``(N, H, W)``, any float dtype. It is processed
-        in batches of ``batch_size`` images (by default as many as fit 2**19 pixels).
+        ``X`` has shape ``(N, 1, H, W)`` or ``(N, H, W)``, any float dtype, finite values
+        in ``[0, 1]`` (``ValueError`` otherwise); ``N = 0`` gives logits of shape
+        ``(0, 10)``. It is processed in batches of ``batch_size`` images, a positive int
+        (by default as many as fit 2**19 pixels).
         """
         return self._batched(lambda x: self.net.forward(x, train=False), X, batch_size)
 
     def transform(self, X, batch_size: int | None = None) -> np.ndarray:
-        """The transformer's output images ``(N, 1, H_o, W_o)`` for images ``X`` in ``[0, 1]``."""
+        """The transformer's output images ``(N, 1, H_o, W_o)`` for images ``X`` in ``[0, 1]``.
+
+        ``X`` and ``batch_size`` as in :meth:`predict`.
+        """
         if self.transformer is None:
             raise ValueError(f"model {self.config['arch']!r} has no spatial transformer")
         return self._batched(lambda x: self.transformer.forward(x, train=False), X, batch_size)
@@ -187,9 +210,27 @@ def build_model(arch: str = "stn", input_size=(28, 28), transform: str = "affine
     ``transform``, ``mode``, ``padding_mode`` and ``align_corners`` configure the
     transformer of ``stn`` (see :class:`~stn_numpy.transformer.SpatialTransformer`).
     Dropout masks come from the same seeded generator, so one seed fixes the whole run.
+
+    Every argument is checked first, for ``cnn`` too (which ignores the transformer's),
+    so a configuration that could not be rebuilt never reaches a checkpoint.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``arch``, ``transform``, ``mode``, ``padding_mode``, a non-bool
+        ``align_corners``; ``input_size`` not a pair or below ``MIN_INPUT_SIZE[arch]``
+        (16 for ``cnn``, 18 for ``stn``).
+    TypeError
+        ``input_size`` not of ints; ``dtype`` not float32 or float64.
     """
     check_choice("arch", arch, ARCHITECTURES)
-    H, W = (int(s) for s in input_size)
+    H, W = _check_input_size(input_size, arch)
+    check_choice("transform", transform, TRANSFORMS)
+    check_choice("mode", mode, MODES)
+    check_choice("padding_mode", padding_mode, PADDING_MODES)
+    check_choice("align_corners", align_corners, (True, False))
+    if np.dtype(dtype) not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
     rng = np.random.default_rng(seed)
     config = {"arch": arch, "input_size": [H, W], "transform": transform, "mode": mode,
               "padding_mode": padding_mode, "align_corners": bool(align_corners),
@@ -201,3 +242,17 @@ def build_model(arch: str = "stn", input_size=(28, 28), transform: str = "affine
     stn = SpatialTransformer(_localization(H, W, n_params, rng, dtype), transform,
                              mode=mode, padding_mode=padding_mode, align_corners=align_corners)
     return Model(Sequential(stn, *classifier), config)
+
+
+def _check_input_size(input_size, arch: str) -> tuple[int, int]:
+    try:
+        H, W = (operator.index(s) for s in input_size)
+    except TypeError:
+        raise TypeError(f"input_size must be a pair (H, W) of ints, got {input_size!r}") from None
+    except ValueError:
+        raise ValueError(f"input_size must be a pair (H, W), got {input_size!r}") from None
+    minimum = MIN_INPUT_SIZE[arch]
+    if H < minimum or W < minimum:
+        raise ValueError(f"input_size must be at least {minimum}x{minimum} for arch={arch!r}, "
+                         f"got {(H, W)}")
+    return H, W

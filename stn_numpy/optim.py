@@ -49,7 +49,8 @@ class _Optimizer:
         Parameters
         ----------
         grads : dict[str, ndarray]
-            ``dL/dparam`` for exactly the keys of ``params``, each of the parameter's shape.
+            ``dL/dparam`` for exactly the keys of ``params``, each a float array of the
+            parameter's shape (``TypeError`` or ``ValueError`` otherwise).
         """
         self._check_grads(grads)
         self.step_count += 1
@@ -72,9 +73,14 @@ class _Optimizer:
                              f"unexpected {extra}")
         for name, p in self.params.items():
             g = grads[name]
-            if np.shape(g) != p.shape:
+            # An int or object array would be cast into p's dtype by the in-place update,
+            # silently truncating the step or failing deep inside numpy.
+            if not isinstance(g, np.ndarray) or not np.issubdtype(g.dtype, np.floating):
+                raise TypeError(f"grads[{name!r}] must be a float numpy array, got "
+                                f"{type(g).__name__} {getattr(g, 'dtype', '')}".rstrip())
+            if g.shape != p.shape:
                 raise ValueError(f"grads[{name!r}] must have shape {p.shape} (the parameter's), "
-                                 f"got {np.shape(g)}")
+                                 f"got {g.shape}")
 
     def state_dict(self) -> dict:
         """Step count, hyper-parameters and buffers as a flat dict.

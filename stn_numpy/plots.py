@@ -40,7 +40,18 @@ def plot_curves(history: list[dict], path) -> None:
 
 
 def plot_transforms(model, X: np.ndarray, path) -> None:
-    """Inputs (top row) above the spatial transformer's outputs (bottom row)."""
+    """Inputs (top row) above the spatial transformer's outputs (bottom row).
+
+    Parameters
+    ----------
+    model : Model
+        An ``stn`` model (:func:`stn_numpy.build_model`); its :meth:`~Model.transform`
+        gives the bottom row, of shape ``(n, 1, H_o, W_o)``.
+    X : ndarray, shape (n, 1, H, W), float in [0, 1]
+        The images, one column each.
+    path : str or Path
+        The image file to write (PNG by its suffix); missing folders are created.
+    """
     from matplotlib.figure import Figure
 
     V = model.transform(X)

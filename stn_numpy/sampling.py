@@ -138,7 +138,24 @@ def grid_sample_forward(U, grid, mode="bilinear", padding_mode="zeros", align_co
 
 
 def grid_sample_backward_from_cache(dV, cache):
-    """``(dU, dgrid)`` for the forward call that produced ``cache``; dV as in the forward's V."""
+    """Gradients of the :func:`grid_sample_forward` call that produced ``cache``.
+
+    Parameters
+    ----------
+    dV : ndarray, shape (N, C, H_o, W_o)
+        Upstream gradient, the shape and dtype of the forward's V.
+    cache : object
+        The second value :func:`grid_sample_forward` returned.
+
+    Returns
+    -------
+    dU : ndarray, shape (N, C, H, W)
+    dgrid : ndarray, shape (N, H_o, W_o, 2)
+        Zero for ``mode="nearest"``.
+    """
+    if not isinstance(cache, _SamplingCache):
+        raise TypeError(f"cache must be the cache grid_sample_forward returned, "
+                        f"got {type(cache).__name__}")
     N, C, H, W = cache.U_shape
     Ho, Wo = cache.out_hw
     dV = check_float_array("dV", dV, shape=(N, C, Ho, Wo))

@@ -25,16 +25,22 @@ import numpy as np
 from . import grids
 from ._checks import check_choice, check_float_array
 from .layers import Layer, Linear, Sequential
-from .sampling import MODES, PADDING_MODES, grid_sample_backward_from_cache, grid_sample_forward
+from .sampling import (
+    MODES,
+    PADDING_MODES,
+    grid_sample,
+    grid_sample_backward_from_cache,
+    grid_sample_forward,
+)
 
 __all__ = ["SpatialTransformer", "TRANSFORMS", "identity_parameters"]
 
-# name -> (number of parameters, grid generator, its backward, parameter shape after N)
+# name -> (grid generator, its backward, parameter shape after N; None: set by the lattice)
 TRANSFORMS = {
-    "affine": (6, grids.affine_grid, grids.affine_grid_backward, (2, 3)),
-    "attention": (3, grids.attention_grid, grids.attention_grid_backward, (3,)),
-    "projective": (8, grids.projective_grid, grids.projective_grid_backward, (8,)),
-    "tps": (None, grids.tps_grid, grids.tps_grid_backward, None),
+    "affine": (grids.affine_grid, grids.affine_grid_backward, (2, 3)),
+    "attention": (grids.attention_grid, grids.attention_grid_backward, (3,)),
+    "projective": (grids.projective_grid, grids.projective_grid_backward, (8,)),
+    "tps": (grids.tps_grid, grids.tps_grid_backward, None),
 }
 
 
@@ -98,10 +104,11 @@ class SpatialTransformer(Layer):
         self.out_size = None if out_size is None else (int(out_size[0]), int(out_size[1]))
         self.mode, self.padding_mode, self.align_corners = mode, padding_mode, align_corners
         self.lattice = tuple(lattice)
-        self._n_params, self._grid, self._grid_backward, self._theta_shape = TRANSFORMS[transform]
+        self._grid, self._grid_backward, self._theta_shape = TRANSFORMS[transform]
         if transform == "tps":
             self._theta_shape = (self.lattice[0] * self.lattice[1], 2)
         self.theta = None
+        self._sampler_cache = None
 
     def __repr__(self) -> str:
         return (f"SpatialTransformer(transform={self.transform!r}, mode={self.mode!r}, "
@@ -134,7 +141,8 @@ class SpatialTransformer(Layer):
         x : ndarray, shape (N, C, H, W), float
             The input U.
         train : bool
-            Passed to the localisation net (dropout).
+            Passed to the localisation net (dropout). With False the sampler builds no
+            gradient matrices (faster, less memory), so :meth:`backward` cannot follow.
 
         Returns
         -------
@@ -147,8 +155,12 @@ class SpatialTransformer(Layer):
         self.theta = theta_flat.reshape((N,) + self._theta_shape)
         self._size = (N, C, Ho, Wo)
         grid = self._grid(self.theta, self._size, **self._grid_kwargs())
-        V, self._sampler_cache = grid_sample_forward(U, grid, self.mode, self.padding_mode,
-                                                     self.align_corners)
+        if train:
+            V, self._sampler_cache = grid_sample_forward(U, grid, self.mode, self.padding_mode,
+                                                         self.align_corners)
+        else:
+            V = grid_sample(U, grid, self.mode, self.padding_mode, self.align_corners)
+            self._sampler_cache = None
         self._out_shape = V.shape
         return V
 
@@ -165,6 +177,10 @@ class SpatialTransformer(Layer):
         dx : ndarray, shape (N, C, H, W)
         """
         dV = self._check_dout(dout)
+        if self._sampler_cache is None:
+            raise RuntimeError("SpatialTransformer.backward needs a forward pass with "
+                               "train=True; forward(x, train=False) keeps no sampling "
+                               "matrices for the backward pass")
         dU, dgrid = grid_sample_backward_from_cache(dV, self._sampler_cache)
         dtheta = self._grid_backward(dgrid, self.theta, self._size, **self._grid_kwargs())
         dU += self.localization.backward(dtheta.reshape(dtheta.shape[0], -1))

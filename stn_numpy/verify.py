@@ -97,14 +97,11 @@ checker compares each output array with ``rel_error`` against ``tolerance``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import importlib
 import itertools
 import json
-import os
 import sys
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -114,6 +111,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._io import atomic_write
+from ._torch import TorchNotInstalledError, import_torch
 from .gradcheck import rel_error
 from .grids import affine_grid, affine_grid_backward
 from .sampling import MODES, PADDING_MODES, grid_sample, grid_sample_backward
@@ -161,10 +160,6 @@ _CONVENTIONS = {
     "gradients": "dU and dgrid are the gradients of sum(V * dV); dtheta of sum(grid * dgrid)",
     "comparison": "rel_error(a, b) = max|a - b| / max(1e-8, max(|a| + |b|)) per array",
 }
-
-
-class TorchNotInstalledError(ImportError):
-    """PyTorch was asked for as the other implementation but cannot be imported."""
 
 
 class GoldenFormatError(ValueError):
@@ -462,20 +457,9 @@ def _numpy_affine(theta, size, dgrid, align_corners):
             affine_grid_backward(dgrid, theta, size, align_corners))
 
 
-def _import_torch():
-    try:
-        import torch
-    except ImportError as exc:
-        raise TorchNotInstalledError(
-            "PyTorch not installed: pip install torch==2.13.0 (CPU is enough), or compare "
-            "your own implementation instead (`other=` in Python, --other MODULE:FUNCTION "
-            "on the command line)") from exc
-    return torch
-
-
 def torch_impl(U, grid, dV, mode, padding_mode, align_corners):
     """PyTorch's ``F.grid_sample`` on the CPU behind the ``other`` interface, via autograd."""
-    torch = _import_torch()
+    torch = import_torch()
     U_t = torch.from_numpy(np.array(U)).requires_grad_()
     grid_t = torch.from_numpy(np.array(grid)).requires_grad_()
     V_t = torch.nn.functional.grid_sample(U_t, grid_t, mode=mode, padding_mode=padding_mode,
@@ -486,7 +470,7 @@ def torch_impl(U, grid, dV, mode, padding_mode, align_corners):
 
 
 def _torch_affine(theta, size, dgrid, align_corners):
-    torch = _import_torch()
+    torch = import_torch()
     theta_t = torch.from_numpy(np.array(theta)).requires_grad_()
     with warnings.catch_warnings():
         # torch warns that align_corners=True with a size of 1 is ill-defined; both
@@ -505,7 +489,7 @@ def _resolve(other, default):
     """
     other = default if other is None else other
     if other == "torch":
-        _import_torch()
+        import_torch()
         return torch_impl, _torch_affine
     if other == "numpy":
         return numpy_impl, _numpy_affine
@@ -656,19 +640,7 @@ def export_golden(path, *, seed: int = 0, dtype=np.float64, shape=(2, 3, 5, 6),
     arrays["manifest"] = np.frombuffer(json.dumps(manifest, indent=1).encode(), dtype=np.uint8)
 
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates the file owner-only; golden files are meant to be shared.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: np.savez(f, **arrays))
     return path
 
 
@@ -768,7 +740,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--other", metavar="MODULE:FUNCTION",
                         help="compare a callable other(U, grid, dV, mode, padding_mode, "
                              "align_corners) -> (V, dU, dgrid) instead of PyTorch")
-    parser.add_argument("--tol", type=float, default=None,
+    parser.add_argument("--tol", type=_positive_float, default=None,
                         help="pass threshold on the relative error (default: 1e-10 for "
                              "float64, 1e-5 for float32; --check: the file's)")
     parser.add_argument("--dtype", choices=("float64", "float32"), default="float64",
@@ -793,10 +765,18 @@ def _run(args: argparse.Namespace) -> int:
             title = f"{_label(other or numpy_impl)} vs golden vectors in {args.check}"
         else:
             results = parity_matrix(other, dtype=args.dtype, seed=args.seed, tol=args.tol)
-            against = _label(other) if other else f"torch {_import_torch().__version__}"
+            against = _label(other) if other else f"torch {import_torch().__version__}"
             title = f"stn_numpy vs {against} ({args.dtype}, seed {args.seed})"
     except (TorchNotInstalledError, GoldenFormatError, OSError, _CallableSpecError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError) as exc:
+        if not args.other:
+            raise  # from this package: a bug, whose traceback is wanted
+        # The user's callable raised, or returned something unusable: their error, not a
+        # crash of the checker.
+        message = " ".join(str(exc).split())
+        print(f"error: --other {args.other}: {type(exc).__name__}: {message}", file=sys.stderr)
         return 2
     print(title)
     print(format_table(results))
@@ -809,7 +789,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``main(["verify", "--check", "golden.npz"])``; the subcommand name may be left out, as
     ``stn-numpy verify`` and ``python -m stn_numpy.verify`` do. Exit codes: 0 every case
     passed, 1 some case failed, 2 PyTorch missing (and no ``--other``), an unreadable
-    golden file or a bad argument.
+    golden file, a bad argument, or an ``--other`` callable that raised ``ValueError`` or
+    ``TypeError`` or returned something other than ``(V, dU, dgrid)`` of the right shapes.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     # `stn-numpy verify ...` and `python -m stn_numpy.verify ...` hand over the options
@@ -830,6 +811,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 class _CallableSpecError(ValueError):
     pass
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
 
 
 def _load_callable(spec: str):

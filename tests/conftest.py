@@ -1,7 +1,13 @@
-"""Shared test helpers: random inputs placed away from the kinks of the samplers."""
+"""Shared test helpers: random inputs placed away from the kinks of the samplers, and
+where the real MNIST files are."""
+
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+from stn_numpy.data import mnist
 
 
 def normalize(u, size, align_corners):
@@ -38,3 +44,20 @@ def smooth_grid(rng, N, Ho, Wo, H, W, align_corners, margin=2):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+@pytest.fixture(scope="session")
+def mnist_dir():
+    """Folder holding the four original MNIST .gz files, as a str; skips the test if none.
+
+    ``STN_NUMPY_DATA`` first, then ``../shared/data/mnist`` beside this repository.
+    """
+    candidates = []
+    if os.environ.get(mnist.ENV_VAR):
+        candidates.append(Path(os.environ[mnist.ENV_VAR]))
+    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist")
+    names = [name for pair in mnist.FILES.values() for name in pair]
+    for root in candidates:
+        if all((root / name).is_file() for name in names):
+            return str(root)
+    pytest.skip(f"MNIST files not found: set {mnist.ENV_VAR} to a folder with the four .gz files")

@@ -3,6 +3,8 @@
 import builtins
 import json
 import math
+import os
+import stat
 
 import pytest
 
@@ -63,6 +65,33 @@ def test_main_writes_json(tmp_path, capsys):
     out = capsys.readouterr().out
     for r in saved["rows"]:
         assert r["case"] in out
+
+
+def test_main_json_is_readable_by_others_under_umask_022(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "run", lambda repeats, quick: [])
+    path = tmp_path / "bench.json"
+    old = os.umask(0o022)
+    try:
+        assert bench.main(["--quick", "--json", str(path)]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert os.listdir(tmp_path) == ["bench.json"]
+
+
+@pytest.mark.parametrize("where", ["missing/bench.json", "."])
+def test_main_unwritable_json_fails_before_the_benchmark(tmp_path, monkeypatch, capsys, where):
+    def run(repeats, quick):
+        raise AssertionError("the benchmark ran although its results could not be saved")
+
+    monkeypatch.setattr(bench, "run", run)
+    path = tmp_path / where
+    assert bench.main(["--quick", "--json", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"stn-numpy bench: error: cannot write --json {path}: ")
+    assert captured.err.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == []
 
 
 @pytest.mark.parametrize("repeats", [0, -1, 1.5, True])

@@ -1,8 +1,12 @@
 """Tests for checkpoint files: round trip, atomic writes, clear errors on bad files."""
 
+import os
+import stat
+
 import numpy as np
 import pytest
 
+from stn_numpy import _io, checkpoint
 from stn_numpy.checkpoint import load_checkpoint, load_model, save_checkpoint
 from stn_numpy.models import build_model
 
@@ -40,6 +44,19 @@ def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
         save_checkpoint(path, {}, {}, {})
     assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["checkpoint.npz"]
+
+
+def test_checkpoint_is_readable_by_others_under_umask_022(tmp_path):
+    old = os.umask(0o022)
+    try:
+        _, path = saved_model(tmp_path)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # mkstemp's 0o600 would survive
+
+
+def test_atomic_write_is_the_shared_helper():
+    assert checkpoint.atomic_write is _io.atomic_write
 
 
 def test_truncated_or_foreign_files_raise_naming_the_file(tmp_path):

@@ -7,12 +7,14 @@ import hashlib
 import io
 import os
 import re
+import stat
 import urllib.error
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from stn_numpy import _io
 from stn_numpy.data import mnist
 from stn_numpy.data.mnist import (
     ChecksumError,
@@ -37,36 +39,14 @@ def no_network(monkeypatch):
     monkeypatch.setattr(mnist, "_urlopen", refuse)
 
 
-def _real_root():
-    candidates = []
-    if os.environ.get(mnist.ENV_VAR):
-        candidates.append(Path(os.environ[mnist.ENV_VAR]))
-    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist")
-    for root in candidates:
-        if all((root / name).is_file() for name in mnist.SHA256):
-            return root
-    return None
+@pytest.fixture(scope="module")
+def train(mnist_dir):
+    return load_mnist("train", mnist_dir, download=False)
 
 
 @pytest.fixture(scope="module")
-def real_root():
-    root = _real_root()
-    if root is None:
-        pytest.skip(
-            f"MNIST files not found: set {mnist.ENV_VAR} to a folder holding the four "
-            "original .gz files"
-        )
-    return root
-
-
-@pytest.fixture(scope="module")
-def train(real_root):
-    return load_mnist("train", real_root, download=False)
-
-
-@pytest.fixture(scope="module")
-def test_split(real_root):
-    return load_mnist("test", real_root, download=False)
+def test_split(mnist_dir):
+    return load_mnist("test", mnist_dir, download=False)
 
 
 def idx_bytes(array, magic=None):
@@ -115,10 +95,10 @@ def test_test_split(test_split):
     assert images.min() == 0 and images.max() == 255
 
 
-def test_checksum_constants_match_sha256sums(real_root):
-    sums_file = real_root / "SHA256SUMS"
+def test_checksum_constants_match_sha256sums(mnist_dir):
+    sums_file = Path(mnist_dir) / "SHA256SUMS"
     if not sums_file.is_file():
-        pytest.skip(f"no SHA256SUMS in {real_root}")
+        pytest.skip(f"no SHA256SUMS in {mnist_dir}")
     sums = {}
     for line in sums_file.read_text().splitlines():
         digest, name = line.split()
@@ -126,8 +106,8 @@ def test_checksum_constants_match_sha256sums(real_root):
     assert sums == mnist.SHA256
 
 
-def test_real_root_via_environment(real_root, monkeypatch):
-    monkeypatch.setenv(mnist.ENV_VAR, str(real_root))
+def test_real_root_via_environment(mnist_dir, monkeypatch):
+    monkeypatch.setenv(mnist.ENV_VAR, mnist_dir)
     images, labels = load_mnist("test", download=False)
     assert len(images) == len(labels) == 10000
 
@@ -255,9 +235,17 @@ def test_load_mnist_label_out_of_range(tmp_path):
         load_mnist("train", tmp_path, download=False, verify=False)
 
 
-def test_load_mnist_bad_split(tmp_path):
-    with pytest.raises(ValueError, match="split must be one of"):
-        load_mnist("valid", tmp_path)
+@pytest.mark.parametrize("split", ["valid", None, ["train"], {"train": 1}])
+def test_load_mnist_bad_split(tmp_path, split):
+    # Unhashable splits included: a dict lookup would raise an unhelpful TypeError.
+    with pytest.raises(ValueError, match=r"split must be one of \['test', 'train'\], got"):
+        load_mnist(split, tmp_path)
+
+
+@pytest.mark.parametrize("root", [3, b"/tmp/mnist", ["data"]])
+def test_load_mnist_bad_root(root):
+    with pytest.raises(TypeError, match="root must be a str, an os.PathLike or None"):
+        load_mnist("test", root, download=False)
 
 
 def test_load_mnist_missing_without_download(tmp_path):
@@ -369,6 +357,33 @@ def test_download_bad_checksum_leaves_no_file(tmp_path, fake_mirrors):
         load_mnist("train", tmp_path)
     assert all(mirror + TRAIN_IMAGES in str(info.value) for mirror in mnist.MIRRORS)
     assert os.listdir(tmp_path) == []
+
+
+def test_download_bad_checksum_never_takes_the_final_name(tmp_path, fake_mirrors, monkeypatch):
+    # Checked while streaming, before the rename: a reader never sees a wrong file under
+    # the real name, not even for a moment.
+    served, requested, files = fake_mirrors
+    for mirror in mnist.MIRRORS:
+        served[mirror] = {name: data[:-1] + b"x" for name, data in files.items()}
+    renamed = []
+    real_replace = os.replace
+    monkeypatch.setattr(_io.os, "replace", lambda a, b: renamed.append(b) or real_replace(a, b))
+    with pytest.raises(DatasetNotFoundError, match="SHA-256"):
+        load_mnist("train", tmp_path)
+    assert renamed == [] and os.listdir(tmp_path) == []
+
+
+def test_downloaded_files_are_readable_by_others_under_umask_022(tmp_path, fake_mirrors):
+    served, requested, files = fake_mirrors
+    served[mnist.MIRRORS[0]] = dict(files)
+    old = os.umask(0o022)
+    try:
+        load_mnist("test", tmp_path)
+    finally:
+        os.umask(old)
+    for name in mnist.FILES["test"]:
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644
+    assert sorted(os.listdir(tmp_path)) == sorted(mnist.FILES["test"])
 
 
 def test_download_interrupted_leaves_no_file(tmp_path, fake_mirrors):

@@ -44,5 +44,23 @@ def test_rel_error():
     assert rel_error(np.zeros(3), np.zeros(3)) == 0
     assert rel_error([1.0, 2.0], [1.0, 2.0]) == 0
     assert rel_error([1.0], [3.0]) == pytest.approx(0.5)
-    with pytest.raises(TypeError):
-        numerical_gradient(lambda v: v, np.arange(3))
+
+
+@pytest.mark.parametrize("x", [np.arange(3), np.arange(3, dtype=np.float32), [0.0, 1.0]],
+                         ids=["int64", "float32", "list"])
+def test_numerical_gradient_requires_float64_ndarray(x):
+    for check in (lambda: numerical_gradient(lambda v: v, x),
+                  lambda: check_gradient(lambda v: v, x, np.zeros(np.shape(x)))):
+        with pytest.raises(TypeError, match="x must be a float64 ndarray.*round-off"):
+            check()
+
+
+def test_df_must_have_the_shape_of_f_x(rng):
+    x = rng.standard_normal((2, 3))
+    x0 = x.copy()
+    with pytest.raises(ValueError, match=r"df must have the shape of f\(x\), \(2, 3\), "
+                                         r"got \(3,\)"):
+        numerical_gradient(np.sin, x, df=np.ones(3))  # would broadcast silently
+    np.testing.assert_array_equal(x, x0)  # restored on the way out
+    with pytest.raises(ValueError, match=r"\(6,\), got \(2, 3\)"):
+        check_gradient(lambda v: v.reshape(-1), x, np.zeros((2, 3)), df=np.ones((2, 3)))

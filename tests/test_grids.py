@@ -1,5 +1,7 @@
 """Tests for stn_numpy.grids: closed forms, finite differences, PyTorch parity, bad input."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -175,3 +177,49 @@ def test_non_finite_theta_raises(rng, kind):
     theta.reshape(-1)[1] = np.nan
     with pytest.raises(NonFiniteError, match="theta contains 1 non-finite"):
         forward(theta, (2, 1, 3, 3), **kw)
+
+
+@pytest.mark.parametrize("H, W", [(0, 3), (3, 0), (-1, 2)])
+def test_target_coordinates_rejects_empty_sizes(H, W):
+    with pytest.raises(ValueError, match=f"H and W must be >= 1, got H={H}, W={W}"):
+        target_coordinates(H, W)
+
+
+def test_target_coordinates_rejects_non_int_sizes():
+    with pytest.raises(TypeError, match="H and W must be ints"):
+        target_coordinates(2.5, 3)
+
+
+@pytest.mark.parametrize("size", [(2, 1, 4.7, 4), (2, 1, "4", 4), "abcd", 4])
+def test_size_must_hold_ints(size):
+    # int() would have truncated 4.7 to 4 (and raised a ValueError for "a").
+    with pytest.raises(TypeError, match=r"size must be a sequence \(N, C, H, W\) of ints"):
+        affine_grid(np.zeros((2, 2, 3)), size)
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_projective_vanishing_denominator_is_an_error_not_a_warning(align_corners):
+    # h6 = 1, h7 = 0: w = x_t + 1, zero on the left edge where x_t = -1 (align_corners=True);
+    # with h6 = W / (W - 1) it vanishes on the first column's x_t = -(W - 1) / W instead.
+    W = 5
+    theta = np.array([[1.0, 0, 0, 0, 1, 0, 1.0 if align_corners else W / (W - 1), 0]])
+    size = (1, 1, 3, W)
+    dgrid = np.ones((1, 3, W, 2))
+    message = r"denominator h6 x \+ h7 y \+ 1 is zero"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning would fail the test
+        with pytest.raises(NonFiniteError, match=message):
+            projective_grid(theta, size, align_corners=align_corners)
+        with pytest.raises(NonFiniteError, match=message):
+            projective_grid_backward(dgrid, theta, size, align_corners=align_corners)
+
+
+def test_tps_lattice_and_align_corners_are_keyword_only(rng):
+    theta = tps_lattice((3, 4))[None]
+    with pytest.raises(TypeError):
+        tps_grid(theta, (1, 1, 4, 4), (3, 4))
+    with pytest.raises(TypeError):
+        tps_grid_backward(np.zeros((1, 4, 4, 2)), theta, (1, 1, 4, 4), (3, 4), True)
+    grid = tps_grid(theta, (1, 1, 4, 4), lattice=(3, 4), align_corners=True)
+    np.testing.assert_allclose(grid[0], target_coordinates(4, 4, align_corners=True),
+                               atol=1e-12)

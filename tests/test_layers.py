@@ -254,6 +254,13 @@ def test_flatten_round_trip():
     assert rel_error(flatten.backward(dout), numeric) < 1e-7  # float64 central differences
 
 
+def test_flatten_empty_batch():
+    flatten = Flatten()
+    out = flatten.forward(np.zeros((0, 3, 4, 5)))
+    assert out.shape == (0, 60)
+    assert flatten.backward(np.zeros((0, 60))).shape == (0, 3, 4, 5)
+
+
 def test_linear_gradients():
     rng = np.random.default_rng(12)
     linear = Linear(6, 4, rng=rng, dtype=np.float64)
@@ -345,6 +352,15 @@ def test_dropout_p_edges():
     np.testing.assert_array_equal(Dropout(0.0, rng=0).forward(x), x)
     with pytest.raises(ValueError, match="p must be in"):
         Dropout(1.5)
+    with pytest.raises(ValueError, match="p must be in"):
+        Dropout(float("nan"))
+
+
+@pytest.mark.parametrize("p", ["0.5", None, [0.5], True])
+@pytest.mark.parametrize("cls", [Dropout, Dropout2d])
+def test_dropout_p_must_be_a_number(cls, p):
+    with pytest.raises(TypeError, match="p must be a number in"):
+        cls(p)
 
 
 # --------------------------------------------------------------------------------------
@@ -426,8 +442,10 @@ def test_cross_entropy_rejects_bad_labels():
         cross_entropy(logits, np.array([0, 3]))
     with pytest.raises(ValueError, match=r"y must have shape \(2,\)"):
         cross_entropy(logits, np.array([0, 1, 2]))
-    with pytest.raises(ValueError, match="z must have shape"):
+    with pytest.raises(ValueError, match="logits must have shape"):
         cross_entropy(np.zeros(3), np.array([0]))
+    with pytest.raises(TypeError, match="logits must have dtype float"):
+        cross_entropy(np.zeros((2, 3), dtype=int), np.array([0, 1]))
 
 
 # --------------------------------------------------------------------------------------

@@ -77,3 +77,74 @@ def test_same_seed_same_weights():
     c = build_model("stn", seed=6)
     assert all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
     assert not all(np.array_equal(a.params[k], c.params[k]) for k in a.params)
+
+
+@pytest.mark.parametrize("bad, pattern", [
+    (np.full((1, 28, 28), 255.0), r"values in \[255.0, 255.0\]; divide uint8-range .* by 255"),
+    (np.full((1, 28, 28), -0.5), r"X must hold images in \[0, 1\]"),
+    (np.full((1, 28, 28), np.nan), "X contains 784 non-finite"),
+    (np.full((1, 28, 28), np.inf), "X contains 784 non-finite"),
+])
+def test_predict_and_transform_reject_images_outside_the_unit_range(bad, pattern):
+    model = build_model("stn")
+    for method in (model.predict, model.transform):
+        with pytest.raises(ValueError, match=pattern):
+            method(bad)
+    edges = np.zeros((2, 28, 28))
+    edges[1] = 1.0
+    assert model.predict(edges).shape == (2, 10)  # 0 and 1 themselves are fine
+
+
+@pytest.mark.parametrize("batch_size", [0, -2, 2.5, True, "8"])
+def test_predict_rejects_bad_batch_sizes(batch_size):
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        build_model("cnn").predict(np.zeros((3, 28, 28)), batch_size=batch_size)
+
+
+@pytest.mark.parametrize("arch", ["stn", "cnn"])
+@pytest.mark.parametrize("batch_size", [None, 4])
+def test_empty_batch_gives_empty_outputs(arch, batch_size):
+    model = build_model(arch, (42, 42))
+    logits = model.predict(np.zeros((0, 1, 42, 42)), batch_size=batch_size)
+    assert logits.shape == (0, 10) and logits.dtype == np.float32
+    if arch == "stn":
+        assert model.transform(np.zeros((0, 42, 42)), batch_size).shape == (0, 1, 42, 42)
+
+
+def test_batches_agree_with_one_pass():
+    model = build_model("stn", seed=2)
+    X = np.random.default_rng(1).random((5, 28, 28))
+    np.testing.assert_allclose(model.predict(X, batch_size=2), model.predict(X), atol=1e-6)
+
+
+@pytest.mark.parametrize("arch, smallest", [("cnn", 16), ("stn", 18)])
+def test_smallest_input_size(arch, smallest):
+    # The stated minimum is exact: it builds and runs, one pixel less is refused up front.
+    model = build_model(arch, (smallest, smallest + 3))
+    assert model.predict(np.zeros((1, smallest, smallest + 3))).shape == (1, 10)
+    for size in [(smallest - 1, 28), (28, smallest - 1)]:
+        with pytest.raises(ValueError, match=f"at least {smallest}x{smallest} for arch='{arch}'"):
+            build_model(arch, size)
+
+
+@pytest.mark.parametrize("arch", ["stn", "cnn"])
+@pytest.mark.parametrize("kwargs, error, pattern", [
+    ({"input_size": (28.0, 28)}, TypeError, r"input_size must be a pair \(H, W\) of ints"),
+    ({"input_size": 28}, TypeError, r"input_size must be a pair \(H, W\) of ints"),
+    ({"input_size": (28, 28, 1)}, ValueError, r"input_size must be a pair \(H, W\)"),
+    ({"transform": "similarity"}, ValueError, "transform must be one of"),
+    ({"mode": "linear"}, ValueError, "mode must be one of"),
+    ({"padding_mode": "wrap"}, ValueError, "padding_mode must be one of"),
+    ({"align_corners": "yes"}, ValueError, "align_corners must be one of"),
+    ({"dtype": np.float16}, TypeError, "dtype must be float32 or float64, got float16"),
+    ({"dtype": np.int32}, TypeError, "dtype must be float32 or float64, got int32"),
+])
+def test_build_model_validates_every_argument_for_both_archs(arch, kwargs, error, pattern):
+    # A cnn ignores the transformer's options, but they are saved in its config.
+    with pytest.raises(error, match=pattern):
+        build_model(arch, **kwargs)
+
+
+def test_build_model_rejects_unknown_arch():
+    with pytest.raises(ValueError, match="arch must be one of"):
+        build_model("resnet")

@@ -187,6 +187,18 @@ def test_step_rejects_mismatched_grads(cls):
     assert opt.step_count == 0  # a rejected step changes nothing
 
 
+@pytest.mark.parametrize("cls", [SGD, Adam])
+@pytest.mark.parametrize("bad", [np.ones((2, 3), dtype=int), [[1.0] * 3] * 2, None],
+                         ids=["int array", "list", "None"])
+def test_step_rejects_non_float_grads(cls, bad):
+    params = {"a": np.ones(2), "b": np.ones((2, 3))}
+    opt = cls(params, lr=0.1)
+    with pytest.raises(TypeError, match=r"grads\['b'\] must be a float numpy array"):
+        opt.step({"a": np.ones(2), "b": bad})
+    # Checked before any update: "a" is not stepped when "b" is refused.
+    assert opt.step_count == 0 and np.all(params["a"] == 1) and np.all(params["b"] == 1)
+
+
 def test_load_state_dict_rejects_foreign_state():
     params = {"a": np.zeros(2), "b": np.zeros(3)}
     opt = SGD(params, momentum=0.9)

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from conftest import normalize, smooth_grid
 
-from stn_numpy import NonFiniteError, affine_grid, grid_sample, grid_sample_backward
+from stn_numpy import (
+    NonFiniteError,
+    affine_grid,
+    grid_sample,
+    grid_sample_backward,
+    grid_sample_backward_from_cache,
+    grid_sample_forward,
+)
 from stn_numpy.gradcheck import numerical_gradient, rel_error
 from stn_numpy.sampling import MODES, PADDING_MODES
 
@@ -225,6 +232,20 @@ def test_rejects_bad_dtypes_and_options():
         grid_sample(U, grid, padding_mode="wrap")
     with pytest.raises(ValueError, match="dV must have shape"):
         grid_sample_backward(np.zeros((1, 1, 3, 3)), U, grid)
+
+
+@pytest.mark.parametrize("cache", [None, ("S", "S_x"), {"U_shape": (1, 1, 4, 4)}])
+def test_backward_from_cache_rejects_other_objects(cache):
+    with pytest.raises(TypeError, match="cache must be the cache grid_sample_forward returned"):
+        grid_sample_backward_from_cache(np.zeros((1, 1, 2, 2)), cache)
+
+
+def test_backward_from_cache_returns_the_documented_shapes(rng):
+    U = rng.standard_normal((2, 3, 5, 6))
+    grid = rng.uniform(-1, 1, (2, 4, 7, 2))
+    _, cache = grid_sample_forward(U, grid)
+    dU, dgrid = grid_sample_backward_from_cache(rng.standard_normal((2, 3, 4, 7)), cache)
+    assert dU.shape == (2, 3, 5, 6) and dgrid.shape == (2, 4, 7, 2)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])

@@ -1,8 +1,6 @@
 """Tests for the training loop and CLI: determinism, resume, divergence, real MNIST."""
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +9,6 @@ import stn_numpy.train as train_module
 from stn_numpy.checkpoint import load_checkpoint, load_model
 from stn_numpy.cli import main
 from stn_numpy.train import TrainConfig, TrainingDiverged, train
-
-SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 
 def synthetic_data(n_train=96, n_test=32, seed=0):
@@ -200,14 +196,6 @@ def test_cli_exit_codes(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["train", "--out", out, "--epochs", "0"])
     assert "expected a positive integer, got 0" in capsys.readouterr().err
-
-
-@pytest.fixture
-def mnist_dir():
-    root = os.environ.get("STN_NUMPY_DATA") or (SHARED_MNIST if SHARED_MNIST.is_dir() else None)
-    if root is None or not Path(root, "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip("MNIST files not found: set STN_NUMPY_DATA to a folder with the four .gz")
-    return str(root)
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from stn_numpy import transformer
 from stn_numpy.gradcheck import numerical_gradient, rel_error
 from stn_numpy.layers import Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential
 from stn_numpy.transformer import TRANSFORMS, SpatialTransformer, identity_parameters
@@ -53,3 +54,29 @@ def test_rejects_bad_localization(rng):
         SpatialTransformer(Sequential(Flatten()), "affine")
     with pytest.raises(ValueError, match="transform must be one of"):
         SpatialTransformer(loc, "similarity")
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+def test_eval_forward_builds_no_gradient_matrices(rng, transform, monkeypatch):
+    stn = small_stn(transform, rng, mode="bicubic")
+    head = stn.localization[-1].params
+    head["bias"][...] += 0.05 * rng.standard_normal(head["bias"].shape)
+    U = rng.standard_normal((2, 2, 8, 8))
+    V_train = stn.forward(U, train=True)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("grid_sample_forward builds the gradient matrices")
+
+    monkeypatch.setattr(transformer, "grid_sample_forward", refuse)
+    np.testing.assert_array_equal(stn.forward(U, train=False), V_train)
+
+
+def test_backward_after_eval_forward_is_a_clear_error(rng):
+    stn = small_stn("affine", rng)
+    U = rng.standard_normal((2, 2, 8, 8))
+    stn.forward(U, train=True)
+    stn.forward(U, train=False)  # the newest forward decides, as for every layer
+    with pytest.raises(RuntimeError, match="backward needs a forward pass with train=True"):
+        stn.backward(np.zeros((2, 2, 8, 8)))
+    stn.forward(U, train=True)
+    assert stn.backward(np.zeros((2, 2, 8, 8))).shape == U.shape

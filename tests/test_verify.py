@@ -3,6 +3,7 @@
 import itertools
 import json
 import os
+import stat
 import subprocess
 import sys
 import zipfile
@@ -313,6 +314,16 @@ def test_export_replaces_atomically(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["golden.npz"] and load_golden(path)[0]["seed"] == 0
 
 
+def test_golden_file_is_readable_by_others_under_umask_022(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = export_golden(tmp_path / "golden.npz")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert os.listdir(tmp_path) == ["golden.npz"]
+
+
 def test_check_against_golden_catches_changes(tmp_path):
     path = export_golden(tmp_path / "golden.npz")
     bad = check_against_golden(path, flipped_align_corners)
@@ -354,7 +365,14 @@ def user_module(tmp_path, monkeypatch):
         "import numpy as np\n"
         "from stn_numpy.verify import numpy_impl as good\n"
         "def bad(U, grid, dV, mode, padding_mode, align_corners):\n"
-        "    return good(U, grid, dV, mode, padding_mode, not align_corners)\n")
+        "    return good(U, grid, dV, mode, padding_mode, not align_corners)\n"
+        "def refuses(U, grid, dV, mode, padding_mode, align_corners):\n"
+        "    raise ValueError(f'unsupported mode {mode!r}\\nsee the docs')\n"
+        "def wrong_args(U, grid, dV):\n"
+        "    return good(U, grid, dV, 'bilinear', 'zeros', False)\n"
+        "def wrong_shape(U, grid, dV, mode, padding_mode, align_corners):\n"
+        "    V, dU, dgrid = good(U, grid, dV, mode, padding_mode, align_corners)\n"
+        "    return V[:, :1], dU, dgrid\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     return "user_kernels"
 
@@ -397,6 +415,37 @@ def test_main_errors_exit_2(tmp_path, user_module, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["verify", "--dtype", "float16"])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("name, message", [
+    ("refuses", "ValueError: unsupported mode 'bilinear' see the docs"),
+    ("wrong_args", "TypeError: wrong_args() takes 3 positional arguments but 6 were given"),
+    ("wrong_shape", "ValueError: other returned V of shape (2, 1, 7, 8), expected (2, 3, 7, 8) "
+                    "(bilinear/zeros/align_corners=True)"),
+])
+def test_main_user_callable_errors_exit_2_with_one_line(tmp_path, user_module, capsys, name,
+                                                        message):
+    assert main(["verify", "--other", f"{user_module}:{name}"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --other {user_module}:{name}: {message}\n"
+    golden = export_golden(tmp_path / "g.npz")
+    assert main(["verify", "--check", str(golden), "--other", f"{user_module}:{name}"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize("tol", ["0", "-1e-5", "nan", "tiny"])
+def test_main_rejects_a_tolerance_that_is_not_positive(tol, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["verify", "--other", "stn_numpy.verify:numpy_impl", f"--tol={tol}"])
+    assert exc.value.code == 2
+    assert "argument --tol: must be a number > 0" in capsys.readouterr().err
+
+
+def test_bench_and_verify_share_one_torch_import():
+    from stn_numpy import _torch, bench
+
+    assert verify.import_torch is bench.import_torch is _torch.import_torch
+    assert TorchNotInstalledError is _torch.TorchNotInstalledError
 
 
 def test_main_against_torch(capsys):

@@ -225,7 +225,7 @@ def elastic(images, rng, sigma=0.1, scale=(0.75, 1.0)):
     theta = moved / s[:, None, None]
 
     def source_grid(start, stop):
-        return tps_grid(theta[start:stop], (stop - start, 1, h, w), _ELASTIC_LATTICE)
+        return tps_grid(theta[start:stop], (stop - start, 1, h, w), lattice=_ELASTIC_LATTICE)
 
     return _resample(images, source_grid, (h, w), unit)
 

@@ -23,12 +23,14 @@ import logging
 import math
 import os
 import urllib.request
-import uuid
 import zlib
 from http.client import HTTPException
 from pathlib import Path
 
 import numpy as np
+
+from .._checks import check_choice
+from .._io import atomic_write
 
 __all__ = [
     "DEFAULT_ROOT",
@@ -107,9 +109,16 @@ def resolve_root(root=None):
     -------
     pathlib.Path
         An absolute path, with ``~`` expanded; it need not exist.
+
+    Raises
+    ------
+    TypeError
+        ``root`` is neither None, a str nor an ``os.PathLike``.
     """
     if root is None:
         root = os.environ.get(ENV_VAR) or DEFAULT_ROOT
+    elif not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"root must be a str, an os.PathLike or None, got {type(root).__name__}")
     return Path(root).expanduser().absolute()
 
 
@@ -212,10 +221,12 @@ def load_mnist(split, root=None, *, download=True, verify=True):
     ChecksumError
         A present file is not the original (with ``verify=True``).
     ValueError
-        A file cannot be parsed, or the images and labels do not match.
+        ``split`` is not "train" or "test"; a file cannot be parsed, or the images and
+        labels do not match.
+    TypeError
+        ``root`` is not a str, an ``os.PathLike`` or None.
     """
-    if split not in FILES:
-        raise ValueError(f"split must be one of {sorted(FILES)}, got {split!r}")
+    check_choice("split", split, FILES)
     root = resolve_root(root)
     names = FILES[split]
     missing = [name for name in names if not (root / name).is_file()]
@@ -284,24 +295,19 @@ def _download(name, root, missing):
 
 def _fetch(url, dest, expected):
     """Download ``url`` to ``dest`` atomically: ``dest`` appears only complete and verified."""
-    # open(..., "x") rather than mkstemp: mkstemp's mode 0600 would survive the rename and hide
-    # the data from other users, where "x" honours the umask.
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
-    try:
+
+    def stream(f):
         digest = hashlib.sha256()
-        with open(tmp, "xb") as f:
-            with _urlopen(url, timeout=TIMEOUT) as response:
-                while chunk := response.read(1 << 16):
-                    digest.update(chunk)
-                    f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
+        with _urlopen(url, timeout=TIMEOUT) as response:
+            while chunk := response.read(1 << 16):
+                digest.update(chunk)
+                f.write(chunk)
         found = digest.hexdigest()
+        # Raised before atomic_write renames, so bad bytes never take the final name.
         if found != expected:
             raise ChecksumError(f"downloaded bytes have SHA-256 {found}, expected {expected}")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(dest, stream)
 
 
 def _not_found_message(root, missing, failures):

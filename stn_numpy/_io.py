@@ -1,0 +1,76 @@
+"""Atomic file writes: a reader sees the old file or the complete new one, never a part."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+from pathlib import Path
+
+
+def atomic_write(path, write) -> None:
+    """Call ``write(f)`` on a binary file object, then move the result to ``path`` atomically.
+
+    The data goes to a temporary file ``.<name>.<random>.tmp`` in the folder of ``path``
+    (the same file system, so ``os.replace`` is atomic), which is flushed and fsynced, then
+    renamed over ``path``; the folder is fsynced too, so the rename survives a power cut.
+    The file is created with mode 0o666 less the umask, as ``open`` would; ``mkstemp``'s
+    0o600 would survive the rename and hide checkpoints and data from other users.
+
+    If ``write`` (or anything after it) raises, the temporary file is removed and the
+    exception propagates: ``path`` is left as it was. ``write`` may raise on purpose (a
+    checksum mismatch found while streaming, say) to keep bad data from its final name.
+    The folder of ``path`` must exist.
+    """
+    path = Path(path)
+    tmp = _temp_name(path)
+    fd = _create(tmp)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def check_writable(path) -> None:
+    """Raise ``OSError`` unless :func:`atomic_write` could write ``path``; change nothing.
+
+    Creates and removes a temporary file beside ``path``, exactly as the write will, so a
+    missing folder or a lack of permission shows before any long computation.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+    tmp = _temp_name(path)
+    os.close(_create(tmp))
+    os.unlink(tmp)
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+
+
+def _create(tmp: Path) -> int:
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Not every platform can open or fsync a directory (Windows cannot); the data itself is
+    # already safe, only the rename might not survive a crash there.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
