@@ -220,7 +220,7 @@ def train(config: TrainConfig | None = None, resume: bool = False, data=None, lo
     TrainingDiverged
         The loss became non-finite; the last good checkpoint is left in place.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     cfg = config or TrainConfig()
     out = Path(cfg.out)
