@@ -289,3 +289,25 @@ def test_identity_transform_gradients_match_torch(rng, mode, padding_mode, align
                   align_corners=align_corners).backward(torch.tensor(dV))
     tol = 1e-10 if dtype == np.float64 else 1e-4
     assert rel_error(dtheta, theta_t.grad.numpy()) <= tol
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mode,padding_mode,align_corners", ALL_COMBOS)
+def test_gather_path_is_bit_identical_to_sparse_product(rng, dtype, mode, padding_mode,
+                                                        align_corners):
+    # grid_sample takes the gather path for few channels; grid_sample_forward always
+    # builds S. Blocks of 2 images exercise the block boundaries; points lie outside too.
+    from stn_numpy import sampling
+
+    U = rng.standard_normal((5, 2, 6, 7)).astype(dtype)
+    grid = rng.uniform(-1.5, 1.5, (5, 4, 3, 2)).astype(dtype)
+    grid[0, 0, 0] = [0.0, -1.0]  # exact kinks
+    kw = {"mode": mode, "padding_mode": padding_mode, "align_corners": align_corners}
+    V_sparse, _ = grid_sample_forward(U, grid, **kw)
+    original = sampling._GATHER_BLOCK
+    try:
+        sampling._GATHER_BLOCK = 2 * 4 * 3
+        V_gather = grid_sample(U, grid, **kw)
+    finally:
+        sampling._GATHER_BLOCK = original
+    assert np.array_equal(V_gather.view(np.uint8), V_sparse.view(np.uint8))
