@@ -63,6 +63,19 @@ def check_positive_int(name: str, value) -> int:
     return int(value)
 
 
+def parse_positive_int(text: str) -> int:
+    """``type=`` for command-line options that take a count: an int >= 1."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def check_choice(name: str, value, choices) -> None:
     """Raise ``ValueError`` unless ``value`` is one of ``choices`` (a tuple or a dict's keys)."""
     try:

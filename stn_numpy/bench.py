@@ -51,7 +51,7 @@ import time
 import numpy as np
 import scipy
 
-from ._checks import check_positive_int
+from ._checks import check_positive_int, parse_positive_int
 from ._io import atomic_write, check_writable
 from ._torch import import_torch
 from .grids import affine_grid, affine_grid_backward
@@ -420,13 +420,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def main(argv=None) -> int:
     """Command line: print the environment and the table; ``--json PATH`` also saves them.
 
@@ -437,7 +430,7 @@ def main(argv=None) -> int:
         prog="stn-numpy bench",
         description="Time the sampler and a training step, ours beside PyTorch's.",
     )
-    parser.add_argument("--repeats", type=_positive_int, default=5,
+    parser.add_argument("--repeats", type=parse_positive_int, default=5,
                         help="timed calls per case after warm-up; the best is kept (default 5)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes, a smoke test rather than a measurement")

@@ -12,6 +12,8 @@ import argparse
 import sys
 from dataclasses import fields
 
+from ._checks import parse_positive_int
+
 __all__ = ["main"]
 
 
@@ -24,16 +26,6 @@ class _HelpFormatter(argparse.HelpFormatter):
         if action.option_strings and not empty and action.default != argparse.SUPPRESS:
             text += " (default: %(default)s)"
         return text
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 # Options that --resume takes from the command line; every other one is the stored run's.
@@ -54,9 +46,10 @@ def _add_train(sub):
                    help="stn: transformer + classifier; cnn: the classifier alone")
     p.add_argument("--dataset", choices=sorted(DATASETS), default=d.dataset,
                    help="MNIST or one of the paper's distorted variants")
-    p.add_argument("--epochs", type=_positive_int, default=None,
+    p.add_argument("--epochs", type=parse_positive_int, default=None,
                    help=f"total epochs (default: {d.epochs}; with --resume, the stored total)")
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="images per step")
+    p.add_argument("--batch-size", type=parse_positive_int, default=d.batch_size,
+                   help="images per step")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="update rule")
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate (default: 0.001 for adam, 0.01 for sgd)")
@@ -69,9 +62,9 @@ def _add_train(sub):
     p.add_argument("--out", default=d.out, help="run folder")
     p.add_argument("--data-dir", default=None,
                    help="folder with the MNIST .gz files (else $STN_NUMPY_DATA, else data/mnist)")
-    p.add_argument("--train-limit", type=_positive_int, default=None,
+    p.add_argument("--train-limit", type=parse_positive_int, default=None,
                    help="use the first N train images")
-    p.add_argument("--test-limit", type=_positive_int, default=None,
+    p.add_argument("--test-limit", type=parse_positive_int, default=None,
                    help="use the first N test images")
     p.add_argument("--transform", choices=sorted(TRANSFORMS), default=d.transform,
                    help="the transformer's grid generator")
@@ -121,7 +114,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--dataset", choices=sorted(DATASETS), default=None,
                    help="default: the dataset the model was trained on")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--test-limit", type=_positive_int, default=None)
+    p.add_argument("--test-limit", type=parse_positive_int, default=None)
 
 
 def _run_evaluate(args) -> int:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._checks import NonFiniteError, check_choice
+from ._checks import NonFiniteError, check_choice, check_positive_int
 from .checkpoint import atomic_write, load_checkpoint, model_from_params, save_checkpoint
 from .data import DATASETS, load_mnist
 from .layers import Dropout, Sequential, cross_entropy
@@ -75,12 +75,11 @@ class TrainConfig:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("transform", self.transform, TRANSFORMS)
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_positive_int("epochs", self.epochs)
+        check_positive_int("batch_size", self.batch_size)
         for name in ("train_limit", "test_limit"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
+            if getattr(self, name) is not None:
+                check_positive_int(name, getattr(self, name))
         if self.lr is None:
             self.lr = DEFAULT_LR[self.optimizer]
         if not self.lr > 0:
@@ -111,8 +110,8 @@ def load_split(name: str = "mnist", split: str = "test", data_dir=None, limit=No
     """
     check_choice("dataset", name, DATASETS)
     check_choice("split", split, ("train", "test"))
-    if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 1):
-        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    if limit is not None:
+        check_positive_int("limit", limit)
     images, labels = load_mnist(split, data_dir)
     offset = 0 if split == "train" else 1
     X = DATASETS[name](images, np.random.default_rng(_DATA_SEED + offset))[:limit]
