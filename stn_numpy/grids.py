@@ -28,7 +28,14 @@ from functools import lru_cache
 
 import numpy as np
 
-from ._checks import NonFiniteError, check_choice, check_finite, check_float_array, check_size
+from ._checks import (
+    NonFiniteError,
+    check_choice,
+    check_finite,
+    check_float_array,
+    check_int_pair,
+    check_size,
+)
 
 _FLOAT64 = np.dtype(np.float64)
 
@@ -337,13 +344,8 @@ def tps_lattice(lattice=(4, 4), dtype=np.float64) -> np.ndarray:
 
 
 def _check_lattice(lattice) -> tuple[int, int]:
-    try:
-        rows, cols = (int(v) for v in lattice)
-    except (TypeError, ValueError):
-        raise ValueError(f"lattice must be a pair (rows, cols), got {lattice!r}") from None
-    if rows < 2 or cols < 2:
-        raise ValueError(f"lattice must have at least 2 rows and 2 columns, got {lattice!r}")
-    return rows, cols
+    """``(rows, cols)``: a spline needs at least 2 x 2 control points."""
+    return check_int_pair("lattice", lattice, 2)
 
 
 def _tps_radial(r2: np.ndarray) -> np.ndarray:

@@ -164,8 +164,12 @@ def test_rejects_bad_input():
         affine_grid_backward(np.zeros((2, 4, 4, 2), np.float32), theta, (2, 1, 4, 4))
     with pytest.raises(ValueError, match=r"theta must have shape \(\*, 16, 2\)"):
         tps_grid(np.zeros((1, 9, 2)), (1, 1, 4, 4))
-    with pytest.raises(ValueError, match="lattice must have at least 2"):
+    with pytest.raises(ValueError, match=r"lattice\[0\] must be an int >= 2, got 1"):
         tps_lattice((1, 4))
+    with pytest.raises(ValueError, match=r"lattice\[1\] must be an int >= 2, got 3.9"):
+        tps_lattice((4, 3.9))  # once truncated to 3
+    with pytest.raises(ValueError, match="lattice must be a pair of ints, got '444'"):
+        tps_lattice("444")
     with pytest.raises(ValueError, match="align_corners must be one of"):
         affine_grid(theta, (2, 1, 4, 4), align_corners="yes")
 
