@@ -10,9 +10,11 @@ evaluates on the test set and writes, into the run folder:
 * at the end, ``curves.png`` (loss and accuracy per epoch) and, for models with a spatial
   transformer, ``transforms.png`` (test inputs beside the transformer's outputs).
 
-The same seed gives the same weights, and ``resume=True`` continues from the last
-checkpoint bit-identically (shuffling and dropout generators are restored). A non-finite
-loss stops the run with :class:`TrainingDiverged`, leaving the last good checkpoint.
+Every file is written atomically. The same seed gives the same weights for a given BLAS
+thread count (recorded in the checkpoint), and ``resume=True`` continues from the last
+checkpoint bit-identically (shuffling and dropout generators are restored); resuming a
+complete run rewrites its metrics and figures. A non-finite loss, weight or test loss
+stops the run with :class:`TrainingDiverged`, leaving the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ class TrainConfig:
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss (or the transform parameters) became NaN or infinite."""
+    """The loss, the weights, the test loss or a sampling grid became NaN or infinite."""
 
 
 # --------------------------------------------------------------------------------------
@@ -239,7 +241,13 @@ def train(config: TrainConfig | None = None, resume: bool = False, data=None, lo
     Raises
     ------
     TrainingDiverged
-        The loss became non-finite; the last good checkpoint is left in place.
+        The loss, a weight or the test loss became non-finite (or a grid overflowed); the
+        last good checkpoint is left in place.
+    OSError
+        The run folder cannot be written (checked before the data is loaded) or a write
+        failed; the file in place stays intact.
+    ValueError
+        A bad config, or a checkpoint to resume whose fields are missing or mistyped.
     """
     from tqdm import tqdm
 
