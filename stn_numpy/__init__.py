@@ -2,10 +2,11 @@
 
 Jaderberg, Simonyan, Zisserman and Kavukcuoglu, "Spatial Transformer Networks", NeurIPS
 2015 (arXiv:1506.02025). The core (grid generators and samplers) mirrors PyTorch's
-``F.affine_grid`` / ``F.grid_sample`` conventions exactly, forward and backward.
+``F.affine_grid`` / ``F.grid_sample`` conventions exactly, forward and backward;
+:mod:`stn_numpy.reference` is the same sampler written plainly, to read first.
 """
 
-from . import gradcheck
+from . import gradcheck, reference
 from ._checks import NonFiniteError
 from .checkpoint import load_model
 from .grids import (
@@ -46,6 +47,7 @@ __all__ = [
     "grid_sample_forward",
     "load_model",
     "projective_grid",
+    "reference",
     "projective_grid_backward",
     "target_coordinates",
     "tps_grid",
