@@ -1,5 +1,5 @@
-"""Shared test helpers: random inputs placed away from the kinks of the samplers, and
-where the real MNIST files are."""
+"""Shared test helpers: random inputs placed away from the kinks of the samplers, a
+finite-difference check of a sampler, and where the real MNIST files are."""
 
 import os
 from pathlib import Path
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from stn_numpy.data import mnist
+from stn_numpy.gradcheck import numerical_gradient, rel_error
 
 
 def normalize(u, size, align_corners):
@@ -39,6 +40,24 @@ def smooth_grid(rng, N, Ho, Wo, H, W, align_corners, margin=2):
     x = smooth_pixel_coords(rng, (N, Ho, Wo), W, margin)
     y = smooth_pixel_coords(rng, (N, Ho, Wo), H, margin)
     return np.stack([normalize(x, W, align_corners), normalize(y, H, align_corners)], axis=-1)
+
+
+def assert_sampler_gradients(sample, sample_backward, rng, mode, padding_mode, align_corners):
+    """Check ``sample_backward`` (the signature of grid_sample_backward) by central differences
+    of ``sample`` (that of grid_sample), on a grid away from every kink."""
+    N, C, H, W, Ho, Wo = 2, 2, 4, 5, 3, 4
+    U = rng.standard_normal((N, C, H, W))
+    grid = smooth_grid(rng, N, Ho, Wo, H, W, align_corners)
+    dV = rng.standard_normal((N, C, Ho, Wo))
+    opts = (mode, padding_mode, align_corners)
+    dU, dgrid = sample_backward(dV, U, grid, *opts)
+    # V is linear in U, so central differences are exact up to round-off.
+    assert rel_error(dU, numerical_gradient(lambda u: sample(u, grid, *opts), U.copy(), dV)) < 1e-8
+    num_dgrid = numerical_gradient(lambda g: sample(U, g, *opts), grid.copy(), dV)
+    if mode == "nearest":
+        assert np.all(dgrid == 0) and np.all(num_dgrid == 0)
+    else:
+        assert rel_error(dgrid, num_dgrid) < 1e-7  # smooth away from kinks: O(h^2)
 
 
 @pytest.fixture

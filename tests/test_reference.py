@@ -4,10 +4,9 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import normalize, smooth_grid
+from conftest import assert_sampler_gradients, normalize
 
 from stn_numpy import affine_grid, grid_sample, grid_sample_backward, reference
-from stn_numpy.gradcheck import numerical_gradient, rel_error
 from stn_numpy.sampling import PADDING_MODES
 
 COMBOS = list(itertools.product(reference.MODES, PADDING_MODES, [True, False]))
@@ -56,19 +55,8 @@ def test_matches_fast_sampler(rng, mode, padding_mode, align_corners, grid_kind)
 @pytest.mark.parametrize("mode,padding_mode,align_corners", COMBOS)
 def test_gradients_match_finite_differences(rng, mode, padding_mode, align_corners):
     # An oracle of its own: not only equal to the fast sampler, but right.
-    N, C, H, W, Ho, Wo = 2, 2, 4, 5, 3, 4
-    U = rng.standard_normal((N, C, H, W))
-    grid = smooth_grid(rng, N, Ho, Wo, H, W, align_corners)
-    dV = rng.standard_normal((N, C, Ho, Wo))
-    opts = (mode, padding_mode, align_corners)
-    dU, dgrid = reference.grid_sample_backward(dV, U, grid, *opts)
-    num_dU = numerical_gradient(lambda u: reference.grid_sample(u, grid, *opts), U.copy(), dV)
-    num_dgrid = numerical_gradient(lambda g: reference.grid_sample(U, g, *opts), grid.copy(), dV)
-    assert rel_error(dU, num_dU) < 1e-8  # V is linear in U
-    if mode == "nearest":
-        assert not dgrid.any() and not num_dgrid.any()
-    else:
-        assert rel_error(dgrid, num_dgrid) < 1e-7  # smooth away from kinks: O(h^2)
+    assert_sampler_gradients(reference.grid_sample, reference.grid_sample_backward, rng, mode,
+                             padding_mode, align_corners)
 
 
 def test_scatter_adds_repeated_reads():

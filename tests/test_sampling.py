@@ -4,7 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import normalize, smooth_grid
+from conftest import assert_sampler_gradients, normalize
 
 from stn_numpy import (
     NonFiniteError,
@@ -14,7 +14,7 @@ from stn_numpy import (
     grid_sample_backward_from_cache,
     grid_sample_forward,
 )
-from stn_numpy.gradcheck import numerical_gradient, rel_error
+from stn_numpy.gradcheck import rel_error
 from stn_numpy.sampling import MODES, PADDING_MODES
 
 ALL_COMBOS = list(itertools.product(MODES, PADDING_MODES, [True, False]))
@@ -96,25 +96,8 @@ def test_border_clipped_coordinates_have_zero_gradient(align_corners):
 
 @pytest.mark.parametrize("mode,padding_mode,align_corners", ALL_COMBOS)
 def test_gradients_match_finite_differences(rng, mode, padding_mode, align_corners):
-    N, C, H, W, Ho, Wo = 2, 2, 4, 5, 3, 4
-    U = rng.standard_normal((N, C, H, W))
-    grid = smooth_grid(rng, N, Ho, Wo, H, W, align_corners)
-    dV = rng.standard_normal((N, C, Ho, Wo))
-    dU, dgrid = grid_sample_backward(dV, U, grid, mode, padding_mode, align_corners)
-
-    def f_U(U_):
-        return grid_sample(U_, grid, mode, padding_mode, align_corners)
-
-    def f_grid(g_):
-        return grid_sample(U, g_, mode, padding_mode, align_corners)
-
-    # V is linear in U, so central differences are exact up to round-off.
-    assert rel_error(dU, numerical_gradient(f_U, U.copy(), dV)) < 1e-8
-    num_dgrid = numerical_gradient(f_grid, grid.copy(), dV)
-    if mode == "nearest":
-        assert np.all(dgrid == 0) and np.all(num_dgrid == 0)
-    else:
-        assert rel_error(dgrid, num_dgrid) < 1e-7
+    assert_sampler_gradients(grid_sample, grid_sample_backward, rng, mode, padding_mode,
+                             align_corners)
 
 
 # ---------------------------------------------------------------------------------------
