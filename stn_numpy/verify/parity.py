@@ -512,11 +512,13 @@ def _where(name, ours, theirs, grid, U_shape, align_corners) -> str:
     return text + f", sampling point at pixel (x={x:.6g}, y={y:.6g}) of a {H}x{W} image"
 
 
-def _adjoint_error(U, V, dU, dV) -> float:
+def _adjoint(U, V, dU, dV) -> tuple[float, str]:
+    """The dot-product test's error and its explanation: ``<V, dV>`` against ``<U, dU>``."""
     lhs = np.sum(V.astype(np.float64) * dV)
     rhs = np.sum(U.astype(np.float64) * dU)
     scale = np.sum(np.abs(V * dV)) + np.sum(np.abs(U * dU))
-    return float(abs(lhs - rhs) / max(1e-8, scale))
+    return (float(abs(lhs - rhs) / max(1e-8, scale)),
+            f"<V, dV> = {lhs:.6g} but <U, dU> = {rhs:.6g}: dU is not S^T dV for the S of V")
 
 
 def compare_sampler(other, U, grid, dV, mode, padding_mode, align_corners, *,
@@ -549,7 +551,9 @@ def compare_sampler(other, U, grid, dV, mode, padding_mode, align_corners, *,
         if not err <= tol:
             where[name] = _where(name, a, b, grid, U.shape, align_corners)
     if theirs[1] is not None:
-        errs["err_adjoint"] = _adjoint_error(U, theirs[0], theirs[1], dV)
+        errs["err_adjoint"], text = _adjoint(U, theirs[0], theirs[1], dV)
+        if not errs["err_adjoint"] <= tol:
+            where["adjoint"] = text
     if again is not None:
         diffs = [np.max(np.abs(a - b), initial=0.0) if not np.array_equal(a, b, equal_nan=True)
                  else 0.0 for a, b in zip(theirs, again, strict=True) if a is not None]
