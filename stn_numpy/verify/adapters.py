@@ -133,13 +133,7 @@ JAX_SETTINGS = {
 }
 
 
-@dataclasses.dataclass
-class _JaxFunctions:
-    jax: object
-    cache: dict = dataclasses.field(default_factory=dict)
-
-
-_JAX: _JaxFunctions | None = None
+_JAX = None
 
 
 def _jax():
@@ -148,43 +142,48 @@ def _jax():
         jax = _require("jax", "jax")
         # float64 inputs must stay float64 (JAX computes in float32 unless told).
         jax.config.update("jax_enable_x64", True)
-        _JAX = _JaxFunctions(jax)
+        _JAX = jax
     return _JAX
 
 
-def jax_sample(U, grid, align_corners, *, order, mode):
-    """V of ``jax.scipy.ndimage.map_coordinates`` as a JAX function of ``(U, grid)``.
+def jax_sample(align_corners: bool, *, order: int, mode: str):
+    """``forward_and_vjp(U, grid, dV) -> (V, dU, dgrid)`` of JAX's ``map_coordinates``.
 
-    The normalized -> pixel conversion is done in JAX too, so ``jax.vjp`` of this
-    function gives dgrid with respect to the normalized grid.
+    All ``N * C`` images are sampled by one call on the stack ``(N * C, H, W)``, with the
+    image index as an integer first coordinate (its weights are exactly 1 and 0, so the
+    result is that of 2-D sampling; one call compiles once per setting, where mapping
+    over images compiles per call). The normalized -> pixel conversion is done in JAX
+    too, so ``jax.vjp`` gives dgrid with respect to the normalized grid.
     """
-    J = _jax()
-    jnp, map_coordinates = J.jax.numpy, J.jax.scipy.ndimage.map_coordinates
-    H, W = U.shape[2:]
-    sx = (W - 1) / 2 if align_corners else W / 2
-    sy = (H - 1) / 2 if align_corners else H / 2
-    off = 0.0 if align_corners else 0.5
+    jax = _jax()
+    jnp, map_coordinates = jax.numpy, jax.scipy.ndimage.map_coordinates
 
-    def one(img, x, y):
-        return map_coordinates(img, [y, x], order=order, mode=mode, cval=0.0)
+    def forward(U, grid):
+        N, C, H, W = U.shape
+        sx, sy = ((W - 1) / 2, (H - 1) / 2) if align_corners else (W / 2, H / 2)
+        off = 0.0 if align_corners else 0.5
+        per_image = (N, C) + grid.shape[1:3]
+        x = jnp.broadcast_to(((grid[..., 0] + 1) * sx - off)[:, None], per_image)
+        y = jnp.broadcast_to(((grid[..., 1] + 1) * sy - off)[:, None], per_image)
+        k = jnp.broadcast_to(jnp.arange(N * C, dtype=grid.dtype).reshape(N, C, 1, 1),
+                             per_image)
+        V = map_coordinates(U.reshape(N * C, H, W), [k.reshape(-1), y.reshape(-1),
+                                                     x.reshape(-1)],
+                            order=order, mode=mode, cval=0.0)
+        return V.reshape(per_image)
 
-    def f(U, grid):
-        x = (grid[..., 0] + 1) * sx - off
-        y = (grid[..., 1] + 1) * sy - off
-        per_channel = J.jax.vmap(one, in_axes=(0, None, None))
-        return J.jax.vmap(per_channel)(U, x, y)
+    def forward_and_vjp(U, grid, dV):
+        V, vjp = jax.vjp(forward, jnp.asarray(U), jnp.asarray(grid))
+        return tuple(np.asarray(a) for a in (V, *vjp(jnp.asarray(dV))))
 
-    return f, jnp
+    return forward_and_vjp
 
 
 def jax_impl(U, grid, dV, mode, padding_mode, align_corners):
     """JAX ``map_coordinates`` (order 0, 1), gradients by ``jax.vjp``; see ``JAX_SETTINGS``."""
     setting = _setting(JAX_SETTINGS, mode, padding_mode, align_corners,
                        "jax.scipy.ndimage.map_coordinates (orders 0 and 1 only)")
-    f, jnp = jax_sample(U, grid, align_corners, **setting)
-    V, vjp = _jax().jax.vjp(f, jnp.asarray(U), jnp.asarray(grid))
-    dU, dgrid = vjp(jnp.asarray(dV))
-    return np.asarray(V), np.asarray(dU), np.asarray(dgrid)
+    return jax_sample(align_corners, **setting)(U, grid, dV)
 
 
 # --------------------------------------------------------------------------------------
