@@ -77,15 +77,16 @@ from ..grids import (
 from .parity import (
     COMBOS,
     ParityResult,
-    _special_coords,
     affine_inputs,
     compare_sampler,
     default_tol,
     make_grid,
+    normalize,
     numpy_impl,
     resolve,
     sampler_inputs,
     sampler_key,
+    special_coords,
 )
 
 __all__ = ["GoldenFormatError", "check_against_golden", "export_golden", "load_golden"]
@@ -185,14 +186,11 @@ def _edge_grids(name, shape, out_hw, align_corners, rng, dtype):
         y = np.where(which != 0, rng.choice([0.0, H - 1.0], size=size),
                      rng.uniform(-0.3, H - 0.7, size=size))
         pixels = np.stack([x, y], axis=-1)
-    sizes = np.array([W, H])
-    if align_corners:
-        grid = (2 * pixels / np.maximum(sizes - 1, 1) - 1).astype(t)
-    else:
-        grid = ((2 * pixels + 1) / sizes - 1).astype(t)
+    grid = np.stack([normalize(pixels[..., 0], W, align_corners),
+                     normalize(pixels[..., 1], H, align_corners)], axis=-1).astype(t)
     # Where a normalized float lands exactly on the pixel centre, use it (make_grid's way).
     for axis, size in enumerate((W, H)):
-        for u, coord in _special_coords(size, align_corners, np.dtype(dtype)).items():
+        for u, coord in special_coords(size, align_corners, np.dtype(dtype)).items():
             grid[..., axis][pixels[..., axis] == u] = coord
     return shape, grid
 

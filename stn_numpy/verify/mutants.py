@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..sampling import grid_sample, grid_sample_backward
-from .parity import numpy_impl, pixel_coordinates
+from .parity import normalize, numpy_impl, pixel_coordinates
 
 __all__ = ["MUTANTS", "atomic_accumulation", "ceil_upper_tap", "clip_gradient_at_last_pixel",
            "nearest_ties_away_from_zero", "non_adjoint_image_gradient", "tf_stn_pixel_range"]
@@ -108,11 +108,8 @@ def nearest_ties_away_from_zero(U, grid, dV, mode, padding_mode, align_corners):
     ties = np.stack([x % 1 == 0.5, y % 1 == 0.5], axis=-1)
     away = np.stack([x + np.sign(x) * 0.25, y + np.sign(y) * 0.25], axis=-1)
     shifted = np.where(ties, away, np.stack([x, y], axis=-1))
-    sizes = np.array([W, H])
-    if align_corners:
-        moved = 2 * shifted / np.maximum(sizes - 1, 1) - 1
-    else:
-        moved = (2 * shifted + 1) / sizes - 1
+    moved = np.stack([normalize(shifted[..., 0], W, align_corners),
+                      normalize(shifted[..., 1], H, align_corners)], axis=-1)
     moved = np.where(ties, moved, grid).astype(grid.dtype)
     V = grid_sample(U, moved, mode, padding_mode, align_corners)
     dU, dgrid = grid_sample_backward(dV, U, moved, mode, padding_mode, align_corners)

@@ -263,7 +263,7 @@ def _summary(results: Sequence[ParityResult]) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def _normalize(u, size: int, align_corners: bool):
+def normalize(u, size: int, align_corners: bool):
     """Pixel coordinate -> normalized coordinate, the inverse of the sampler's unnormalize."""
     if align_corners:
         return 2 * u / (size - 1) - 1 if size > 1 else np.zeros_like(u)
@@ -323,7 +323,7 @@ def _special_pixel_coords(size: int, align_corners: bool) -> np.ndarray:
 
 
 @lru_cache(maxsize=64)
-def _special_coords(size: int, align_corners: bool, dtype: np.dtype) -> dict[float, float]:
+def special_coords(size: int, align_corners: bool, dtype: np.dtype) -> dict[float, float]:
     """Normalized coordinates in ``dtype`` for every special pixel coordinate of an axis.
 
     The float nearest to the ideal normalized value often misses its kink by an ulp once
@@ -337,7 +337,7 @@ def _special_coords(size: int, align_corners: bool, dtype: np.dtype) -> dict[flo
     t = dtype.type
     chosen = {}
     for u in _special_pixel_coords(size, align_corners):
-        ideal = t(_normalize(float(u), size, align_corners))
+        ideal = t(normalize(float(u), size, align_corners))
         up, down, candidates = ideal, ideal, [ideal]
         for _ in range(16):
             up, down = np.nextafter(up, t(np.inf)), np.nextafter(down, t(-np.inf))
@@ -385,8 +385,8 @@ def make_grid(N: int, Ho: int, Wo: int, H: int, W: int, align_corners: bool = Fa
     rng = np.random.default_rng(rng)
     dtype = np.dtype(dtype)
     grid = rng.uniform(-1.6, 1.6, size=(N, Ho, Wo, 2)).astype(dtype)
-    xs = _special_coords(W, bool(align_corners), dtype)
-    ys = _special_coords(H, bool(align_corners), dtype)
+    xs = special_coords(W, bool(align_corners), dtype)
+    ys = special_coords(H, bool(align_corners), dtype)
     inside_x = rng.uniform(-1, 1, size=len(ys))
     inside_y = rng.uniform(-1, 1, size=len(xs))
     corners = itertools.product([xs[-1.0], xs[0.0], xs[W - 1.0], xs[float(W)]],
