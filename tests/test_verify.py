@@ -343,6 +343,8 @@ def test_main_errors_exit_2(tmp_path, user_module, monkeypatch, capsys):
     assert main(["verify", "--other", "no_colon"]) == 2
     assert "must be one of torch, scipy, jax, opencv, skimage or look like" in (
         capsys.readouterr().err)
+    assert main(["verify", "--against", "tensorflow"]) == 2
+    assert "no adapter; tf.raw_ops.ImageProjectiveTransformV3" in capsys.readouterr().err
     assert main(["verify", "--other", f"{user_module}:absent"]) == 2
     assert "has no 'absent'" in capsys.readouterr().err
     assert main(["verify", "--export", str(tmp_path / "g.npz"),

@@ -139,6 +139,11 @@ def _load_other(spec: str):
         from .adapters import load_adapter
 
         return load_adapter(spec)
+    if spec == "tensorflow":
+        raise _CallableSpecError(
+            "--against tensorflow: no adapter; tf.raw_ops.ImageProjectiveTransformV3 takes a "
+            "projective matrix, not a sampling grid, so it can express only projective grids. "
+            "Wrap your TensorFlow sampler as MODULE:FUNCTION instead")
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise _CallableSpecError(f"--against must be one of {', '.join(_AGAINST)} or look "
