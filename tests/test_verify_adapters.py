@@ -104,6 +104,9 @@ def test_write_atlas_replaces_only_its_section(tmp_path, monkeypatch):
     path.write_text("no markers\n")
     with pytest.raises(ValueError, match="needs one"):
         atlas.write_atlas(path)
+    assert main(["verify", "--atlas", str(path)]) == 2
+    assert main(["verify", "--atlas", str(tmp_path / "missing.md")]) == 2
+    assert path.read_text() == "no markers\n"
 
 
 def test_committed_atlas_is_current():

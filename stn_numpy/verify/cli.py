@@ -82,7 +82,11 @@ def _atlas(target: str) -> int:
     if target == "-":
         print(build_atlas())
     else:
-        write_atlas(target)
+        try:
+            write_atlas(target)
+        except ValueError as exc:  # the file lacks the markers that delimit the atlas
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         print(f"wrote the conventions atlas into {target}")
     return 0
 
