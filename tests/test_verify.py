@@ -3,10 +3,8 @@
 import itertools
 import json
 import os
-import stat
 import subprocess
 import sys
-import zipfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -16,10 +14,8 @@ import pytest
 from stn_numpy import grid_sample, grid_sample_backward, verify
 from stn_numpy.sampling import MODES, PADDING_MODES
 from stn_numpy.verify import (
-    GoldenFormatError,
     ParityResult,
     TorchNotInstalledError,
-    check_against_golden,
     default_tol,
     export_golden,
     format_table,
@@ -30,6 +26,8 @@ from stn_numpy.verify import (
 )
 
 TORCH_MISSING = "PyTorch not installed: pip install torch==2.13.0"
+# 18 sampler combinations, 84 sampler edge cases, 4 grid transforms x 2, one whole layer
+N_GOLDEN_CASES = 18 + 84 + 8 + 1
 ALL_COMBOS = set(itertools.product(MODES, PADDING_MODES, [True, False]))
 
 
@@ -149,7 +147,7 @@ def test_torch_parity_does_not_depend_on_cpu_kernel():
             "for dtype in (np.float64, np.float32):\n"
             "    assert all(r.passed for r in parity_matrix(dtype=dtype))\n")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": capability,
-           "PYTHONPATH": str(Path(verify.__file__).parents[1])}
+           "PYTHONPATH": str(Path(verify.__file__).parents[2])}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -167,7 +165,8 @@ def test_torch_parity_matrix_float32():
 def test_own_sampler_as_callable_agrees_exactly():
     results = parity_matrix(ours)
     assert combos(results) == ALL_COMBOS and len(results) == 18  # no affine rows
-    assert all(r.passed and r.max_error == 0 for r in results)
+    assert all(r.status == "PASS" and r.err_V == r.err_dU == r.err_dgrid == 0
+               and r.err_adjoint < 1e-15 and r.repeat_diff == 0 for r in results)
 
 
 @pytest.mark.parametrize(
@@ -183,16 +182,27 @@ def test_wrong_callables_are_caught(wrong, expected_failures):
     assert combos([r for r in results if not r.passed]) == expected_failures
 
 
-def test_callable_returning_wrong_shapes_is_reported():
+def test_callable_returning_wrong_shapes_or_raising_fails_its_rows():
     def transposed_V(U, grid, dV, mode, padding_mode, align_corners):
         V, dU, dgrid = ours(U, grid, dV, mode, padding_mode, align_corners)
         return V.transpose(0, 1, 3, 2), dU, dgrid
 
-    with pytest.raises(ValueError, match=r"other returned V of shape \(2, 3, 8, 7\), "
-                                         r"expected \(2, 3, 7, 8\)"):
-        parity_matrix(transposed_V)
-    with pytest.raises(ValueError, match=r"must return \(V, dU, dgrid\)"):
-        parity_matrix(lambda *args: None)
+    def no_bicubic(U, grid, dV, mode, padding_mode, align_corners):
+        if mode == "bicubic":
+            raise KeyError(mode)
+        return ours(U, grid, dV, mode, padding_mode, align_corners)
+
+    rows = parity_matrix(transposed_V)
+    assert {r.status for r in rows} == {"ERROR"}
+    assert rows[0].failure == "ValueError: returned V of shape (2, 3, 8, 7), expected (2, 3, 7, 8)"
+    assert {r.failure for r in parity_matrix(lambda *args: None)} == {
+        "ValueError: must return (V, dU, dgrid), got NoneType"}
+    rows = parity_matrix(no_bicubic)
+    assert [r.status for r in rows] == ["PASS"] * 12 + ["ERROR"] * 6
+    assert rows[-1].failure == "KeyError: 'bicubic'" and not rows[-1].passed
+    table = format_table(rows)
+    assert "bicubic/reflection/align_corners=False: KeyError: 'bicubic'" in table
+    assert table.splitlines()[-1].startswith("12/18 cases")
 
 
 def test_callable_that_writes_into_its_inputs_cannot_change_the_comparison():
@@ -205,8 +215,8 @@ def test_callable_that_writes_into_its_inputs_cannot_change_the_comparison():
 
 
 def test_rejects_bad_other_and_dtype():
-    with pytest.raises(TypeError, match="other must be None, 'torch' or a callable"):
-        parity_matrix("jax")
+    with pytest.raises(TypeError, match="other must be None, 'torch', one of scipy"):
+        parity_matrix("tensorflow")
     with pytest.raises(TypeError, match="float32 or float64"):
         parity_matrix(ours, dtype=np.float16)
 
@@ -244,113 +254,16 @@ def test_format_table_is_fixed_width_and_marks_failures():
                      err_grid=0.0, err_dtheta=3e-17, tol=1e-10)]
     table = format_table(results)
     lines = table.splitlines()
-    assert len(lines) == 2 + len(results) + 2  # header, rule, rows, rule, summary
-    assert len({len(line) for line in lines[:-1]}) == 1
+    # header, rule, rows, rule, where each failing row's worst error is, summary
+    assert len(lines) == 2 + len(results) + 1 + 3 + 1
+    assert len({len(line) for line in lines[:2 + len(results) + 1]}) == 1
     assert lines[2].startswith("bilinear    zeros       True") and lines[2].endswith("FAIL")
     assert lines[5].startswith("affine_grid -") and lines[5].endswith("PASS")
     assert "3.0e-17" in lines[5] and lines[5].count(" - ") >= 3
+    assert lines[-4].startswith("bilinear/zeros/align_corners=True: dgrid worst at dgrid[")
+    assert "sampling point at pixel (x=" in lines[-2]
     assert lines[-1].startswith("1/4 cases within tol 1e-10; worst")
     assert format_table(results, tol=1.0).splitlines()[-1].startswith("4/4 cases within tol 1")
-
-
-# ---------------------------------------------------------------------------------------
-# Golden vectors
-# ---------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_golden_roundtrip(tmp_path, dtype):
-    path = tmp_path / "golden.npz"
-    assert export_golden(path, seed=4, dtype=dtype) == path
-    assert os.listdir(tmp_path) == ["golden.npz"]  # no temporary file left behind
-    manifest, arrays = load_golden(path)
-    assert manifest["dtype"] == np.dtype(dtype).name and manifest["seed"] == 4
-    assert manifest["tolerance"] == default_tol(dtype)
-    assert manifest["stn_numpy_version"] == __import__("stn_numpy").__version__
-    assert set(manifest["keys"]) == set(arrays) and len(manifest["cases"]) == 20
-    prefix = "bicubic/reflection/align_corners=False"
-    assert arrays[f"{prefix}/U"].shape == (2, 3, 5, 6)
-    assert arrays[f"{prefix}/grid"].shape == arrays[f"{prefix}/dgrid"].shape == (2, 7, 8, 2)
-    assert arrays[f"{prefix}/V"].dtype == dtype
-    assert arrays["affine_grid/align_corners=True/size"].tolist() == [2, 3, 7, 8]
-    results = check_against_golden(path)
-    assert len(results) == 20 and all(r.passed and r.max_error == 0 for r in results)
-    assert all(r.passed for r in check_against_golden(path, ours))
-
-
-def test_golden_file_is_plain_npy_in_an_uncompressed_zip(tmp_path):
-    # What a C++ reader relies on: stored entries, standard .npy payloads, JSON manifest.
-    path = export_golden(tmp_path / "golden.npz")
-    with zipfile.ZipFile(path) as z:
-        infos = z.infolist()
-        assert all(i.compress_type == zipfile.ZIP_STORED for i in infos)
-        assert "bilinear/zeros/align_corners=True/V.npy" in z.namelist()
-        with z.open("manifest.npy") as f:
-            raw = np.lib.format.read_array(f, allow_pickle=False)
-        with z.open("nearest/border/align_corners=False/grid.npy") as f:
-            grid = np.lib.format.read_array(f, allow_pickle=False)
-    assert raw.dtype == np.uint8 and raw.ndim == 1
-    manifest = json.loads(raw.tobytes().decode("utf-8"))
-    assert manifest["format"] == "stn-numpy-golden" and manifest["format_version"] == 1
-    assert "align_corners" in manifest["conventions"]["unnormalize"]
-    assert len(infos) == len(manifest["keys"]) + 1
-    assert grid.dtype == np.dtype("<f8") and grid.flags.c_contiguous
-
-
-def test_export_replaces_atomically(tmp_path, monkeypatch):
-    path = tmp_path / "golden.npz"
-    path.write_bytes(b"previous")
-
-    def failing_savez(f, **arrays):
-        f.write(b"half a file")
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(verify.np, "savez", failing_savez)
-    with pytest.raises(RuntimeError, match="disk full"):
-        export_golden(path)
-    assert path.read_bytes() == b"previous" and os.listdir(tmp_path) == ["golden.npz"]
-    monkeypatch.undo()
-    export_golden(path)
-    assert os.listdir(tmp_path) == ["golden.npz"] and load_golden(path)[0]["seed"] == 0
-
-
-def test_golden_file_is_readable_by_others_under_umask_022(tmp_path):
-    old = os.umask(0o022)
-    try:
-        path = export_golden(tmp_path / "golden.npz")
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644
-    assert os.listdir(tmp_path) == ["golden.npz"]
-
-
-def test_check_against_golden_catches_changes(tmp_path):
-    path = export_golden(tmp_path / "golden.npz")
-    bad = check_against_golden(path, flipped_align_corners)
-    assert len(bad) == 18 and not any(r.passed for r in bad)
-
-    manifest, arrays = load_golden(path)
-    arrays["bicubic/zeros/align_corners=True/dgrid"][0, 3, 2, 1] += 1e-6
-    arrays["affine_grid/align_corners=False/dtheta"][1, 0, 2] += 1e-6
-    rewrite_golden(path, arrays, manifest)
-    failed = [r.case for r in check_against_golden(path) if not r.passed]
-    assert failed == ["bicubic/zeros/align_corners=True", "affine_grid/align_corners=False"]
-
-
-def test_load_golden_rejects_other_files(tmp_path):
-    path = tmp_path / "other.npz"
-    np.savez(path, x=np.zeros(3))
-    with pytest.raises(GoldenFormatError, match="no 'manifest' entry"):
-        load_golden(path)
-    rewrite_golden(path, {}, {"format": "something-else"})
-    with pytest.raises(GoldenFormatError, match="format is 'something-else'"):
-        load_golden(path)
-    rewrite_golden(path, {}, {"format": "stn-numpy-golden", "format_version": 1, "keys": ["a"]})
-    with pytest.raises(GoldenFormatError, match="1 key.*'a'"):
-        load_golden(path)
-    path.write_bytes(b"not a zip")
-    with pytest.raises(GoldenFormatError, match="not a readable .npz"):
-        load_golden(path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -383,13 +296,34 @@ def test_main_export_and_check(tmp_path, capsys):
     assert load_golden(path)[0]["dtype"] == "float32"
     assert main(["verify", "--check", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "20/20 cases within tol 1e-05" in out and "affine_grid" in out
+    assert f"{N_GOLDEN_CASES}/{N_GOLDEN_CASES} cases within tol 1e-05" in out
+    assert "affine_grid/align_corners=True" in out and "spatial_transformer" in out
 
     manifest, arrays = load_golden(path)
     arrays["nearest/zeros/align_corners=True/V"][0, 0, 0, 0] += 1
     rewrite_golden(path, arrays, manifest)
     assert main(["--check", str(path)]) == 1  # the subcommand name is optional
-    assert "FAIL" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "nearest/zeros/align_corners=True: V worst at V[0, 0, 0, 0]" in out
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda m, a: a.update({"bilinear/zeros/align_corners=True/U":
+                            a["bilinear/zeros/align_corners=True/U"].astype(np.float32)}),
+     "bilinear/zeros/align_corners=True/U: dtype float32, expected float64"),
+    (lambda m, a: m.pop("tolerance"), "tolerance: must be a finite number > 0, got None"),
+    (lambda m, a: m.update(tolerance="1e-10"), "tolerance: must be a finite number > 0"),
+    (lambda m, a: a["nearest/border/align_corners=False/grid"].__setitem__((0, 1, 2, 0), np.nan),
+     "nearest/border/align_corners=False/grid: input holds NaN or inf"),
+])
+def test_main_check_of_a_malformed_file_exits_2(tmp_path, capsys, corrupt, message):
+    path = export_golden(tmp_path / "golden.npz")
+    manifest, arrays = load_golden(path)
+    corrupt(manifest, arrays)
+    rewrite_golden(path, arrays, manifest)
+    assert main(["verify", "--check", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and message in captured.err and str(path) in captured.err
 
 
 def test_main_with_user_callable(user_module, monkeypatch, capsys):
@@ -407,11 +341,16 @@ def test_main_errors_exit_2(tmp_path, user_module, monkeypatch, capsys):
     assert main(["verify", "--check", str(tmp_path / "missing.npz")]) == 2
     assert "No such file" in capsys.readouterr().err
     assert main(["verify", "--other", "no_colon"]) == 2
+    assert "must be one of torch, scipy, jax, opencv, skimage or look like" in (
+        capsys.readouterr().err)
+    assert main(["verify", "--against", "tensorflow"]) == 2
+    assert "no adapter; tf.raw_ops.ImageProjectiveTransformV3" in capsys.readouterr().err
     assert main(["verify", "--other", f"{user_module}:absent"]) == 2
     assert "has no 'absent'" in capsys.readouterr().err
     assert main(["verify", "--export", str(tmp_path / "g.npz"),
                  "--other", f"{user_module}:good"]) == 2
-    assert "drop --other" in capsys.readouterr().err and not (tmp_path / "g.npz").exists()
+    assert "--export takes no --against" in capsys.readouterr().err
+    assert not (tmp_path / "g.npz").exists()
     with pytest.raises(SystemExit) as exc:
         main(["verify", "--dtype", "float16"])
     assert exc.value.code == 2
@@ -420,17 +359,18 @@ def test_main_errors_exit_2(tmp_path, user_module, monkeypatch, capsys):
 @pytest.mark.parametrize("name, message", [
     ("refuses", "ValueError: unsupported mode 'bilinear' see the docs"),
     ("wrong_args", "TypeError: wrong_args() takes 3 positional arguments but 6 were given"),
-    ("wrong_shape", "ValueError: other returned V of shape (2, 1, 7, 8), expected (2, 3, 7, 8) "
-                    "(bilinear/zeros/align_corners=True)"),
+    ("wrong_shape", "ValueError: returned V of shape (2, 1, 7, 8), expected (2, 3, 7, 8)"),
 ])
-def test_main_user_callable_errors_exit_2_with_one_line(tmp_path, user_module, capsys, name,
-                                                        message):
-    assert main(["verify", "--other", f"{user_module}:{name}"]) == 2
-    err = capsys.readouterr().err
-    assert err == f"error: --other {user_module}:{name}: {message}\n"
+def test_main_user_callable_that_raises_fails_each_row_with_its_message(
+        tmp_path, user_module, capsys, name, message):
+    assert main(["verify", "--against", f"{user_module}:{name}"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == "" and "Traceback" not in captured.out
+    assert f"bilinear/zeros/align_corners=True: {message}\n" in captured.out
+    assert captured.out.count(" ERROR\n") == 18 and "0/18 cases" in captured.out
     golden = export_golden(tmp_path / "g.npz")
-    assert main(["verify", "--check", str(golden), "--other", f"{user_module}:{name}"]) == 2
-    assert capsys.readouterr().err.count("\n") == 1
+    assert main(["verify", "--check", str(golden), "--against", f"{user_module}:{name}"]) == 1
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("tol", ["0", "-1e-5", "nan", "tiny"])
@@ -453,13 +393,14 @@ def test_main_against_torch(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
     assert out.startswith("stn_numpy vs torch 2.") and "20/20 cases within tol 1e-10" in out
+    assert main(["verify", "--against", "torch", "--dtype", "float32"]) == 0
 
 
 def test_runs_as_module(tmp_path):
     path = tmp_path / "golden.npz"
     export_golden(path)
-    env = {**os.environ, "PYTHONPATH": str(Path(verify.__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(verify.__file__).parents[2])}
     proc = subprocess.run([sys.executable, "-m", "stn_numpy.verify", "--check", str(path)],
                           capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "20/20 cases" in proc.stdout
+    assert f"{N_GOLDEN_CASES}/{N_GOLDEN_CASES} cases" in proc.stdout

@@ -1,0 +1,66 @@
+"""Verifying another implementation against this reference.
+
+For engineers checking a PyTorch, JAX, CUDA, C++ or any other spatial-transformer port:
+
+* :func:`parity_matrix` runs ours beside PyTorch (``other=None`` or ``"torch"``), beside
+  another library's sampler (``"scipy"``, ``"jax"``, ``"opencv"``, ``"skimage"``, see
+  :mod:`~stn_numpy.verify.adapters`) or beside any callable
+  ``other(U, grid, dV, mode, padding_mode, align_corners) -> (V, dU, dgrid)`` on NumPy
+  arrays (:func:`numpy_impl` is this package behind that interface, a template for
+  wrapping yours); :func:`format_table` renders the result, with where each failing row
+  differs. Besides forward and both gradients it runs an adjoint (dot-product) test and
+  a determinism check (:mod:`~stn_numpy.verify.parity`).
+* :func:`export_golden` writes inputs and our outputs (the sampler on every combination
+  and on edge cases, every grid transform, a whole spatial-transformer layer) to an
+  ``.npz`` file with a JSON manifest, for a test that cannot call Python;
+  :func:`check_against_golden` re-checks a callable (or this package, after an upgrade)
+  against such a file (:mod:`~stn_numpy.verify.golden`).
+* :mod:`~stn_numpy.verify.atlas` measures how each library's settings map onto these
+  conventions and writes the table; :mod:`~stn_numpy.verify.mutants` holds samplers with
+  bugs re-created from real reports, each of which the checks above flag.
+* ``stn-numpy verify`` (or ``python -m stn_numpy.verify``)::
+
+      stn-numpy verify [--dtype float32] [--tol 1e-10]   # vs torch; exit 1 on failure
+      stn-numpy verify --against jax                     # or scipy, opencv, skimage
+      stn-numpy verify --against mypkg.kernels:sample    # your callable
+      stn-numpy verify --export golden.npz
+      stn-numpy verify --check golden.npz [--against mypkg.kernels:sample]
+      stn-numpy verify --atlas README.md                 # regenerate the atlas section
+"""
+
+from .._torch import TorchNotInstalledError, import_torch
+from .adapters import ADAPTERS, LibraryNotInstalledError
+from .cli import main
+from .golden import GoldenFormatError, check_against_golden, export_golden, load_golden
+from .parity import (
+    ParityResult,
+    Unsupported,
+    default_tol,
+    format_table,
+    make_grid,
+    numpy_impl,
+    parity_matrix,
+    pixel_coordinates,
+    torch_impl,
+)
+
+__all__ = [
+    "ADAPTERS",
+    "GoldenFormatError",
+    "LibraryNotInstalledError",
+    "ParityResult",
+    "TorchNotInstalledError",
+    "Unsupported",
+    "check_against_golden",
+    "default_tol",
+    "export_golden",
+    "format_table",
+    "import_torch",
+    "load_golden",
+    "main",
+    "make_grid",
+    "numpy_impl",
+    "parity_matrix",
+    "pixel_coordinates",
+    "torch_impl",
+]

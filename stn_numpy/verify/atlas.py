@@ -1,0 +1,306 @@
+"""The conventions atlas: every installed library's sampler settings, measured against ours.
+
+For each library setting (SciPy ``map_coordinates`` order x mode, JAX's, OpenCV
+``remap`` interpolation x border, scikit-image ``warp`` order x mode) the forward output
+is compared with this package's sampler of the same kernel under the padding mode it
+stands for, on the inputs of the parity matrix (points on pixel centres, half-pixel ties, the
+border, the reflection lines, and random points inside and outside) with both
+``align_corners`` conventions (the coordinate conversion of
+:mod:`~stn_numpy.verify.adapters`), in float64 and in float32. A row names the setting of
+ours it stands for, its errors, and where the differing points lie: on half-pixel ties, on
+integer coordinates, outside the image (beyond the outermost pixel centres) or at generic
+points inside; for JAX, whose sampler differentiates, the autodiff gradients are compared
+too. The notes beside the measurements say why, from the library's source or
+documentation (named in :mod:`~stn_numpy.verify.adapters`).
+
+``stn-numpy verify --atlas`` prints the table; ``stn-numpy verify --atlas README.md``
+replaces the text between the ``<!-- atlas:start -->`` and ``<!-- atlas:end -->`` lines
+of that file (atomically). Errors print as ``0``, ``round-off`` (below 1e-12 in float64,
+1e-5 in float32) or one significant digit, so the table is the same on every machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+
+import numpy as np
+
+from .._io import atomic_write
+from ..gradcheck import rel_error
+from . import adapters
+from .parity import default_tol, numpy_impl, pixel_coordinates, sampler_inputs
+
+__all__ = ["AtlasRow", "LIBRARIES", "build_atlas", "measure", "write_atlas"]
+
+START, END = "<!-- atlas:start -->", "<!-- atlas:end -->"
+_SHAPE, _OUT_HW, _SEED = (2, 3, 5, 6), (7, 8), 0
+_ROUND_OFF = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}
+_KERNELS = {0: "nearest", 1: "bilinear", 3: "bicubic"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One library setting: its label, how to sample with it, and the note on it."""
+
+    label: str
+    sample: object  # (U, grid, align_corners) -> V
+    mode: str  # our kernel it is compared with
+    padding: tuple  # (padding_mode, align_corners or None for both) it stands for
+    note: str = ""
+    differentiable: bool = False
+
+
+def _scipy():
+    modes = {"grid-constant": "per tap, as zeros", "nearest": "edge pixel repeated",
+             "mirror": "reflected about the edge pixel's centre",
+             "reflect": "reflected about the outer edge",
+             "constant": "cval for the whole point once it is outside [0, W - 1]: no "
+                         "interpolation towards the fill"}
+    out = []
+    for order in (0, 1):
+        for mode, note in modes.items():
+            if order == 0:
+                note += "; ties rounded up (floor(x + 1/2)), here half to even"
+            out.append(Setting(f"order={order}, mode='{mode}'",
+                               _bind(adapters.scipy_sample, order=order, mode=mode),
+                               _KERNELS[order], _NDIMAGE_PADDING[mode], note))
+    return out
+
+
+def _jax():
+    modes = {"constant": "each tap tested for being inside, cval otherwise (SciPy's "
+                         "grid-constant)", "nearest": "tap index clipped",
+             "mirror": "tap index folded about the edge pixel's centre",
+             "reflect": "tap index folded about the outer edge"}
+    out = []
+    for order in (0, 1):
+        for mode, note in modes.items():
+            if order == 0:
+                note += "; ties rounded half away from zero (lax.round), here half to even"
+            else:
+                note += ("; floor-based taps, so at an integer the right-hand derivative, "
+                         "as here, but a clipped or folded tap index has no zero-gradient "
+                         "zone at the clip limits")
+            out.append(Setting(f"order={order}, mode='{mode}'",
+                               _bind(_jax_forward, order=order, mode=mode), _KERNELS[order],
+                               _NDIMAGE_PADDING[mode], note, differentiable=True))
+    return out
+
+
+def _jax_forward(U, grid, align_corners, *, order, mode):
+    return adapters.jax_sample(align_corners, order=order, mode=mode)
+
+
+def _opencv():
+    quantised = ("measured: float32 images exact to round-off, float64 images with the map "
+                 "fractions quantised to 1/32 pixel (INTER_TAB_SIZE)")
+    interps = {"INTER_NEAREST": ("nearest", "ties to even, as here; integer tap index "
+                                            "reflected"),
+               "INTER_LINEAR": ("bilinear", quantised),
+               "INTER_CUBIC": ("bicubic", "Keys a = -0.75 as here; " + quantised
+                               + " and, in float64, wrong values wherever a tap falls "
+                                 "outside the image")}
+    borders = {"BORDER_CONSTANT": ("zeros", None), "BORDER_REPLICATE": ("border", None),
+               "BORDER_REFLECT_101": ("reflection", True),
+               "BORDER_REFLECT": ("reflection", False)}
+    return [Setting(f"{interp}, {border}",
+                    _bind(adapters.opencv_sample, interpolation=interp, border=border),
+                    mode, padding, note)
+            for interp, (mode, note) in interps.items() for border, padding in borders.items()]
+
+
+def _skimage():
+    modes = {"constant": "SciPy grid-constant", "edge": "SciPy nearest",
+             "symmetric": "SciPy reflect", "reflect": "SciPy mirror"}
+    ndimage = {"constant": "grid-constant", "edge": "nearest", "symmetric": "reflect",
+               "reflect": "mirror"}
+    out = []
+    for order in (0, 1, 3):
+        for mode, note in modes.items():
+            if order == 0:
+                note += "; ties rounded up, here half to even"
+            if order == 3:
+                note += "; a cubic B-spline interpolant (prefiltered), not Keys' kernel"
+            out.append(Setting(f"order={order}, mode='{mode}'",
+                               _bind(adapters.skimage_sample, order=order, mode=mode),
+                               _KERNELS[order], _NDIMAGE_PADDING[ndimage[mode]], note))
+    return out
+
+
+#: ndimage-style boundary mode -> the padding (and align_corners) it stands for here
+_NDIMAGE_PADDING = {"grid-constant": ("zeros", None), "constant": ("zeros", None),
+                    "nearest": ("border", None), "mirror": ("reflection", True),
+                    "reflect": ("reflection", False)}
+
+
+def _bind(fn, **kwargs):
+    return lambda U, grid, align_corners: fn(U, grid, align_corners, **kwargs)
+
+
+#: library -> (what it is, module to import, settings factory)
+LIBRARIES = {
+    "scipy": ("SciPy `ndimage.map_coordinates`", "scipy.ndimage", _scipy),
+    "jax": ("JAX `scipy.ndimage.map_coordinates`", "jax", _jax),
+    "opencv": ("OpenCV `remap`, float32 maps", "cv2", _opencv),
+    "skimage": ("scikit-image `transform.warp`", "skimage.transform", _skimage),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class AtlasRow:
+    """One library setting measured against the padding mode of ours it stands for."""
+
+    library: str
+    setting: str
+    mode: str
+    padding_mode: str
+    align_corners: bool | None  # None: the same for both
+    err64: float
+    err32: float
+    err_grad: float | None
+    where: str
+    note: str
+    exact: bool
+
+
+def _classify(ours, theirs, grid, shape, align_corners, dtype) -> tuple[int, dict[str, int]]:
+    """How many output points differ beyond round-off, by kind of sampling point."""
+    diff = np.abs(ours.astype(np.float64) - theirs)
+    scale = max(1e-8, float(np.max(np.abs(ours) + np.abs(theirs))))
+    bad = (diff / scale > _ROUND_OFF[np.dtype(dtype)]).any(axis=1)  # (N, Ho, Wo)
+    H, W = shape[2:]
+    x = pixel_coordinates(grid[..., 0], W, align_corners)[0].astype(np.float64)
+    y = pixel_coordinates(grid[..., 1], H, align_corners)[0].astype(np.float64)
+    kinds = {
+        "half-pixel ties": (x % 1 == 0.5) | (y % 1 == 0.5),
+        "outside": (x < 0) | (x > W - 1) | (y < 0) | (y > H - 1),
+        "on integers": (x % 1 == 0) | (y % 1 == 0),
+    }
+    counts, left = {}, bad.copy()
+    for name, mask in kinds.items():
+        counts[name] = int((left & mask).sum())
+        left &= ~mask
+    counts["inside"] = int(left.sum())
+    return int(bad.sum()), counts
+
+
+def _where(total: int, bad: int, counts: dict[str, int]) -> str:
+    if bad == 0:
+        return "nowhere"
+    parts = [f"{name} {n}" for name, n in counts.items() if n]
+    return f"{bad}/{total} points: " + ", ".join(parts)
+
+
+def measure(library: str) -> list[AtlasRow]:
+    """Measure every setting of ``library`` (a key of :data:`LIBRARIES`).
+
+    Each setting is compared with our kernel under the padding mode it stands for (see
+    the adapters' tables), with both align_corners conventions unless it stands for one
+    only (the reflections); errors are the worst of those.
+    """
+    _, module, settings = LIBRARIES[library]
+    importlib.import_module(module)
+    rows = []
+    for setting in settings():
+        padding, only = setting.padding
+        err = {np.dtype(np.float64): 0.0, np.dtype(np.float32): 0.0}
+        err_grad, total, bad, counts, grad_bad, grad_counts = None, 0, 0, {}, 0, {}
+        for align_corners in (True, False) if only is None else (only,):
+            for dtype in (np.float64, np.float32):
+                U, grid, dV = sampler_inputs(_SEED, int(align_corners), _SHAPE, _OUT_HW,
+                                             align_corners, dtype)
+                theirs = _run(setting, U, grid, dV, align_corners)
+                ours = numpy_impl(U, grid, dV, setting.mode, padding, align_corners)
+                err[np.dtype(dtype)] = max(err[np.dtype(dtype)], rel_error(ours[0], theirs[0]))
+                if dtype is np.float32:
+                    continue
+                if setting.differentiable:
+                    err_grad = max(err_grad or 0.0, rel_error(ours[1], theirs[1]),
+                                   rel_error(ours[2], theirs[2]))
+                    n_bad, kinds = _classify(ours[2].transpose(0, 3, 1, 2),
+                                             theirs[2].transpose(0, 3, 1, 2), grid, U.shape,
+                                             align_corners, dtype)
+                    grad_bad += n_bad
+                    for k, n in kinds.items():
+                        grad_counts[k] = grad_counts.get(k, 0) + n
+                n_bad, kinds = _classify(ours[0], theirs[0], grid, U.shape, align_corners,
+                                         dtype)
+                total, bad = total + ours[0][:, 0].size, bad + n_bad
+                for k, n in kinds.items():
+                    counts[k] = counts.get(k, 0) + n
+        e64, e32 = err[np.dtype(np.float64)], err[np.dtype(np.float32)]
+        where = "V: " + _where(total, bad, counts)
+        if setting.differentiable:
+            where += "; dgrid: " + _where(total, grad_bad, grad_counts)
+        rows.append(AtlasRow(
+            library, setting.label, setting.mode, padding, only, e64, e32, err_grad,
+            where, setting.note,
+            exact=e64 <= default_tol(np.float64) and e32 <= default_tol(np.float32)
+            and (err_grad is None or err_grad <= default_tol(np.float64))))
+    return rows
+
+
+def _run(setting, U, grid, dV, align_corners):
+    if not setting.differentiable:
+        return setting.sample(U, grid, align_corners), None, None
+    return setting.sample(U, grid, align_corners)(U, grid, dV)
+
+
+def _fmt(err: float | None, dtype) -> str:
+    if err is None:
+        return "-"
+    if err == 0:
+        return "0"
+    if err < _ROUND_OFF[np.dtype(dtype)]:
+        return "round-off"
+    return f"{err:.0e}"
+
+
+def build_atlas(libraries=None) -> str:
+    """The atlas as markdown: one table per installed library, and which are missing."""
+    lines, missing = [], []
+    for name in libraries or LIBRARIES:
+        title, module, _ = LIBRARIES[name]
+        try:
+            rows = measure(name)
+        except ImportError:
+            missing.append(name)
+            continue
+        version = _version(module)
+        lines += [f"**{title}** ({name} {version})", "",
+                  "| setting | compared with, here | float64 | float32 | autodiff dU, dgrid "
+                  "| where it differs (float64) | why |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            match = f"`{r.mode}`, `{r.padding_mode}`"
+            if r.align_corners is not None:
+                match += f", align_corners={r.align_corners}"
+            match += "" if r.exact else " (differs)"
+            lines.append(f"| `{r.setting}` | {match} | {_fmt(r.err64, np.float64)} | "
+                         f"{_fmt(r.err32, np.float32)} | {_fmt(r.err_grad, np.float64)} | "
+                         f"{r.where} | {r.note} |")
+        lines.append("")
+    if missing:
+        lines.append("Not measured (not installed): " + ", ".join(missing) + ".")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _version(module: str) -> str:
+    top = importlib.import_module(module.split(".")[0])
+    return getattr(top, "__version__", "?")
+
+
+def write_atlas(path, libraries=None) -> Path:
+    """Replace the atlas section of the markdown file ``path`` (between the markers)."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
+        raise ValueError(f"{path}: needs one {START!r} line before one {END!r} line")
+    head, rest = text.split(START)
+    _, tail = rest.split(END)
+    new = f"{head}{START}\n{build_atlas(libraries)}{END}{tail}"
+    atomic_write(path, lambda f: f.write(new.encode("utf-8")))
+    return path

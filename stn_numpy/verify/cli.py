@@ -1,0 +1,172 @@
+"""``stn-numpy verify``: the parity table, golden vectors and the conventions atlas."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from .._torch import TorchNotInstalledError, import_torch
+from .adapters import ADAPTERS, LibraryNotInstalledError
+from .golden import GoldenFormatError, check_against_golden, export_golden
+from .parity import format_table, numpy_impl, parity_matrix
+
+__all__ = ["main"]
+
+_AGAINST = ("torch", *ADAPTERS)
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``verify`` options to ``parser``; :func:`_run` carries them out."""
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--export", metavar="PATH",
+                        help="write golden test vectors (.npz, and a .json manifest beside "
+                             "it) to PATH instead of comparing")
+    action.add_argument("--check", metavar="PATH",
+                        help="re-check against golden vectors in PATH (this package unless "
+                             "--against is given)")
+    action.add_argument("--atlas", nargs="?", const="-", metavar="MARKDOWN",
+                        help="measure every installed library's sampler settings and print "
+                             "the conventions atlas (markdown); with a file, replace the "
+                             "atlas section of that file instead")
+    parser.add_argument("--against", "--other", dest="against", metavar="NAME",
+                        help="the implementation to compare: " + ", ".join(_AGAINST)
+                             + " (default torch), or MODULE:FUNCTION naming a callable "
+                               "other(U, grid, dV, mode, padding_mode, align_corners) -> "
+                               "(V, dU, dgrid)")
+    parser.add_argument("--tol", type=_positive_float, default=None,
+                        help="pass threshold on the relative error (default: 1e-10 for "
+                             "float64, 1e-5 for float32; --check: the file's)")
+    parser.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                        help="dtype of the comparison or export (--check uses the file's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the inputs (default 0)")
+    parser.set_defaults(func=_run)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Carry out parsed ``verify`` options; returns the exit code (0 pass, 1 fail, 2 error)."""
+    try:
+        if (args.export or args.atlas) and args.against:
+            raise _CallableSpecError(f"--{'export' if args.export else 'atlas'} takes no "
+                                     f"--against; drop it")
+        other = _load_other(args.against) if args.against else None
+        if args.atlas:
+            return _atlas(args.atlas)
+        if args.export:
+            path = export_golden(args.export, seed=args.seed, dtype=args.dtype)
+            print(f"wrote golden vectors ({args.dtype}, seed {args.seed}) to {path} and "
+                  f"{path.with_suffix('.json')}")
+            return 0
+        if args.check:
+            results = check_against_golden(args.check, other, tol=args.tol)
+            title = f"{_label(args.against, other or numpy_impl)} vs golden vectors in {args.check}"
+        else:
+            results = parity_matrix(other, dtype=args.dtype, seed=args.seed, tol=args.tol)
+            against = (_label(args.against, other) if other
+                       else f"torch {import_torch().__version__}")
+            title = f"stn_numpy vs {against} ({args.dtype}, seed {args.seed})"
+    except (TorchNotInstalledError, LibraryNotInstalledError, GoldenFormatError, OSError,
+            _CallableSpecError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(title)
+    print(format_table(results))
+    return 0 if all(r.passed for r in results) else 1
+
+
+def _atlas(target: str) -> int:
+    from .atlas import build_atlas, write_atlas
+
+    if target == "-":
+        print(build_atlas())
+    else:
+        try:
+            write_atlas(target)
+        except ValueError as exc:  # the file lacks the markers that delimit the atlas
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote the conventions atlas into {target}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``verify`` subcommand entry point; returns the exit code.
+
+    ``main(["verify", "--check", "golden.npz"])``; the subcommand name may be left out, as
+    ``stn-numpy verify`` and ``python -m stn_numpy.verify`` do. Exit codes: 0 every case
+    passed (or a file was written), 1 some case failed (including an implementation that
+    raised or returned arrays of the wrong shape: its row says so), 2 an error before
+    any comparison: the library asked for is missing (the message names what to install),
+    a golden file that is unreadable or malformed, a bad argument, or a
+    ``MODULE:FUNCTION`` that cannot be imported.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `stn-numpy verify ...` and `python -m stn_numpy.verify ...` hand over the options
+    # without the subcommand name; repeating it would be noise.
+    if not argv or argv[0] != "verify":
+        argv.insert(0, "verify")
+    parser = argparse.ArgumentParser(
+        prog="stn-numpy",
+        description="Check grid_sample implementations against the stn_numpy reference.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_arguments(commands.add_parser(
+        "verify", help="parity table vs PyTorch, another library or a callable; golden "
+                       "vectors; the conventions atlas",
+        description="Compare forward and both gradients on all 18 mode x padding_mode x "
+                    "align_corners combinations."))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+class _CallableSpecError(ValueError):
+    pass
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def _load_other(spec: str):
+    """``"torch"``, an adapter's function, or the callable ``MODULE:FUNCTION`` names."""
+    if spec == "torch":
+        import_torch()
+        return "torch"
+    if spec in ADAPTERS:
+        from .adapters import load_adapter
+
+        return load_adapter(spec)
+    if spec == "tensorflow":
+        raise _CallableSpecError(
+            "--against tensorflow: no adapter; tf.raw_ops.ImageProjectiveTransformV3 takes a "
+            "projective matrix, not a sampling grid, so it can express only projective grids. "
+            "Wrap your TensorFlow sampler as MODULE:FUNCTION instead")
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise _CallableSpecError(f"--against must be one of {', '.join(_AGAINST)} or look "
+                                 f"like MODULE:FUNCTION, got {spec!r}")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise _CallableSpecError(f"--against: cannot import {module_name!r} ({exc})") from exc
+    try:
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        raise _CallableSpecError(f"--against: {module_name!r} has no {attr!r}") from None
+    if not callable(obj):
+        raise _CallableSpecError(f"--against: {spec} is not callable")
+    return obj
+
+
+def _label(spec: str | None, fn) -> str:
+    if spec in ADAPTERS or spec == "torch":
+        return spec
+    return getattr(fn, "__qualname__", repr(fn))

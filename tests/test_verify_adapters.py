@@ -1,0 +1,125 @@
+"""Tests for the adapters of stn_numpy.verify and the atlas they produce.
+
+Each library test skips with a reason when the library is absent
+(``pip install -e ".[verify]"`` installs them all).
+"""
+
+import sys
+
+import numpy as np
+import pytest
+
+from stn_numpy.verify import LibraryNotInstalledError, atlas, format_table, main, parity_matrix
+from stn_numpy.verify.adapters import ADAPTERS
+
+MISSING = {name: f"{a.pip_name} not installed: pip install -e \".[verify]\""
+           for name, a in ADAPTERS.items()}
+
+
+def need(name):
+    pytest.importorskip(ADAPTERS[name].module, reason=MISSING[name])
+
+
+def statuses(rows):
+    return {(r.mode, r.padding_mode, r.align_corners): r.status for r in rows}
+
+
+# What each library reproduces, measured (see the atlas in the README): the rows that
+# pass, the rows it cannot express (N/A); every other row fails.
+EXPECTED_PASS = {
+    "scipy": lambda m, p, a: m == "bilinear",
+    "skimage": lambda m, p, a: m == "bilinear",
+    "jax": lambda m, p, a: m == "bilinear" and (p == "zeros" or (p, a) == ("border", False)),
+    "opencv": lambda m, p, a: m == "nearest",
+}
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_adapter_rows_in_float64(name):
+    need(name)
+    rows = parity_matrix(name)
+    for (m, p, a), status in statuses(rows).items():
+        if name != "opencv" and m == "bicubic":
+            assert status == "N/A", (m, p, a)
+        elif EXPECTED_PASS[name](m, p, a):
+            assert status == "PASS", (m, p, a, format_table(rows))
+        else:
+            assert status == "FAIL", (m, p, a, format_table(rows))
+
+
+def test_opencv_float32_images_are_exact_up_to_round_off():
+    need("opencv")
+    rows = parity_matrix("opencv", dtype=np.float32)
+    assert all(r.status == "PASS" for r in rows), format_table(rows)
+
+
+def test_scipy_and_jax_nearest_differ_exactly_at_ties():
+    need("jax")
+    for name in ("scipy", "jax"):
+        rows = [r for r in parity_matrix(name) if r.mode == "nearest"]
+        assert all("x=4.5" in r.where["V"] or "y=4.5" in r.where["V"]
+                   or ".5," in r.where["V"] or ".5)" in r.where["V"] for r in rows)
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_missing_library_names_the_extra(name, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, ADAPTERS[name].module.split(".")[0], None)
+    monkeypatch.setitem(sys.modules, ADAPTERS[name].module, None)
+    with pytest.raises(LibraryNotInstalledError, match=r'pip install -e "\.\[verify\]"'):
+        parity_matrix(name)
+    assert main(["verify", "--against", name]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {ADAPTERS[name].pip_name} not installed: pip install ")
+
+
+def test_main_against_a_library(capsys):
+    need("skimage")
+    assert main(["verify", "--against", "skimage"]) == 1  # nearest ties differ
+    out = capsys.readouterr().out
+    assert out.startswith("stn_numpy vs skimage (float64, seed 0)")
+    assert "6/12 cases within tol 1e-10" in out and "6 not expressible" in out
+
+
+def test_atlas_rows_and_markdown():
+    need("scipy")
+    rows = {r.setting: r for r in atlas.measure("scipy")}
+    assert len(rows) == 10
+    assert rows["order=1, mode='grid-constant'"].exact
+    assert rows["order=1, mode='mirror'"].exact and rows["order=1, mode='mirror'"].align_corners
+    ties = rows["order=0, mode='nearest'"]
+    assert not ties.exact and ties.where.startswith("V: ") and ties.where.endswith(
+        "half-pixel ties 4")
+    outside = rows["order=1, mode='constant'"]
+    assert not outside.exact and "outside" in outside.where
+    text = atlas.build_atlas(["scipy"])
+    assert text.count("\n| `order=") == 10 and "(scipy " in text
+
+
+def test_write_atlas_replaces_only_its_section(tmp_path, monkeypatch):
+    monkeypatch.setattr(atlas, "build_atlas", lambda libraries=None: "TABLE\n")
+    path = tmp_path / "README.md"
+    path.write_text(f"# t\n\nbefore\n{atlas.START}\nold\n{atlas.END}\nafter\n")
+    atlas.write_atlas(path)
+    assert path.read_text() == f"# t\n\nbefore\n{atlas.START}\nTABLE\n{atlas.END}\nafter\n"
+    path.write_text("no markers\n")
+    with pytest.raises(ValueError, match="needs one"):
+        atlas.write_atlas(path)
+    assert main(["verify", "--atlas", str(path)]) == 2
+    assert main(["verify", "--atlas", str(tmp_path / "missing.md")]) == 2
+    assert path.read_text() == "no markers\n"
+
+
+def test_committed_atlas_is_current():
+    # The README's table is what `stn-numpy verify --atlas README.md` writes, when every
+    # library it lists is installed here.
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    committed = readme.split(atlas.START)[1].split(atlas.END)[0].lstrip("\n")
+    for name, (_, module, _) in atlas.LIBRARIES.items():
+        pytest.importorskip(module, reason=MISSING[name])
+    def unversioned(text):  # another patch release may differ in nothing else
+        return re.sub(r"\((\w+) [^)]*\)", r"(\1)", text)
+
+    assert unversioned(committed) == unversioned(atlas.build_atlas())
