@@ -34,13 +34,19 @@ Conventions are exactly those of PyTorch's ``F.grid_sample`` on the CPU:
   such points can differ, and :func:`stn_numpy.verify.make_grid` avoids them.
 
 For a fixed grid the sampler is linear in U: ``V = S U`` with a sparse matrix ``S`` of
-4, 1 or 16 weights per output point. The backward pass therefore is ``dU = S^T dV``, and
-the grid gradient is ``dx_s = sum_c dV * (S_x U) * dx/dx_s`` where ``S_x`` holds the
-derivatives of the weights with respect to ``x`` (likewise for ``y``). All three products
-run through ``scipy.sparse`` on a copy of U padded with one ring of zeros: every tap
-outside the image, whatever the mode, is redirected to that ring. A forward pass without
-gradients and with one or two channels skips building ``S``: it sums one weighted gather
-of the padded U per tap, in the order of ``S``'s entries, so V is bit-for-bit the same.
+4, 1 or 16 weights per output point (eq. 3). The backward pass therefore is
+``dU = S^T dV`` (eq. 6), and the grid gradient is ``dx_s = sum_c dV * (S_x U) * dx/dx_s``
+where ``S_x`` holds the derivatives of the weights with respect to ``x`` (eq. 7; likewise
+for ``y``). U is padded with one ring of zeros and every tap outside the image, whatever
+the mode, is redirected to that ring, so each tap is a plain row gather.
+
+The work runs in blocks of whole images small enough for their temporaries to stay in
+cache, spread over worker threads (:mod:`stn_numpy._parallel`; NumPy and SciPy release
+the GIL inside each array operation). ``V`` sums one weighted gather per tap; ``dU``
+scatters the weighted dV through one sparse ``S^T`` product per block; ``dgrid`` gathers
+again. The backward recomputes the taps instead of storing them: in cache this costs
+less than writing and re-reading them. Blocks and tap order depend only on the shapes,
+so every result is bit-identical for any number of threads.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ._checks import check_choice, check_finite, check_float_array
+from ._parallel import parallel_map
 
 __all__ = [
     "grid_sample",
@@ -64,12 +71,9 @@ __all__ = [
 MODES = ("bilinear", "nearest", "bicubic")
 PADDING_MODES = ("zeros", "border", "reflection")
 _CUBIC_A = -0.75
-# Forward-only calls with at most this many channels skip the sparse matrix (see
-# _sample_by_gathers). Measured: about 2x faster at C=1, even at C=3, and slower from C=4
-# on, where scipy's product over all channels at once beats one gather per tap.
-_GATHER_MAX_CHANNELS = 2
-# Output points per block of _sample_by_gathers: temporaries of 128 KB (float32).
-_GATHER_BLOCK = 32768
+# Values (output points x (channels + 4)) per block of images, see _blocks: a block's
+# temporaries then total about 2 MB (float32), half a core's L2 cache.
+_BLOCK = 2**17
 
 
 # --------------------------------------------------------------------------------------
@@ -103,9 +107,7 @@ def grid_sample(U, grid, mode="bilinear", padding_mode="zeros", align_corners=Fa
         for NaN or inf in ``grid``. NaN or inf in ``U`` propagate.
     """
     _check_inputs(U, grid, mode, padding_mode, align_corners)
-    if U.shape[1] <= _GATHER_MAX_CHANNELS:
-        return _sample_by_gathers(U, grid, mode, padding_mode, align_corners)
-    return _apply(_build(U, grid, mode, padding_mode, align_corners, with_grad=False))
+    return _forward(U, grid, mode, padding_mode, align_corners)
 
 
 def grid_sample_backward(dV, U, grid, mode="bilinear", padding_mode="zeros",
@@ -128,8 +130,8 @@ def grid_sample_backward(dV, U, grid, mode="bilinear", padding_mode="zeros",
     dgrid : ndarray, shape (N, H_o, W_o, 2)
     """
     _check_inputs(U, grid, mode, padding_mode, align_corners)
-    cache = _build(U, grid, mode, padding_mode, align_corners, with_grad=True)
-    return grid_sample_backward_from_cache(dV, cache)
+    return grid_sample_backward_from_cache(
+        dV, _SamplingCache(U, grid, (mode, padding_mode, align_corners)))
 
 
 def grid_sample_forward(U, grid, mode="bilinear", padding_mode="zeros", align_corners=False):
@@ -139,12 +141,13 @@ def grid_sample_forward(U, grid, mode="bilinear", padding_mode="zeros", align_co
     -------
     V : ndarray, shape (N, C, H_o, W_o)
     cache : object
-        Pass to :func:`grid_sample_backward_from_cache`; it holds the sparse sampling
-        matrices, so the backward pass does not rebuild them.
+        Pass to :func:`grid_sample_backward_from_cache`. It refers to ``U`` and ``grid``
+        (no copies, and nothing computed ahead: the backward recomputes the taps block by
+        block, cheaper than storing them), so leave both unchanged until then.
     """
     _check_inputs(U, grid, mode, padding_mode, align_corners)
-    cache = _build(U, grid, mode, padding_mode, align_corners, with_grad=True)
-    return _apply(cache), cache
+    return (_forward(U, grid, mode, padding_mode, align_corners),
+            _SamplingCache(U, grid, (mode, padding_mode, align_corners)))
 
 
 def grid_sample_backward_from_cache(dV, cache):
@@ -166,25 +169,13 @@ def grid_sample_backward_from_cache(dV, cache):
     if not isinstance(cache, _SamplingCache):
         raise TypeError(f"cache must be the cache grid_sample_forward returned, "
                         f"got {type(cache).__name__}")
-    N, C, H, W = cache.U_shape
-    Ho, Wo = cache.out_hw
+    U, grid = cache.U, cache.grid
+    N, C = U.shape[:2]
+    Ho, Wo = grid.shape[1:3]
     dV = check_float_array("dV", dV, shape=(N, C, Ho, Wo))
-    if dV.dtype != cache.dtype:
-        raise TypeError(f"dV must have the dtype of U, {cache.dtype}, got {dV.dtype}")
-    Hp, Wp = H + 2, W + 2
-    dV_rows = dV.reshape(N, C, Ho * Wo).transpose(0, 2, 1).reshape(N * Ho * Wo, C)
-    dU_pad = _matmul(cache.S.T, dV_rows).reshape(N, Hp, Wp, C)
-    dU = np.ascontiguousarray(dU_pad[:, 1:-1, 1:-1, :].transpose(0, 3, 1, 2))
-    dgrid = np.zeros((N, Ho, Wo, 2), dtype=cache.dtype)
-    if cache.S_x is not None:
-        flat = dgrid.reshape(N * Ho * Wo, 2)
-        for axis, S_axis in enumerate((cache.S_x, cache.S_y)):
-            d = np.einsum("mc,mc->m", dV_rows, _matmul(S_axis, cache.U_rows))
-            # Scaled before it is stored: ``flat *= coord_grad`` with a (1, 2) coord_grad
-            # runs inner loops of length 2 and costs more than both products.
-            d *= cache.coord_grad[:, axis]
-            flat[:, axis] = d
-    return dU, dgrid
+    if dV.dtype != U.dtype:
+        raise TypeError(f"dV must have the dtype of U, {U.dtype}, got {dV.dtype}")
+    return _backward(dV, U, grid, *cache.options)
 
 
 # --------------------------------------------------------------------------------------
@@ -358,68 +349,27 @@ def _cubic_weights(t: np.ndarray):
 
 
 # --------------------------------------------------------------------------------------
-# The sparse sampling matrices
+# Blocks of whole images: taps, forward (eqs. 3-5) and backward (eqs. 6-7)
 # --------------------------------------------------------------------------------------
 
 
 @dataclass
 class _SamplingCache:
-    S: sp.csr_matrix  # (N*Ho*Wo, N*Hp*Wp): V_rows = S @ U_rows
-    S_x: sp.csr_matrix | None  # dS/dx, None for nearest
-    S_y: sp.csr_matrix | None
-    coord_grad: np.ndarray | None  # (N*Ho*Wo or 1, 2): d(pixel coords)/d(normalized coords)
-    U_rows: np.ndarray  # (N*Hp*Wp, C): U padded with zeros, one row per pixel
-    U_shape: tuple
-    out_hw: tuple
-    dtype: np.dtype
+    U: np.ndarray  # the forward's arguments, by reference: the backward recomputes the taps
+    grid: np.ndarray
+    options: tuple  # (mode, padding_mode, align_corners)
 
 
-def _build(U, grid, mode, padding_mode, align_corners, with_grad):
-    N, C, H, W = U.shape
-    _, Ho, Wo, _ = grid.shape
-    Hp, Wp = H + 2, W + 2
-    M = N * Ho * Wo
-    dtype = U.dtype
-    coords = grid.reshape(M, 2)
-    ix, wx, dwx, gx = _axis_taps(coords[:, 0], W, mode, padding_mode, align_corners)
-    iy, wy, dwy, gy = _axis_taps(coords[:, 1], H, mode, padding_mode, align_corners)
-    kx, ky = len(ix), len(iy)
+def _blocks(N: int, points: int, C: int) -> list[slice]:
+    """Slices of whole images of about ``_BLOCK`` values each (points x (channels + 4)).
 
-    index_dtype = np.int32 if max(N * Hp * Wp, M * kx * ky) < 2**31 - 1 else np.int64
-    # First row of each batch element in U_rows, broadcast over its Ho * Wo points.
-    batch_start = (np.arange(N, dtype=index_dtype) * (Hp * Wp))[:, None]
-    # Entries of row m are the ky * kx taps (j, i); filling one tap at a time keeps every
-    # operation a long contiguous loop, several times faster than a (M, ky, kx) broadcast.
-    cols = np.empty((M, ky, kx), dtype=index_dtype)
-    cols_nb = cols.reshape(N, Ho * Wo, ky, kx)
-    row_start = np.empty((N, Ho * Wo), dtype=index_dtype)
-    for j in range(ky):
-        np.multiply(iy[j].reshape(N, Ho * Wo), Wp, out=row_start, dtype=index_dtype)
-        row_start += batch_start
-        for i in range(kx):
-            np.add(row_start, ix[i].reshape(N, Ho * Wo), out=cols_nb[:, :, j, i])
-    cols = cols.reshape(M * ky * kx)
-    indptr = np.arange(0, M * ky * kx + 1, ky * kx, dtype=index_dtype)
-
-    def matrix(weights_y, weights_x):
-        data = np.empty((M, ky, kx), dtype=dtype)
-        for j in range(ky):
-            for i in range(kx):
-                np.multiply(weights_y[j], weights_x[i], out=data[:, j, i])
-        return sp.csr_matrix((data.reshape(-1), cols, indptr), shape=(M, N * Hp * Wp))
-
-    S = matrix(wy, wx)
-    S_x = S_y = coord_grad = None
-    if with_grad and dwx is not None:
-        S_x = matrix(wy, dwx)
-        S_y = matrix(dwy, wx)
-        # Scalars (a constant scale) stay a broadcastable (1, 2) row.
-        rows = 1 if np.ndim(gx) == np.ndim(gy) == 0 else M
-        coord_grad = np.empty((rows, 2), dtype=dtype)
-        coord_grad[:, 0], coord_grad[:, 1] = gx, gy
-
-    U_rows = _padded_rows(U)
-    return _SamplingCache(S, S_x, S_y, coord_grad, U_rows, (N, C, H, W), (Ho, Wo), dtype)
+    Small enough for every temporary of a block to stay in the core's cache, where
+    reusing it costs neither memory traffic nor the page faults of fresh arrays; and many
+    enough to keep every worker thread busy. The split depends only on the shapes, never
+    on the number of threads, so results do not either.
+    """
+    step = max(1, _BLOCK // (max(points, 1) * (C + 4)))
+    return [slice(n, min(n + step, N)) for n in range(0, N, step)]
 
 
 def _padded_rows(U: np.ndarray) -> np.ndarray:
@@ -430,55 +380,137 @@ def _padded_rows(U: np.ndarray) -> np.ndarray:
     return U_pad.reshape(N * (H + 2) * (W + 2), C)
 
 
-def _sample_by_gathers(U, grid, mode, padding_mode, align_corners):
-    """``V = S U`` without building ``S``: one weighted gather per tap, accumulated.
+def _block_taps(grid, image_hw, mode, padding_mode, align_corners):
+    """Rows of the padded U and the kernel factors of every tap, for a block of images.
 
-    The sum runs over the taps in the order of the entries of S's rows, starting from 0,
-    exactly as scipy's CSR product does, so V is bit-identical to ``_apply(_build(...))``.
-    The images go through in blocks of about ``_GATHER_BLOCK`` output points: the
-    temporaries then stay small and are reused from the heap instead of being fresh
-    multi-MB arrays, whose page faults would cost more than the arithmetic.
+    Returns
+    -------
+    rows : (ky, kx, M) int, row of ``_padded_rows`` of the block that tap ``(j, i)`` of
+        each output point reads; the taps' weight is ``wy[j] * wx[i]``.
+    x_taps, y_taps : tuples ``(weight, dweight, coord_grad)`` of :func:`_axis_taps`
     """
-    N, C, H, W = U.shape
-    _, Ho, Wo, _ = grid.shape
-    U_rows = _padded_rows(U)
-    V = np.empty((N, C, Ho, Wo), dtype=U.dtype)
-    step = max(1, _GATHER_BLOCK // (Ho * Wo))
-    for n in range(0, N, step):
-        V_rows = _gather_block(U_rows, grid[n:n + step], n, (H, W), mode, padding_mode,
-                               align_corners)
-        V[n:n + step] = V_rows.reshape(-1, Ho, Wo, C).transpose(0, 3, 1, 2)
-    return V
-
-
-def _gather_block(U_rows, grid, n0, image_hw, mode, padding_mode, align_corners):
-    """Rows ``S U`` of the images ``n0, n0 + 1, ...`` sampled at ``grid``, as ``(M, C)``."""
     N, Ho, Wo, _ = grid.shape
     H, W = image_hw
     Hp, Wp = H + 2, W + 2
-    M = N * Ho * Wo
-    coords = grid.reshape(M, 2)
-    ix, wx, _, _ = _axis_taps(coords[:, 0], W, mode, padding_mode, align_corners)
-    iy, wy, _, _ = _axis_taps(coords[:, 1], H, mode, padding_mode, align_corners)
-    index_dtype = np.int32 if len(U_rows) < 2**31 - 1 else np.int64
-    batch_start = (np.arange(n0, n0 + N, dtype=index_dtype) * (Hp * Wp))[:, None]
-    row_start = np.empty((N, Ho * Wo), dtype=index_dtype)
-    rows = np.empty((N, Ho * Wo), dtype=index_dtype)
-    weight = np.empty(M, dtype=U_rows.dtype)
-    V_rows = np.zeros((M, U_rows.shape[1]), dtype=U_rows.dtype)
-    gathered = np.empty_like(V_rows)
+    P = Ho * Wo
+    coords = grid.reshape(N * P, 2)
+    ix, *x_taps = _axis_taps(coords[:, 0], W, mode, padding_mode, align_corners)
+    iy, *y_taps = _axis_taps(coords[:, 1], H, mode, padding_mode, align_corners)
+    index_dtype = np.int32 if N * Hp * Wp < 2**31 - 1 else np.int64
+    batch_start = (np.arange(N, dtype=index_dtype) * (Hp * Wp))[:, None]
+    rows = np.empty((len(iy), len(ix), N, P), dtype=index_dtype)
+    row_start = np.empty((N, P), dtype=index_dtype)
+    # One tap at a time: every operation is a long contiguous loop.
     for j in range(len(iy)):
-        np.multiply(iy[j].reshape(N, Ho * Wo), Wp, out=row_start, dtype=index_dtype)
+        np.multiply(iy[j].reshape(N, P), Wp, out=row_start, dtype=index_dtype)
         row_start += batch_start
         for i in range(len(ix)):
-            np.add(row_start, ix[i].reshape(N, Ho * Wo), out=rows)
-            np.multiply(wy[j], wx[i], out=weight)  # rounded as S's entries are
-            # The indices are in range by construction; mode="clip" skips the bounds
-            # check that would make take() buffer its output.
-            np.take(U_rows, rows.reshape(M), axis=0, out=gathered, mode="clip")
-            gathered *= weight[:, None]
-            V_rows += gathered
+            np.add(row_start, ix[i].reshape(N, P), out=rows[j, i])
+    return rows.reshape(len(iy), len(ix), N * P), x_taps, y_taps
+
+
+def _forward(U, grid, mode, padding_mode, align_corners) -> np.ndarray:
+    """V of every block, computed on the worker threads."""
+    N, C, H, W = U.shape
+    _, Ho, Wo, _ = grid.shape
+    V = np.empty((N, C, Ho, Wo), dtype=U.dtype)
+
+    def block(sl):
+        V_rows = _sample_block(U[sl], grid[sl], mode, padding_mode, align_corners)
+        V[sl] = V_rows.reshape(-1, Ho, Wo, C).transpose(0, 3, 1, 2)
+
+    parallel_map(block, _blocks(N, Ho * Wo, C))
+    return V
+
+
+def _sample_block(U, grid, mode, padding_mode, align_corners) -> np.ndarray:
+    """Paper eq. (3), ``V = sum_taps k(x_s - w) k(y_s - h) U[h, w]``, as ``(M, C)`` rows.
+
+    The kernel ``k`` is eq. (4) (nearest), eq. (5) (bilinear) or Keys' cubic; the sum
+    runs over the taps in a fixed order, so V does not depend on the blocks or threads.
+    """
+    C = U.shape[1]
+    U_rows = _padded_rows(U)
+    rows, (wx, _, _), (wy, _, _) = _block_taps(grid, U.shape[2:], mode, padding_mode,
+                                               align_corners)
+    M = rows.shape[-1]
+    weight = np.empty(M, dtype=U.dtype)
+    V_rows = np.empty((M, C), dtype=U.dtype)
+    gathered = np.empty_like(V_rows)
+    for j in range(rows.shape[0]):
+        for i in range(rows.shape[1]):
+            np.multiply(wy[j], wx[i], out=weight)
+            # The rows are in range by construction; mode="clip" skips the bounds check
+            # that would make take() buffer its output.
+            np.take(U_rows, rows[j, i], axis=0, out=gathered, mode="clip")
+            if i == j == 0:
+                np.multiply(gathered, weight[:, None], out=V_rows)
+            else:
+                gathered *= weight[:, None]
+                V_rows += gathered
     return V_rows
+
+
+def _backward(dV, U, grid, mode, padding_mode, align_corners):
+    """dU (eq. 6) and dgrid (eq. 7) of every block, computed on the worker threads."""
+    N, C, H, W = U.shape
+    _, Ho, Wo, _ = grid.shape
+    dU = np.empty_like(U)
+    dgrid = np.empty_like(grid)
+
+    def block(sl):
+        dU[sl], dgrid[sl] = _backward_block(dV[sl], U[sl], grid[sl], mode, padding_mode,
+                                            align_corners)
+
+    parallel_map(block, _blocks(N, Ho * Wo, C))
+    return dU, dgrid
+
+
+def _backward_block(dV, U, grid, mode, padding_mode, align_corners):
+    """Gradients of one block: ``(dU (n, C, H, W), dgrid (n, Ho, Wo, 2))``.
+
+    Paper eq. (6): ``dU[h, w] = sum_i dV[i] k(x_s[i] - w) k(y_s[i] - h)``, i.e.
+    ``dU = S^T dV``, a scatter of every tap's weighted dV, done as one sparse product.
+    Paper eq. (7): ``dx_s[i] = sum_c dV[c, i] sum_taps k'(x_s - w) k(y_s - h) U[c, h, w]``
+    times ``dx/dx_s`` (likewise for ``y_s``); zero for nearest, whose kernel is flat.
+    """
+    n, C, H, W = U.shape
+    _, Ho, Wo, _ = grid.shape
+    M = n * Ho * Wo
+    rows, (wx, dwx, gx), (wy, dwy, gy) = _block_taps(grid, (H, W), mode, padding_mode,
+                                                     align_corners)
+    ky, kx = rows.shape[:2]
+    dV_rows = np.ascontiguousarray(dV.reshape(n, C, Ho * Wo).transpose(0, 2, 1)).reshape(M, C)
+
+    weight = np.empty((ky, kx, M), dtype=U.dtype)
+    for j in range(ky):
+        for i in range(kx):
+            np.multiply(wy[j], wx[i], out=weight[j, i])
+    # COO keeps the entries tap-major, as computed: CSR would need them point-major.
+    points = np.tile(np.arange(M, dtype=rows.dtype), ky * kx)
+    S = sp.coo_matrix((weight.reshape(-1), (points, rows.reshape(-1))),
+                      shape=(M, n * (H + 2) * (W + 2)))
+    dU_pad = _matmul(S.T, dV_rows).reshape(n, H + 2, W + 2, C)
+    dU = dU_pad[:, 1:-1, 1:-1, :].transpose(0, 3, 1, 2)
+
+    dgrid = np.zeros((M, 2), dtype=U.dtype)
+    if dwx is not None:
+        U_rows = _padded_rows(U)
+        gathered = np.empty((M, C), dtype=U.dtype)
+        dVU = np.empty(M, dtype=U.dtype)
+        factor = np.empty(M, dtype=U.dtype)
+        dx = np.zeros(M, dtype=U.dtype)
+        dy = np.zeros(M, dtype=U.dtype)
+        for j in range(ky):
+            for i in range(kx):
+                np.take(U_rows, rows[j, i], axis=0, out=gathered, mode="clip")
+                np.einsum("mc,mc->m", dV_rows, gathered, out=dVU)
+                dx += np.multiply(wy[j], dwx[i], out=factor) * dVU
+                dy += np.multiply(dwy[j], wx[i], out=factor) * dVU
+        dx *= gx
+        dy *= gy
+        dgrid[:, 0], dgrid[:, 1] = dx, dy
+    return dU, dgrid.reshape(n, Ho, Wo, 2)
 
 
 def _matmul(A, B: np.ndarray) -> np.ndarray:
@@ -486,12 +518,3 @@ def _matmul(A, B: np.ndarray) -> np.ndarray:
     if B.shape[1] == 1:
         return (A @ B[:, 0])[:, None]
     return A @ B
-
-
-def _apply(cache: _SamplingCache) -> np.ndarray:
-    N, C, _, _ = cache.U_shape
-    Ho, Wo = cache.out_hw
-    V_rows = _matmul(cache.S, cache.U_rows)
-    return np.ascontiguousarray(V_rows.reshape(N, Ho * Wo, C).transpose(0, 2, 1)).reshape(
-        N, C, Ho, Wo
-    )
