@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from ._checks import check_choice, check_finite, check_float_array
+from ._checks import NonFiniteError, check_choice, check_finite, check_float_array
 from ._parallel import parallel_map
 
 __all__ = [
@@ -89,7 +89,9 @@ def grid_sample(U, grid, mode="bilinear", padding_mode="zeros", align_corners=Fa
     U : ndarray, shape (N, C, H, W), float32 or float64
         Input feature map.
     grid : ndarray, shape (N, H_o, W_o, 2), dtype of ``U``
-        Normalized source coordinates ``(x_s, y_s)``; must be finite.
+        Normalized source coordinates ``(x_s, y_s)``; finite, and at most
+        ``finfo(dtype).max / max(H, W)`` in magnitude, so that pixel coordinates cannot
+        overflow (any larger value lies far outside the image anyway).
     mode : {"bilinear", "nearest", "bicubic"}
     padding_mode : {"zeros", "border", "reflection"}
     align_corners : bool
@@ -104,7 +106,8 @@ def grid_sample(U, grid, mode="bilinear", padding_mode="zeros", align_corners=Fa
         Non-float arrays or mismatched dtypes.
     ValueError
         Wrong shapes, unknown modes; :class:`~stn_numpy.NonFiniteError` (a ValueError)
-        for NaN or inf in ``grid``. NaN or inf in ``U`` propagate.
+        for NaN, inf or a value beyond that bound in ``grid``. NaN or inf in ``U``
+        propagate.
     """
     _check_inputs(U, grid, mode, padding_mode, align_corners)
     return _forward(U, grid, mode, padding_mode, align_corners)
@@ -197,7 +200,29 @@ def _check_inputs(U, grid, mode, padding_mode, align_corners) -> None:
     check_choice("mode", mode, MODES)
     check_choice("padding_mode", padding_mode, PADDING_MODES)
     check_choice("align_corners", align_corners, (True, False))
+    _check_grid_range(grid, max(U.shape[2], U.shape[3]))
+
+
+def _check_grid_range(grid: np.ndarray, size: int) -> None:
+    """Raise :class:`NonFiniteError` unless ``|grid| <= finfo.max / size`` everywhere.
+
+    The bound is what keeps every index computation in range: with ``size = max(H, W)``
+    every pixel coordinate obeys ``|x| <= (max / W + 1) W / 2 + 1/2 < max``, so it, its
+    bicubic taps and its reflections are finite, and clipping a finite value yields an
+    in-range index. A larger finite ``x_s`` would overflow to inf, which reflection turns
+    into NaN and no index can represent; PyTorch returns NaN (or crashes) there, we
+    refuse it as we refuse inf itself.
+    """
+    limit = np.finfo(grid.dtype).max / size
+    # Two reductions without temporaries; NaN fails both comparisons.
+    if grid.size == 0 or (-limit <= grid.min() and grid.max() <= limit):
+        return
     check_finite("grid", grid)
+    bad = int(np.count_nonzero(np.abs(grid) > limit))
+    raise NonFiniteError(
+        f"grid contains {bad} value(s) beyond +-{limit:.4g}, where the pixel coordinate "
+        f"for an input of height or width {size} overflows {grid.dtype}"
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -417,7 +442,8 @@ def _forward(U, grid, mode, padding_mode, align_corners) -> np.ndarray:
 
     def block(sl):
         V_rows = _sample_block(U[sl], grid[sl], mode, padding_mode, align_corners)
-        V[sl] = V_rows.reshape(-1, Ho, Wo, C).transpose(0, 3, 1, 2)
+        # Explicit sizes, not -1: with C = 0 or an empty grid, 0 elements fix no -1.
+        V[sl] = V_rows.reshape(len(V[sl]), Ho, Wo, C).transpose(0, 3, 1, 2)
 
     parallel_map(block, _blocks(N, Ho * Wo, C))
     return V
