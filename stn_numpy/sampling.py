@@ -74,6 +74,8 @@ _CUBIC_A = -0.75
 # Values (output points x (channels + 4)) per block of images, see _blocks: a block's
 # temporaries then total about 2 MB (float32), half a core's L2 cache.
 _BLOCK = 2**17
+# Zeros on each side of U: as many as the kernel has taps per axis (see _padded_index).
+_RING = {"nearest": 1, "bilinear": 2, "bicubic": 4}
 
 
 # --------------------------------------------------------------------------------------
@@ -279,20 +281,19 @@ def _pad_coordinate(x: np.ndarray, size: int, padding_mode: str, align_corners: 
     return x, sign * grad
 
 
-def _padded_index(i: np.ndarray, size: int, shift: int = 0, out=None) -> np.ndarray:
-    """Integer pixel index ``i + shift`` -> index into the zero-ringed axis of ``size + 2``.
+def _padded_index(i: np.ndarray, size: int, ring: int) -> np.ndarray:
+    """Pixel index ``i`` -> index into the axis padded with ``ring`` zeros on each side.
 
-    ``i`` holds integer-valued floats. Everything left of the image lands on the ring's 0,
-    everything right on ``size + 1``. int32 suffices (the axis is short) and halves the
-    memory traffic of the index maths. The clip writes int32 directly (clip and cast in
-    one pass), and ``shift`` moves the clip bounds instead of adding to ``i``: the tap
-    ``i + shift`` then needs no float temporary. (Exact: ``i + shift`` only rounds where
-    ``|i| >= 2**24``, far outside the clip range either way.)
+    ``i`` holds integer-valued floats, the first of ``ring`` consecutive taps: clipped to
+    ``[-ring, size]``, every tap ``i, ..., i + ring - 1`` stays inside the padded axis of
+    ``size + 2 ring``, and a run of taps wholly outside the image reads only zeros. So
+    one index per point serves all its taps, each tap a fixed offset from it. int32
+    suffices (the axis is short) and halves the memory traffic of the index maths; the
+    clip writes it directly (clip and cast in one pass).
     """
-    if out is None:
-        out = np.empty(i.shape, dtype=np.int32)
-    np.clip(i, -1 - shift, size - shift, out=out, casting="unsafe")
-    out += 1 + shift
+    out = np.empty(i.shape, dtype=np.int32)
+    np.clip(i, -ring, size, out=out, casting="unsafe")
+    out += ring
     return out
 
 
@@ -306,7 +307,10 @@ def _axis_taps(coord, size, mode, padding_mode, align_corners):
 
     Returns
     -------
-    index : (k, M) int32, indices into the zero-ringed axis
+    index : (1, M) or (k, M) int32, indices into the axis padded with ``_RING[mode]``
+        zeros on each side (:func:`_padded_index`): one row for the first of ``k``
+        consecutive taps, else one per tap (bicubic with border or reflection padding,
+        where each tap is padded on its own)
     weight : (k, M) float, kernel weights
     dweight : (k, M) float or None, derivative of the weights w.r.t. the pixel coordinate
     coord_grad : (M,) float, d(pixel coordinate fed to the kernel) / d(normalized coord)
@@ -320,28 +324,24 @@ def _axis_taps(coord, size, mode, padding_mode, align_corners):
         x0 = np.floor(x)
         t = np.subtract(x, x0, out=x)
         if padding_mode == "zeros":
-            index = np.empty((4,) + x.shape, dtype=np.int32)
-            for k in range(4):
-                _padded_index(x0, size, shift=k - 1, out=index[k])
+            index = _padded_index(x0 - 1, size, 4)[None]
         else:
             taps = x0[None, :] + np.arange(-1, 3, dtype=x.dtype)[:, None]
             taps, _ = _pad_coordinate(taps, size, padding_mode, align_corners)
-            index = _padded_index(np.rint(taps), size)
+            index = _padded_index(np.rint(taps), size, 4)
         weight, dweight = _cubic_weights(t)
         return index, weight, dweight, scale
 
     x, pad_grad = _pad_coordinate(x, size, padding_mode, align_corners)
     coord_grad = scale if pad_grad is None else scale * pad_grad
     if mode == "nearest":
-        index = _padded_index(np.rint(x, out=x), size)[None]
+        index = _padded_index(np.rint(x, out=x), size, 1)[None]
         return index, np.ones((1, 1), dtype=x.dtype), None, coord_grad
     x0 = np.floor(x)
     weight = np.empty((2,) + x.shape, dtype=x.dtype)
     t = np.subtract(x, x0, out=weight[1])
     np.subtract(1, t, out=weight[0])
-    index = np.empty((2,) + x.shape, dtype=np.int32)
-    _padded_index(x0, size, out=index[0])
-    _padded_index(x0, size, shift=1, out=index[1])
+    index = _padded_index(x0, size, 2)[None]
     dweight = np.array([[-1], [1]], dtype=x.dtype)
     return index, weight, dweight, coord_grad
 
@@ -397,41 +397,48 @@ def _blocks(N: int, points: int, C: int) -> list[slice]:
     return [slice(n, min(n + step, N)) for n in range(0, N, step)]
 
 
-def _padded_rows(U: np.ndarray) -> np.ndarray:
-    """U as ``(N * Hp * Wp, C)`` rows, one per pixel of the zero-ringed image."""
+def _padded_rows(U: np.ndarray, ring: int) -> np.ndarray:
+    """U as ``(N * Hp * Wp, C)`` rows, one per pixel of the image padded with ``ring``
+    zeros on every side (``Hp = H + 2 ring``)."""
     N, C, H, W = U.shape
-    U_pad = np.zeros((N, H + 2, W + 2, C), dtype=U.dtype)
-    U_pad[:, 1:-1, 1:-1, :] = U.transpose(0, 2, 3, 1)
-    return U_pad.reshape(N * (H + 2) * (W + 2), C)
+    U_pad = np.zeros((N, H + 2 * ring, W + 2 * ring, C), dtype=U.dtype)
+    U_pad[:, ring:ring + H, ring:ring + W, :] = U.transpose(0, 2, 3, 1)
+    return U_pad.reshape(len(U_pad) * (H + 2 * ring) * (W + 2 * ring), C)
 
 
 def _block_taps(grid, image_hw, mode, padding_mode, align_corners):
-    """Rows of the padded U and the kernel factors of every tap, for a block of images.
+    """Rows of the padded U that every tap reads, and the kernel factors, for a block.
 
     Returns
     -------
-    rows : (ky, kx, M) int, row of ``_padded_rows`` of the block that tap ``(j, i)`` of
-        each output point reads; the taps' weight is ``wy[j] * wx[i]``.
+    taps : list of ``(j, i, rows, offset)``, one per tap: the tap with weight
+        ``wy[j] * wx[i]`` reads row ``rows + offset`` of :func:`_padded_rows` of the block
+        (``rows`` an ``(M,)`` int array shared by consecutive taps, ``offset`` an int)
     x_taps, y_taps : tuples ``(weight, dweight, coord_grad)`` of :func:`_axis_taps`
     """
     N, Ho, Wo, _ = grid.shape
     H, W = image_hw
-    Hp, Wp = H + 2, W + 2
+    Wp = W + 2 * _RING[mode]
     P = Ho * Wo
     coords = grid.reshape(N * P, 2)
-    ix, *x_taps = _axis_taps(coords[:, 0], W, mode, padding_mode, align_corners)
-    iy, *y_taps = _axis_taps(coords[:, 1], H, mode, padding_mode, align_corners)
-    index_dtype = np.int32 if N * Hp * Wp < 2**31 - 1 else np.int64
-    batch_start = (np.arange(N, dtype=index_dtype) * (Hp * Wp))[:, None]
+    ix, wx, *x_grads = _axis_taps(coords[:, 0], W, mode, padding_mode, align_corners)
+    iy, wy, *y_grads = _axis_taps(coords[:, 1], H, mode, padding_mode, align_corners)
+    index_dtype = np.int32 if N * (H + 2 * _RING[mode]) * Wp < 2**31 - 1 else np.int64
+    batch_start = (np.arange(N, dtype=index_dtype) * ((H + 2 * _RING[mode]) * Wp))[:, None]
     rows = np.empty((len(iy), len(ix), N, P), dtype=index_dtype)
     row_start = np.empty((N, P), dtype=index_dtype)
-    # One tap at a time: every operation is a long contiguous loop.
     for j in range(len(iy)):
         np.multiply(iy[j].reshape(N, P), Wp, out=row_start, dtype=index_dtype)
         row_start += batch_start
         for i in range(len(ix)):
             np.add(row_start, ix[i].reshape(N, P), out=rows[j, i])
-    return rows.reshape(len(iy), len(ix), N * P), x_taps, y_taps
+    rows = rows.reshape(len(iy), len(ix), N * P)
+    # A single index row stands for consecutive taps: tap j is then j rows (j * Wp
+    # padded pixels) further on.
+    taps = [(j, i, rows[j if len(iy) > 1 else 0, i if len(ix) > 1 else 0],
+             (0 if len(iy) > 1 else j * Wp) + (0 if len(ix) > 1 else i))
+            for j in range(len(wy)) for i in range(len(wx))]
+    return taps, (wx, *x_grads), (wy, *y_grads)
 
 
 def _forward(U, grid, mode, padding_mode, align_corners) -> np.ndarray:
@@ -456,25 +463,36 @@ def _sample_block(U, grid, mode, padding_mode, align_corners) -> np.ndarray:
     runs over the taps in a fixed order, so V does not depend on the blocks or threads.
     """
     C = U.shape[1]
-    U_rows = _padded_rows(U)
-    rows, (wx, _, _), (wy, _, _) = _block_taps(grid, U.shape[2:], mode, padding_mode,
+    U_rows = _padded_rows(U, _RING[mode])
+    taps, (wx, _, _), (wy, _, _) = _block_taps(grid, U.shape[2:], mode, padding_mode,
                                                align_corners)
-    M = rows.shape[-1]
+    M = len(taps[0][2])
+    U_rows, V_rows, per_row = _squeezed(U_rows, np.empty((M, C), dtype=U.dtype))
     weight = np.empty(M, dtype=U.dtype)
-    V_rows = np.empty((M, C), dtype=U.dtype)
     gathered = np.empty_like(V_rows)
-    for j in range(rows.shape[0]):
-        for i in range(rows.shape[1]):
-            np.multiply(wy[j], wx[i], out=weight)
-            # The rows are in range by construction; mode="clip" skips the bounds check
-            # that would make take() buffer its output.
-            np.take(U_rows, rows[j, i], axis=0, out=gathered, mode="clip")
-            if i == j == 0:
-                np.multiply(gathered, weight[:, None], out=V_rows)
-            else:
-                gathered *= weight[:, None]
-                V_rows += gathered
-    return V_rows
+    for t, (j, i, rows, offset) in enumerate(taps):
+        np.multiply(wy[j], wx[i], out=weight)
+        # The rows are in range by construction; mode="clip" skips the bounds check that
+        # would make take() buffer its output. The offset is a view, not an addition.
+        np.take(U_rows[offset:], rows, axis=0, out=gathered, mode="clip")
+        if t == 0:
+            np.multiply(gathered, per_row(weight), out=V_rows)
+        else:
+            gathered *= per_row(weight)
+            V_rows += gathered
+    return V_rows.reshape(M, C)
+
+
+def _squeezed(U_rows: np.ndarray, rows: np.ndarray):
+    """``(U_rows, rows, per_row)`` with a single channel dropped, and ``per_row(w)``
+    shaping a per-row factor to multiply ``rows``.
+
+    A ``(M, 1)`` operand runs NumPy's loops one element at a time (about 8 times slower
+    than the same data as ``(M,)``); several channels broadcast a ``(M, 1)`` factor.
+    """
+    if U_rows.shape[1] == 1:
+        return U_rows[:, 0], rows[:, 0], lambda w: w
+    return U_rows, rows, lambda w: w[:, None]
 
 
 def _backward(dV, U, grid, mode, padding_mode, align_corners):
@@ -503,36 +521,44 @@ def _backward_block(dV, U, grid, mode, padding_mode, align_corners):
     n, C, H, W = U.shape
     _, Ho, Wo, _ = grid.shape
     M = n * Ho * Wo
-    rows, (wx, dwx, gx), (wy, dwy, gy) = _block_taps(grid, (H, W), mode, padding_mode,
+    ring = _RING[mode]
+    Hp, Wp = H + 2 * ring, W + 2 * ring
+    taps, (wx, dwx, gx), (wy, dwy, gy) = _block_taps(grid, (H, W), mode, padding_mode,
                                                      align_corners)
-    ky, kx = rows.shape[:2]
     dV_rows = np.ascontiguousarray(dV.reshape(n, C, Ho * Wo).transpose(0, 2, 1)).reshape(M, C)
 
-    weight = np.empty((ky, kx, M), dtype=U.dtype)
-    for j in range(ky):
-        for i in range(kx):
-            np.multiply(wy[j], wx[i], out=weight[j, i])
-    # COO keeps the entries tap-major, as computed: CSR would need them point-major.
-    points = np.tile(np.arange(M, dtype=rows.dtype), ky * kx)
-    S = sp.coo_matrix((weight.reshape(-1), (points, rows.reshape(-1))),
-                      shape=(M, n * (H + 2) * (W + 2)))
-    dU_pad = _matmul(S.T, dV_rows).reshape(n, H + 2, W + 2, C)
-    dU = dU_pad[:, 1:-1, 1:-1, :].transpose(0, 3, 1, 2)
+    # S as CSR, one row of taps per output point; its transpose's product (a CSC one)
+    # is scipy's fastest scatter, faster than COO, np.add.at or np.bincount.
+    weight = np.empty((M, len(taps)), dtype=U.dtype)
+    cols = np.empty((M, len(taps)), dtype=taps[0][2].dtype)
+    for t, (j, i, rows, offset) in enumerate(taps):
+        np.multiply(wy[j], wx[i], out=weight[:, t])
+        np.add(rows, offset, out=cols[:, t])
+    indptr = np.arange(0, M * len(taps) + 1, len(taps), dtype=cols.dtype)
+    S = sp.csr_matrix((weight.reshape(-1), cols.reshape(-1), indptr), shape=(M, n * Hp * Wp))
+    dU_pad = _matmul(S.T, dV_rows).reshape(n, Hp, Wp, C)
+    dU = dU_pad[:, ring:ring + H, ring:ring + W, :].transpose(0, 3, 1, 2)
 
     dgrid = np.zeros((M, 2), dtype=U.dtype)
     if dwx is not None:
-        U_rows = _padded_rows(U)
-        gathered = np.empty((M, C), dtype=U.dtype)
+        U_rows, dV_rows, _ = _squeezed(_padded_rows(U, ring), dV_rows)
+        gathered = np.empty_like(dV_rows)
         dVU = np.empty(M, dtype=U.dtype)
         factor = np.empty(M, dtype=U.dtype)
         dx = np.zeros(M, dtype=U.dtype)
         dy = np.zeros(M, dtype=U.dtype)
-        for j in range(ky):
-            for i in range(kx):
-                np.take(U_rows, rows[j, i], axis=0, out=gathered, mode="clip")
+        for j, i, rows, offset in taps:
+            np.take(U_rows[offset:], rows, axis=0, out=gathered, mode="clip")
+            if C == 1:
+                np.multiply(dV_rows, gathered, out=dVU)
+            else:
                 np.einsum("mc,mc->m", dV_rows, gathered, out=dVU)
-                dx += np.multiply(wy[j], dwx[i], out=factor) * dVU
-                dy += np.multiply(dwy[j], wx[i], out=factor) * dVU
+            np.multiply(wy[j], dwx[i], out=factor)
+            factor *= dVU
+            dx += factor
+            np.multiply(dwy[j], wx[i], out=factor)
+            factor *= dVU
+            dy += factor
         dx *= gx
         dy *= gy
         dgrid[:, 0], dgrid[:, 1] = dx, dy
