@@ -28,6 +28,7 @@ from ._checks import (
     check_choice,
     check_finite,
     check_float_array,
+    check_int,
     check_positive_int,
 )
 from .layers import (
@@ -219,7 +220,7 @@ def build_model(arch: str = "stn", input_size=(28, 28), transform: str = "affine
     ValueError
         Unknown ``arch``, ``transform``, ``mode``, ``padding_mode``, a non-bool
         ``align_corners``; ``input_size`` not a pair or below ``MIN_INPUT_SIZE[arch]``
-        (16 for ``cnn``, 18 for ``stn``).
+        (16 for ``cnn``, 18 for ``stn``); ``seed`` not an int >= 0.
     TypeError
         ``input_size`` not of ints; ``dtype`` not float32 or float64.
     """
@@ -231,10 +232,11 @@ def build_model(arch: str = "stn", input_size=(28, 28), transform: str = "affine
     check_choice("align_corners", align_corners, (True, False))
     if np.dtype(dtype) not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
+    seed = check_int("seed", seed)
     rng = np.random.default_rng(seed)
     config = {"arch": arch, "input_size": [H, W], "transform": transform, "mode": mode,
               "padding_mode": padding_mode, "align_corners": bool(align_corners),
-              "seed": int(seed), "dtype": np.dtype(dtype).name}
+              "seed": seed, "dtype": np.dtype(dtype).name}
     classifier = _classifier(H, W, rng, dtype)
     if arch == "cnn":
         return Model(classifier, config)
