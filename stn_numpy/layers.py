@@ -253,12 +253,15 @@ class MaxPool2d(Layer):
         return f"MaxPool2d(kernel_size={self.kernel_size})"
 
     def _window_offsets(self, a: np.ndarray):
-        """Views ``a[:, :, p::k, q::k]`` (trimmed to whole windows), in row-major order."""
-        N, C, H, W = a.shape
+        """Views ``a[:, :, p::k, q::k]`` (trimmed to whole windows), in row-major order.
+
+        Slices, not a reshape: they stay views whatever the memory layout of ``a`` (a
+        convolution's output has the batch innermost), so no copy is made and NumPy
+        runs each pass along that layout's contiguous axis.
+        """
         k = self.kernel_size
-        Ho, Wo = H // k, W // k
-        a6 = a[:, :, :Ho * k, :Wo * k].reshape(N, C, Ho, k, Wo, k)
-        return [a6[:, :, :, p, :, q] for p in range(k) for q in range(k)]
+        Ho, Wo = a.shape[2] // k, a.shape[3] // k
+        return [a[:, :, p:Ho * k:k, q:Wo * k:k] for p in range(k) for q in range(k)]
 
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
         """Pool.
@@ -281,9 +284,10 @@ class MaxPool2d(Layer):
         out = offsets[0]
         for candidate in offsets[1:]:
             out = np.maximum(out, candidate)
-        # Scanning backwards leaves the first offset that attains the maximum.
+        # Scanning backwards leaves the first offset that attains the maximum. argmax takes
+        # out's memory layout, so the backward's passes run along its fast axis.
         index_dtype = np.min_scalar_type(k * k)
-        argmax = np.full(out.shape, k * k - 1, dtype=index_dtype)
+        argmax = np.full_like(out, k * k - 1, dtype=index_dtype)
         for j in range(k * k - 2, -1, -1):
             argmax = np.where(offsets[j] == out, index_dtype.type(j), argmax)
         # np.maximum propagates NaN, but NaN == NaN is False: PyTorch's scan
@@ -291,7 +295,7 @@ class MaxPool2d(Layer):
         if np.isnan(out).any():
             for j, candidate in enumerate(offsets):
                 argmax[np.isnan(candidate)] = j
-        self._cache = (x.shape, argmax)
+        self._cache = (x, argmax)
         self._out_shape = out.shape
         return out
 
@@ -307,8 +311,9 @@ class MaxPool2d(Layer):
         dx : ndarray, shape (N, C, H, W)
         """
         dout = self._check_dout(dout)
-        x_shape, argmax = self._cache
-        dx = np.zeros(x_shape, dtype=dout.dtype)
+        x, argmax = self._cache
+        # In x's memory layout, so that the strided writes below run along its fast axis.
+        dx = np.zeros_like(x, dtype=dout.dtype)
         for j, dx_offset in enumerate(self._window_offsets(dx)):
             np.multiply(dout, argmax == j, out=dx_offset)
         return dx
