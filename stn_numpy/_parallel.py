@@ -19,7 +19,10 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["get_num_threads", "set_num_threads", "parallel_map", "keep_freed_memory"]
+from ._checks import parse_positive_int
+
+__all__ = ["get_num_threads", "set_num_threads", "parallel_map", "add_threads_option",
+           "keep_freed_memory", "freed_memory_kept"]
 
 ENV_VAR = "STN_NUMPY_NUM_THREADS"
 _lock = threading.Lock()
@@ -69,6 +72,13 @@ def set_num_threads(n: int | None) -> None:
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"n must be a positive int or None, got {n!r}")
     _requested = n
+
+
+def add_threads_option(parser) -> None:
+    """Add ``--threads N`` to an argparse parser (apply it with :func:`set_num_threads`)."""
+    parser.add_argument("--threads", type=parse_positive_int, default=None,
+                        help=f"worker threads (default: ${ENV_VAR}, else $OMP_NUM_THREADS, "
+                             "else every usable core)")
 
 
 def parallel_map(fn, items) -> None:
@@ -129,4 +139,9 @@ def keep_freed_memory() -> bool:
     # Trim first: the trim threshold must exceed the mmap threshold to keep the blocks.
     _memory_kept = bool(mallopt(_M_TRIM_THRESHOLD, 2 * _KEEP_BYTES)
                         and mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES))
+    return _memory_kept
+
+
+def freed_memory_kept() -> bool:
+    """Whether :func:`keep_freed_memory` has taken effect in this process."""
     return _memory_kept

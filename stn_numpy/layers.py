@@ -208,7 +208,9 @@ class Conv2d(Layer):
         k = self.kernel_size
         w = self.params["weight"]
         dout_mat = dout.transpose(1, 2, 3, 0).reshape(F, Ho * Wo * N)
-        self.grads["weight"] = (dout_mat @ cols.T).reshape(w.shape)
+        # cols @ dout_mat^T, then transposed: OpenBLAS runs this orientation of the
+        # skinny, long product about twice as fast as dout_mat @ cols^T.
+        self.grads["weight"] = np.ascontiguousarray((cols @ dout_mat.T).T).reshape(w.shape)
         self.grads["bias"] = dout_mat.sum(axis=1)
         w_mat = w.transpose(2, 3, 1, 0).reshape(k * k * C, F)
         dcols = self._buffer("dcols", (k * k * C, Ho * Wo * N), np.result_type(w, dout))
