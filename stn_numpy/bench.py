@@ -13,10 +13,11 @@ Cases, all float32:
   ``grid_sample_backward``, which builds the sampling matrices twice; against the same
   PyTorch call.
 * ``train step stn|cnn``: one SGD step (lr 0.01, momentum 0.9) of the tutorial's model on
-  a batch of 28x28 images: forward in training mode (dropout on), cross-entropy, backward,
-  update. The PyTorch side is the tutorial's ``Net`` written out below, with the MNIST
-  normalisation moved inside it so both sides run the same operations (our models
-  normalise internally and the transformer samples the raw image).
+  a batch of 28x28 images: forward in training mode (dropout on), cross-entropy, backward
+  (without the images' own gradient, which neither side computes), update. The PyTorch
+  side is the tutorial's ``Net`` written out below, with the MNIST normalisation moved
+  inside it so both sides run the same operations (our models normalise internally and
+  the transformer samples the raw image).
 
 Sampler configurations: ``N=256, C=1, 60x60`` (the translated/cluttered MNIST images) and
 ``N=64, C=32, 32x32`` (a transformer placed on a feature map); training at batch 64.
@@ -349,7 +350,7 @@ def _ours_train_step(arch: str, x, y):
 
     def step():
         _, dlogits = cross_entropy(model.forward(x, train=True), y)
-        model.backward(dlogits)
+        model.backward(dlogits, input_grad=False)
         optimizer.step(model.grads)
 
     return step

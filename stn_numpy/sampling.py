@@ -155,7 +155,7 @@ def grid_sample_forward(U, grid, mode="bilinear", padding_mode="zeros", align_co
             _SamplingCache(U, grid, (mode, padding_mode, align_corners)))
 
 
-def grid_sample_backward_from_cache(dV, cache):
+def grid_sample_backward_from_cache(dV, cache, input_grad=True):
     """Gradients of the :func:`grid_sample_forward` call that produced ``cache``.
 
     Parameters
@@ -164,10 +164,13 @@ def grid_sample_backward_from_cache(dV, cache):
         Upstream gradient, the shape and dtype of the forward's V.
     cache : object
         The second value :func:`grid_sample_forward` returned.
+    input_grad : bool
+        False skips ``dU`` (returned as None), for a U that is data: eq. (6)'s scatter
+        is then not run at all.
 
     Returns
     -------
-    dU : ndarray, shape (N, C, H, W)
+    dU : ndarray, shape (N, C, H, W), or None
     dgrid : ndarray, shape (N, H_o, W_o, 2)
         Zero for ``mode="nearest"``.
     """
@@ -180,7 +183,7 @@ def grid_sample_backward_from_cache(dV, cache):
     dV = check_float_array("dV", dV, shape=(N, C, Ho, Wo))
     if dV.dtype != U.dtype:
         raise TypeError(f"dV must have the dtype of U, {U.dtype}, got {dV.dtype}")
-    return _backward(dV, U, grid, *cache.options)
+    return _backward(dV, U, grid, *cache.options, input_grad=bool(input_grad))
 
 
 # --------------------------------------------------------------------------------------
@@ -495,23 +498,26 @@ def _squeezed(U_rows: np.ndarray, rows: np.ndarray):
     return U_rows, rows, lambda w: w[:, None]
 
 
-def _backward(dV, U, grid, mode, padding_mode, align_corners):
-    """dU (eq. 6) and dgrid (eq. 7) of every block, computed on the worker threads."""
+def _backward(dV, U, grid, mode, padding_mode, align_corners, input_grad=True):
+    """dU (eq. 6; None without input_grad) and dgrid (eq. 7) of every block, computed on
+    the worker threads."""
     N, C, H, W = U.shape
     _, Ho, Wo, _ = grid.shape
-    dU = np.empty_like(U)
+    dU = np.empty_like(U) if input_grad else None
     dgrid = np.empty_like(grid)
 
     def block(sl):
-        dU[sl], dgrid[sl] = _backward_block(dV[sl], U[sl], grid[sl], mode, padding_mode,
-                                            align_corners)
+        dU_block, dgrid[sl] = _backward_block(dV[sl], U[sl], grid[sl], mode, padding_mode,
+                                              align_corners, input_grad)
+        if input_grad:
+            dU[sl] = dU_block
 
     parallel_map(block, _blocks(N, Ho * Wo, C))
     return dU, dgrid
 
 
-def _backward_block(dV, U, grid, mode, padding_mode, align_corners):
-    """Gradients of one block: ``(dU (n, C, H, W), dgrid (n, Ho, Wo, 2))``.
+def _backward_block(dV, U, grid, mode, padding_mode, align_corners, input_grad):
+    """Gradients of one block: ``(dU (n, C, H, W) or None, dgrid (n, Ho, Wo, 2))``.
 
     Paper eq. (6): ``dU[h, w] = sum_i dV[i] k(x_s[i] - w) k(y_s[i] - h)``, i.e.
     ``dU = S^T dV``, a scatter of every tap's weighted dV, done as one sparse product.
@@ -527,17 +533,20 @@ def _backward_block(dV, U, grid, mode, padding_mode, align_corners):
                                                      align_corners)
     dV_rows = np.ascontiguousarray(dV.reshape(n, C, Ho * Wo).transpose(0, 2, 1)).reshape(M, C)
 
-    # S as CSR, one row of taps per output point; its transpose's product (a CSC one)
-    # is scipy's fastest scatter, faster than COO, np.add.at or np.bincount.
-    weight = np.empty((M, len(taps)), dtype=U.dtype)
-    cols = np.empty((M, len(taps)), dtype=taps[0][2].dtype)
-    for t, (j, i, rows, offset) in enumerate(taps):
-        np.multiply(wy[j], wx[i], out=weight[:, t])
-        np.add(rows, offset, out=cols[:, t])
-    indptr = np.arange(0, M * len(taps) + 1, len(taps), dtype=cols.dtype)
-    S = sp.csr_matrix((weight.reshape(-1), cols.reshape(-1), indptr), shape=(M, n * Hp * Wp))
-    dU_pad = _matmul(S.T, dV_rows).reshape(n, Hp, Wp, C)
-    dU = dU_pad[:, ring:ring + H, ring:ring + W, :].transpose(0, 3, 1, 2)
+    dU = None
+    if input_grad:
+        # S as CSR, one row of taps per output point; its transpose's product (a CSC
+        # one) is scipy's fastest scatter, faster than COO, np.add.at or np.bincount.
+        weight = np.empty((M, len(taps)), dtype=U.dtype)
+        cols = np.empty((M, len(taps)), dtype=taps[0][2].dtype)
+        for t, (j, i, rows, offset) in enumerate(taps):
+            np.multiply(wy[j], wx[i], out=weight[:, t])
+            np.add(rows, offset, out=cols[:, t])
+        indptr = np.arange(0, M * len(taps) + 1, len(taps), dtype=cols.dtype)
+        S = sp.csr_matrix((weight.reshape(-1), cols.reshape(-1), indptr),
+                          shape=(M, n * Hp * Wp))
+        dU_pad = _matmul(S.T, dV_rows).reshape(n, Hp, Wp, C)
+        dU = dU_pad[:, ring:ring + H, ring:ring + W, :].transpose(0, 3, 1, 2)
 
     dgrid = np.zeros((M, 2), dtype=U.dtype)
     if dwx is not None:

@@ -406,3 +406,15 @@ def test_results_do_not_depend_on_blocks_or_threads(rng, dtype, mode, padding_mo
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_backward_without_input_grad_skips_only_dU(rng, mode):
+    U = rng.standard_normal((3, 2, 6, 7))
+    grid = rng.uniform(-1.2, 1.2, (3, 4, 5, 2))
+    dV = rng.standard_normal((3, 2, 4, 5))
+    _, cache = grid_sample_forward(U, grid, mode)
+    dU, dgrid = grid_sample_backward_from_cache(dV, cache)
+    none, dgrid_only = grid_sample_backward_from_cache(dV, cache, input_grad=False)
+    assert none is None and dU.shape == U.shape
+    np.testing.assert_array_equal(dgrid_only, dgrid)
