@@ -145,22 +145,34 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # The command line owns its process, so it may tune the allocator (see _parallel).
     keep_freed_memory()
-    if argv and argv[0] in ("bench", "verify"):
-        if argv[0] == "bench":
-            from .bench import main as sub_main
-        else:
-            from .verify import main as sub_main
-        return sub_main(argv[1:]) or 0
-    args = parser.parse_args(argv)
-    if getattr(args, "threads", None) is not None:
-        set_num_threads(args.threads)
+    command = argv[0] if argv else None
+    # Bench and verify handle their own bad input; any OS error of any command (an
+    # unwritable or impossible path, a full disk, a file where a folder should be, a
+    # failed download) ends in one line naming the path, never a traceback.
+    handled = OSError if command in ("bench", "verify") else (OSError, ValueError)
     try:
+        if command in ("bench", "verify"):
+            if command == "bench":
+                from .bench import main as sub_main
+            else:
+                from .verify import main as sub_main
+            return sub_main(argv[1:]) or 0
+        args = parser.parse_args(argv)
+        if getattr(args, "threads", None) is not None:
+            set_num_threads(args.threads)
         if args.command == "train":
             return _run_train(args, train_parser)
         return _run_evaluate(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"stn-numpy {args.command}: error: {e}", file=sys.stderr)
+    except handled as e:
+        print(f"stn-numpy {command}: error: {_describe_error(e)}", file=sys.stderr)
         return 2
+
+
+def _describe_error(e: Exception) -> str:
+    if isinstance(e, OSError) and e.filename is not None:
+        paths = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+        return f"{paths}: {e.strerror or e}"
+    return str(e)
 
 
 if __name__ == "__main__":
