@@ -203,7 +203,7 @@ def format_header(env: dict) -> str:
         machine += ", load (1/5/15 min) " + " ".join(f"{v:g}" for v in env["load_average"])
     lines = [f"numpy {env['numpy']} | scipy {env['scipy']} | torch {torch} | "
              f"python {env['python']}", machine,
-             f"ours: {env['threads']} worker threads, allocator keeps freed memory: "
+             f"ours: {env['threads']} worker thread(s), allocator keeps freed memory: "
              f"{'yes' if env['allocator_keeps_freed_memory'] else 'no'}"]
     if env["busy_cores"] is not None and env["busy_cores"] >= BUSY_CORES:
         lines.append(f"warning: other processes kept {env['busy_cores']:g} cores busy just "
