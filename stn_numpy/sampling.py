@@ -289,18 +289,18 @@ def _pad_coordinate(x: np.ndarray, size: int, padding_mode: str, align_corners: 
 
 
 def _padded_index(i: np.ndarray, size: int, ring: int) -> np.ndarray:
-    """Pixel index ``i`` -> index into the axis padded with ``ring`` zeros on each side.
+    """Pixel index ``i``, clipped for the axis padded with ``ring`` zeros on each side.
 
     ``i`` holds integer-valued floats, the first of ``ring`` consecutive taps: clipped to
     ``[-ring, size]``, every tap ``i, ..., i + ring - 1`` stays inside the padded axis of
-    ``size + 2 ring``, and a run of taps wholly outside the image reads only zeros. So
-    one index per point serves all its taps, each tap a fixed offset from it. int32
-    suffices (the axis is short) and halves the memory traffic of the index maths; the
-    clip writes it directly (clip and cast in one pass).
+    ``size + 2 ring`` (at ``i + ring`` and on), and a run of taps wholly outside the
+    image reads only zeros. So one index per point serves all its taps, each tap a fixed
+    offset from it. The shift by ``ring`` is left to :func:`_block_taps`, which folds it
+    into one constant per image. int32 suffices (the axis is short) and halves the memory
+    traffic of the index maths; the clip writes it directly (clip and cast in one pass).
     """
     out = np.empty(i.shape, dtype=np.int32)
     np.clip(i, -ring, size, out=out, casting="unsafe")
-    out += ring
     return out
 
 
@@ -314,8 +314,8 @@ def _axis_taps(coord, size, mode, padding_mode, align_corners):
 
     Returns
     -------
-    index : (1, M) or (k, M) int32, indices into the axis padded with ``_RING[mode]``
-        zeros on each side (:func:`_padded_index`): one row for the first of ``k``
+    index : (1, M) or (k, M) int32, pixel indices clipped for the axis padded with
+        ``_RING[mode]`` zeros on each side (:func:`_padded_index`): one row for the first of ``k``
         consecutive taps, else one per tap (bicubic with border or reflection padding,
         where each tap is padded on its own)
     weight : (k, M) float, kernel weights
@@ -426,12 +426,15 @@ def _block_taps(grid, image_hw, mode, padding_mode, align_corners):
     N, Ho, Wo, _ = grid.shape
     H, W = image_hw
     Wp = W + 2 * _RING[mode]
-    P = Ho * Wo
+    P = Ho * Wo  # output points per image
     coords = grid.reshape(N * P, 2)
     ix, wx, *x_grads = _axis_taps(coords[:, 0], W, mode, padding_mode, align_corners)
     iy, wy, *y_grads = _axis_taps(coords[:, 1], H, mode, padding_mode, align_corners)
-    index_dtype = np.int32 if N * (H + 2 * _RING[mode]) * Wp < 2**31 - 1 else np.int64
-    batch_start = (np.arange(N, dtype=index_dtype) * ((H + 2 * _RING[mode]) * Wp))[:, None]
+    ring = _RING[mode]
+    index_dtype = np.int32 if N * (H + 2 * ring) * Wp < 2**31 - 1 else np.int64
+    # Row of pixel (0, 0) of each image in the padded rows.
+    image_start = np.arange(N, dtype=index_dtype) * ((H + 2 * ring) * Wp) + ring * (Wp + 1)
+    batch_start = image_start[:, None]
     rows = np.empty((len(iy), len(ix), N, P), dtype=index_dtype)
     row_start = np.empty((N, P), dtype=index_dtype)
     for j in range(len(iy)):
