@@ -6,12 +6,12 @@ Cases, all float32:
   output size = input size, ``theta`` = identity + a small seeded perturbation; PyTorch's
   ``F.affine_grid`` + ``F.grid_sample`` under ``torch.no_grad()``.
 * ``sampler fwd+bwd``: the forward, then the gradients with respect to U and theta. Ours
-  runs the path training takes: ``grid_sample_forward`` keeps the sparse matrices for
+  runs the path training takes: ``grid_sample_forward`` keeps a cache for
   ``grid_sample_backward_from_cache``, then ``affine_grid_backward``. PyTorch runs autograd
   with respect to U and theta.
 * ``sampler fwd+bwd uncached``: the same with the stand-alone pair ``grid_sample`` /
-  ``grid_sample_backward``, which builds the sampling matrices twice; against the same
-  PyTorch call.
+  ``grid_sample_backward``, which checks its arguments twice; against the same PyTorch
+  call. (Both of our backward passes recompute the sampling taps.)
 * ``train step stn|cnn``: one SGD step (lr 0.01, momentum 0.9) of the tutorial's model on
   a batch of 28x28 images: forward in training mode (dropout on), cross-entropy, backward
   (without the images' own gradient, which neither side computes), update. The PyTorch

@@ -143,8 +143,8 @@ class SpatialTransformer(Layer):
         x : ndarray, shape (N, C, H, W), float
             The input U.
         train : bool
-            Passed to the localisation net (dropout). With False the sampler builds no
-            gradient matrices (faster, less memory), so :meth:`backward` cannot follow.
+            Passed to the localisation net (dropout). With False the sampler keeps no
+            cache for its backward, so :meth:`backward` cannot follow.
 
         Returns
         -------
@@ -184,8 +184,8 @@ class SpatialTransformer(Layer):
         dV = self._check_dout(dout)
         if self._sampler_cache is None:
             raise RuntimeError("SpatialTransformer.backward needs a forward pass with "
-                               "train=True; forward(x, train=False) keeps no sampling "
-                               "matrices for the backward pass")
+                               "train=True; forward(x, train=False) keeps no sampler "
+                               "cache for the backward pass")
         dU, dgrid = grid_sample_backward_from_cache(dV, self._sampler_cache,
                                                     input_grad=input_grad)
         dtheta = self._grid_backward(dgrid, self.theta, self._size, **self._grid_kwargs())
