@@ -6,17 +6,18 @@ Cases, all float32:
   output size = input size, ``theta`` = identity + a small seeded perturbation; PyTorch's
   ``F.affine_grid`` + ``F.grid_sample`` under ``torch.no_grad()``.
 * ``sampler fwd+bwd``: the forward, then the gradients with respect to U and theta. Ours
-  runs the path training takes: ``grid_sample_forward`` keeps the sparse matrices for
+  runs the path training takes: ``grid_sample_forward`` keeps a cache for
   ``grid_sample_backward_from_cache``, then ``affine_grid_backward``. PyTorch runs autograd
   with respect to U and theta.
 * ``sampler fwd+bwd uncached``: the same with the stand-alone pair ``grid_sample`` /
-  ``grid_sample_backward``, which builds the sampling matrices twice; against the same
-  PyTorch call.
+  ``grid_sample_backward``, which checks its arguments twice; against the same PyTorch
+  call. (Both of our backward passes recompute the sampling taps.)
 * ``train step stn|cnn``: one SGD step (lr 0.01, momentum 0.9) of the tutorial's model on
-  a batch of 28x28 images: forward in training mode (dropout on), cross-entropy, backward,
-  update. The PyTorch side is the tutorial's ``Net`` written out below, with the MNIST
-  normalisation moved inside it so both sides run the same operations (our models
-  normalise internally and the transformer samples the raw image).
+  a batch of 28x28 images: forward in training mode (dropout on), cross-entropy, backward
+  (without the images' own gradient, which neither side computes), update. The PyTorch
+  side is the tutorial's ``Net`` written out below, with the MNIST normalisation moved
+  inside it so both sides run the same operations (our models normalise internally and
+  the transformer samples the raw image).
 
 Sampler configurations: ``N=256, C=1, 60x60`` (the translated/cluttered MNIST images) and
 ``N=64, C=32, 32x32`` (a transformer placed on a feature map); training at batch 64.
@@ -53,6 +54,13 @@ import scipy
 
 from ._checks import check_positive_int, parse_positive_int
 from ._io import atomic_write, check_writable
+from ._parallel import (
+    add_threads_option,
+    freed_memory_kept,
+    get_num_threads,
+    keep_freed_memory,
+    set_num_threads,
+)
 from ._torch import import_torch
 from .grids import affine_grid, affine_grid_backward
 from .layers import cross_entropy
@@ -78,7 +86,8 @@ WARMUP, QUICK_WARMUP = 2, 1
 # Half a core busy elsewhere is enough to stall a thread pool spread over every core.
 BUSY_CORES = 0.5
 ENV_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS",
-            "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+            "OMP_NUM_THREADS", "MKL_NUM_THREADS", "STN_NUMPY_NUM_THREADS",
+            "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 _SAMPLER_KW = {"mode": "bilinear", "padding_mode": "zeros", "align_corners": False}
 
 
@@ -169,6 +178,8 @@ def environment() -> dict:
         "scipy": scipy.__version__,
         "torch": None if torch is None else torch.__version__,
         "torch_threads": None if torch is None else torch.get_num_threads(),
+        "threads": get_num_threads(),
+        "allocator_keeps_freed_memory": freed_memory_kept(),
         "numpy_blas": _numpy_blas(),
         "threadpools": _threadpools(),
         "cpu_count": os.cpu_count(),
@@ -191,7 +202,9 @@ def format_header(env: dict) -> str:
     if env["load_average"] is not None:
         machine += ", load (1/5/15 min) " + " ".join(f"{v:g}" for v in env["load_average"])
     lines = [f"numpy {env['numpy']} | scipy {env['scipy']} | torch {torch} | "
-             f"python {env['python']}", machine]
+             f"python {env['python']}", machine,
+             f"ours: {env['threads']} worker thread(s), allocator keeps freed memory: "
+             f"{'yes' if env['allocator_keeps_freed_memory'] else 'no'}"]
     if env["busy_cores"] is not None and env["busy_cores"] >= BUSY_CORES:
         lines.append(f"warning: other processes kept {env['busy_cores']:g} cores busy just "
                      "before the run; the times, PyTorch's most of all, can be several times "
@@ -337,7 +350,7 @@ def _ours_train_step(arch: str, x, y):
 
     def step():
         _, dlogits = cross_entropy(model.forward(x, train=True), y)
-        model.backward(dlogits)
+        model.backward(dlogits, input_grad=False)
         optimizer.step(model.grads)
 
     return step
@@ -436,7 +449,12 @@ def main(argv=None) -> int:
                         help="tiny sizes, a smoke test rather than a measurement")
     parser.add_argument("--json", metavar="PATH",
                         help="also write {'environment': ..., 'rows': [...]} to PATH")
+    add_threads_option(parser)
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        set_num_threads(args.threads)
+    # As the training command does: freed multi-MB temporaries stay mapped (see _parallel).
+    keep_freed_memory()
     if args.json:
         # Checked first: the benchmark takes minutes, and its results would be lost.
         try:

@@ -13,6 +13,7 @@ import sys
 from dataclasses import fields
 
 from ._checks import parse_positive_int
+from ._parallel import add_threads_option, keep_freed_memory, set_num_threads
 
 __all__ = ["main"]
 
@@ -78,6 +79,7 @@ def _add_train(sub):
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing checkpoint in --out with a fresh run")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_threads_option(p)
     return p
 
 
@@ -141,6 +143,8 @@ def main(argv=None) -> int:
     sub.add_parser("verify", help="parity with PyTorch or golden vectors "
                    "(args: see `stn-numpy verify -h`)", add_help=False)
     argv = sys.argv[1:] if argv is None else list(argv)
+    # The command line owns its process, so it may tune the allocator (see _parallel).
+    keep_freed_memory()
     command = argv[0] if argv else None
     # Bench and verify handle their own bad input; any OS error of any command (an
     # unwritable or impossible path, a full disk, a file where a folder should be, a
@@ -154,6 +158,8 @@ def main(argv=None) -> int:
                 from .verify import main as sub_main
             return sub_main(argv[1:]) or 0
         args = parser.parse_args(argv)
+        if getattr(args, "threads", None) is not None:
+            set_num_threads(args.threads)
         if args.command == "train":
             return _run_train(args, train_parser)
         return _run_evaluate(args)

@@ -3,7 +3,9 @@
 Conventions
 -----------
 * Images are ``(N, C, H, W)`` (batch, channels, rows, columns), features ``(N, D)``.
-* A layer is an object with ``forward(x, train=True) -> out`` and ``backward(dout) -> dx``.
+* A layer is an object with ``forward(x, train=True) -> out`` and ``backward(dout) -> dx``;
+  a layer with parameters also takes ``backward(dout, input_grad=False)``, which fills
+  its gradients but skips ``dx`` (returns None), for a layer whose input is the data.
   ``forward`` keeps on the layer what ``backward`` needs (the cache), so ``backward``
   always refers to the most recent ``forward``. ``train`` changes dropout here; a
   :class:`~stn_numpy.SpatialTransformer` run with ``train=False`` keeps no cache at all,
@@ -30,6 +32,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ._checks import check_float_array, check_positive_int
+from ._parallel import parallel_map
 
 __all__ = [
     "Layer",
@@ -91,6 +94,15 @@ class Layer:
 
 def _init_uniform(rng: np.random.Generator, bound: float, shape, dtype) -> np.ndarray:
     return rng.uniform(-bound, bound, size=shape).astype(dtype)
+
+
+# Images per worker-thread slice of im2col / col2im: with the batch innermost, a slice of
+# it keeps every copy a run of this many contiguous values.
+_BATCH_SLICE = 32
+
+
+def _batch_slices(N: int) -> list[slice]:
+    return [slice(n, min(n + _BATCH_SLICE, N)) for n in range(0, N, _BATCH_SLICE)]
 
 
 # --------------------------------------------------------------------------------------
@@ -183,7 +195,9 @@ class Conv2d(Layer):
         Ho, Wo = H - k + 1, W - k + 1
         xt = np.ascontiguousarray(x.transpose(1, 2, 3, 0))  # (C, H, W, N)
         cols = self._buffer("cols", (C, k, k, Ho, Wo, N), x.dtype)
-        np.copyto(cols, sliding_window_view(xt, (k, k), axis=(1, 2)).transpose(0, 4, 5, 1, 2, 3))
+        windows = sliding_window_view(xt, (k, k), axis=(1, 2)).transpose(0, 4, 5, 1, 2, 3)
+        parallel_map(lambda batch: np.copyto(cols[..., batch], windows[..., batch]),
+                     _batch_slices(N))
         cols = cols.reshape(C * k * k, Ho * Wo * N)
         out = self.params["weight"].reshape(F, -1) @ cols
         out += self.params["bias"][:, None]
@@ -191,16 +205,18 @@ class Conv2d(Layer):
         self._out_shape = (N, F, Ho, Wo)
         return out.reshape(F, Ho, Wo, N).transpose(3, 0, 1, 2)
 
-    def backward(self, dout: np.ndarray) -> np.ndarray:
+    def backward(self, dout: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """Gradients of the convolution; fills ``grads["weight"]`` and ``grads["bias"]``.
 
         Parameters
         ----------
         dout : ndarray, shape (N, F, H - k + 1, W - k + 1)
+        input_grad : bool
+            False skips ``dx`` (returns None): for a layer that sees the data itself.
 
         Returns
         -------
-        dx : ndarray, shape (N, C, H, W)
+        dx : ndarray, shape (N, C, H, W), or None
         """
         dout = self._check_dout(dout)
         (_, C, H, W), cols = self._cache
@@ -208,16 +224,24 @@ class Conv2d(Layer):
         k = self.kernel_size
         w = self.params["weight"]
         dout_mat = dout.transpose(1, 2, 3, 0).reshape(F, Ho * Wo * N)
-        self.grads["weight"] = (dout_mat @ cols.T).reshape(w.shape)
+        # cols @ dout_mat^T, then transposed: OpenBLAS runs this orientation of the
+        # skinny, long product about twice as fast as dout_mat @ cols^T.
+        self.grads["weight"] = np.ascontiguousarray((cols @ dout_mat.T).T).reshape(w.shape)
         self.grads["bias"] = dout_mat.sum(axis=1)
+        if not input_grad:
+            return None
         w_mat = w.transpose(2, 3, 1, 0).reshape(k * k * C, F)
         dcols = self._buffer("dcols", (k * k * C, Ho * Wo * N), np.result_type(w, dout))
         np.matmul(w_mat, dout_mat, out=dcols)
         dcols = dcols.reshape(k, k, C, Ho, Wo, N)
         dxt = np.zeros((C, H, W, N), dtype=dcols.dtype)
-        for p in range(k):
-            for q in range(k):
-                dxt[:, p:p + Ho, q:q + Wo] += dcols[p, q]
+
+        def col2im(batch):
+            for p in range(k):
+                for q in range(k):
+                    dxt[:, p:p + Ho, q:q + Wo, batch] += dcols[p, q, ..., batch]
+
+        parallel_map(col2im, _batch_slices(N))
         return dxt.transpose(3, 0, 1, 2)
 
 
@@ -253,12 +277,15 @@ class MaxPool2d(Layer):
         return f"MaxPool2d(kernel_size={self.kernel_size})"
 
     def _window_offsets(self, a: np.ndarray):
-        """Views ``a[:, :, p::k, q::k]`` (trimmed to whole windows), in row-major order."""
-        N, C, H, W = a.shape
+        """Views ``a[:, :, p::k, q::k]`` (trimmed to whole windows), in row-major order.
+
+        Slices, not a reshape: they stay views whatever the memory layout of ``a`` (a
+        convolution's output has the batch innermost), so no copy is made and NumPy
+        runs each pass along that layout's contiguous axis.
+        """
         k = self.kernel_size
-        Ho, Wo = H // k, W // k
-        a6 = a[:, :, :Ho * k, :Wo * k].reshape(N, C, Ho, k, Wo, k)
-        return [a6[:, :, :, p, :, q] for p in range(k) for q in range(k)]
+        Ho, Wo = a.shape[2] // k, a.shape[3] // k
+        return [a[:, :, p:Ho * k:k, q:Wo * k:k] for p in range(k) for q in range(k)]
 
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
         """Pool.
@@ -281,9 +308,10 @@ class MaxPool2d(Layer):
         out = offsets[0]
         for candidate in offsets[1:]:
             out = np.maximum(out, candidate)
-        # Scanning backwards leaves the first offset that attains the maximum.
+        # Scanning backwards leaves the first offset that attains the maximum. argmax takes
+        # out's memory layout, so the backward's passes run along its fast axis.
         index_dtype = np.min_scalar_type(k * k)
-        argmax = np.full(out.shape, k * k - 1, dtype=index_dtype)
+        argmax = np.full_like(out, k * k - 1, dtype=index_dtype)
         for j in range(k * k - 2, -1, -1):
             argmax = np.where(offsets[j] == out, index_dtype.type(j), argmax)
         # np.maximum propagates NaN, but NaN == NaN is False: PyTorch's scan
@@ -291,7 +319,7 @@ class MaxPool2d(Layer):
         if np.isnan(out).any():
             for j, candidate in enumerate(offsets):
                 argmax[np.isnan(candidate)] = j
-        self._cache = (x.shape, argmax)
+        self._cache = (x, argmax)
         self._out_shape = out.shape
         return out
 
@@ -307,8 +335,9 @@ class MaxPool2d(Layer):
         dx : ndarray, shape (N, C, H, W)
         """
         dout = self._check_dout(dout)
-        x_shape, argmax = self._cache
-        dx = np.zeros(x_shape, dtype=dout.dtype)
+        x, argmax = self._cache
+        # In x's memory layout, so that the strided writes below run along its fast axis.
+        dx = np.zeros_like(x, dtype=dout.dtype)
         for j, dx_offset in enumerate(self._window_offsets(dx)):
             np.multiply(dout, argmax == j, out=dx_offset)
         return dx
@@ -399,12 +428,15 @@ class Linear(Layer):
         self._out_shape = (x.shape[0], self.out_features)
         return x @ self.params["weight"].T + self.params["bias"]
 
-    def backward(self, dout: np.ndarray) -> np.ndarray:
-        """Parameters: ``dout`` ndarray, shape (N, M). Returns ``dx``, shape (N, D)."""
+    def backward(self, dout: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        """Parameters: ``dout`` ndarray, shape (N, M); ``input_grad=False`` skips ``dx``.
+
+        Returns ``dx``, shape (N, D), or None.
+        """
         dout = self._check_dout(dout)
         self.grads["weight"] = dout.T @ self._x
         self.grads["bias"] = dout.sum(axis=0)
-        return dout @ self.params["weight"]
+        return dout @ self.params["weight"] if input_grad else None
 
 
 # --------------------------------------------------------------------------------------
@@ -525,11 +557,22 @@ class Sequential(Layer):
             x = layer.forward(x, train=train)
         return x
 
-    def backward(self, dout: np.ndarray) -> np.ndarray:
-        """``dx = layers[0].backward(...layers[-1].backward(dout))``."""
-        for layer in reversed(self.layers):
-            dout = layer.backward(dout)
-        return dout
+    def backward(self, dout: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        """``dx = layers[0].backward(...layers[-1].backward(dout))``.
+
+        With ``input_grad=False`` the chain stops at its first layer with parameters,
+        asked for no ``dx`` of its own (as PyTorch skips the gradient of data): the
+        layers before it have nothing to learn. Returns None then.
+        """
+        first = 0
+        if not input_grad:
+            first = next((i for i, layer in enumerate(self.layers) if layer.params),
+                         len(self.layers))
+        for i in range(len(self.layers) - 1, first - 1, -1):
+            layer = self.layers[i]
+            dout = layer.backward(dout) if input_grad or i > first else layer.backward(
+                dout, input_grad=False)
+        return dout if input_grad else None
 
     def astype(self, dtype) -> Sequential:
         """Convert the parameters of every layer to ``dtype``; return ``self``."""

@@ -148,9 +148,13 @@ class Model:
         """Logits ``(N, 10)`` for images ``x`` ``(N, 1, H, W)`` of the parameters' dtype."""
         return self.net.forward(x, train=train)
 
-    def backward(self, dlogits: np.ndarray) -> np.ndarray:
-        """Backpropagate ``dL/dlogits`` ``(N, 10)``; fills :attr:`grads`, returns ``dx``."""
-        return self.net.backward(dlogits)
+    def backward(self, dlogits: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        """Backpropagate ``dL/dlogits`` ``(N, 10)``; fills :attr:`grads`, returns ``dx``.
+
+        ``input_grad=False`` (what training needs) skips the gradient with respect to the
+        images and returns None; :attr:`grads` come out the same.
+        """
+        return self.net.backward(dlogits, input_grad=input_grad)
 
     def _images(self, X) -> np.ndarray:
         X = np.asarray(X)

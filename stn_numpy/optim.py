@@ -220,14 +220,28 @@ class Adam(_Optimizer):
         self.beta1, self.beta2, self.eps = beta1, beta2, float(eps)
         self.exp_avg: dict[str, np.ndarray] = {}
         self.exp_avg_sq: dict[str, np.ndarray] = {}
+        self._scratch: dict[str, np.ndarray] = {}  # not state: overwritten every step
 
     def _update(self, name: str, p: np.ndarray, g: np.ndarray) -> None:
         m = self.exp_avg.setdefault(name, np.zeros_like(p))
         v = self.exp_avg_sq.setdefault(name, np.zeros_like(p))
-        m += (1.0 - self.beta1) * (g - m)
+        # One kept scratch array per parameter instead of a fresh temporary per operation;
+        # the operations and their order (so the roundings) are those written above.
+        tmp = self._scratch.get(name)
+        if tmp is None or tmp.shape != p.shape or tmp.dtype != p.dtype:
+            tmp = self._scratch[name] = np.empty_like(p)
+        np.subtract(g, m, out=tmp)
+        tmp *= 1.0 - self.beta1
+        m += tmp
+        np.multiply(g, g, out=tmp)
+        tmp *= 1.0 - self.beta2
         v *= self.beta2
-        v += (1.0 - self.beta2) * (g * g)
+        v += tmp
         t = self.step_count
         step_size = self.lr / (1.0 - self.beta1 ** t)
-        denom = np.sqrt(v) / math.sqrt(1.0 - self.beta2 ** t) + self.eps
-        p -= step_size * (m / denom)
+        np.sqrt(v, out=tmp)
+        tmp /= math.sqrt(1.0 - self.beta2 ** t)
+        tmp += self.eps
+        np.divide(m, tmp, out=tmp)
+        tmp *= step_size
+        p -= tmp

@@ -34,13 +34,19 @@ Conventions are exactly those of PyTorch's ``F.grid_sample`` on the CPU:
   such points can differ, and :func:`stn_numpy.verify.make_grid` avoids them.
 
 For a fixed grid the sampler is linear in U: ``V = S U`` with a sparse matrix ``S`` of
-4, 1 or 16 weights per output point. The backward pass therefore is ``dU = S^T dV``, and
-the grid gradient is ``dx_s = sum_c dV * (S_x U) * dx/dx_s`` where ``S_x`` holds the
-derivatives of the weights with respect to ``x`` (likewise for ``y``). All three products
-run through ``scipy.sparse`` on a copy of U padded with one ring of zeros: every tap
-outside the image, whatever the mode, is redirected to that ring. A forward pass without
-gradients and with one or two channels skips building ``S``: it sums one weighted gather
-of the padded U per tap, in the order of ``S``'s entries, so V is bit-for-bit the same.
+4, 1 or 16 weights per output point (eq. 3). The backward pass therefore is
+``dU = S^T dV`` (eq. 6), and the grid gradient is ``dx_s = sum_c dV * (S_x U) * dx/dx_s``
+where ``S_x`` holds the derivatives of the weights with respect to ``x`` (eq. 7; likewise
+for ``y``). U is padded with one ring of zeros and every tap outside the image, whatever
+the mode, is redirected to that ring, so each tap is a plain row gather.
+
+The work runs in blocks of whole images small enough for their temporaries to stay in
+cache, spread over worker threads (:mod:`stn_numpy._parallel`; NumPy and SciPy release
+the GIL inside each array operation). ``V`` sums one weighted gather per tap; ``dU``
+scatters the weighted dV through one sparse ``S^T`` product per block; ``dgrid`` gathers
+again. The backward recomputes the taps instead of storing them: in cache this costs
+less than writing and re-reading them. Blocks and tap order depend only on the shapes,
+so every result is bit-identical for any number of threads.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ._checks import NonFiniteError, check_choice, check_finite, check_float_array
+from ._parallel import parallel_map
 
 __all__ = [
     "grid_sample",
@@ -64,12 +71,15 @@ __all__ = [
 MODES = ("bilinear", "nearest", "bicubic")
 PADDING_MODES = ("zeros", "border", "reflection")
 _CUBIC_A = -0.75
-# Forward-only calls with at most this many channels skip the sparse matrix (see
-# _sample_by_gathers). Measured: about 2x faster at C=1, even at C=3, and slower from C=4
-# on, where scipy's product over all channels at once beats one gather per tap.
-_GATHER_MAX_CHANNELS = 2
-# Output points per block of _sample_by_gathers: temporaries of 128 KB (float32).
-_GATHER_BLOCK = 32768
+# Values (output points x (channels + 4)) per block of images, see _blocks: a block's
+# temporaries then total about 2 MB (float32), half a core's L2 cache.
+_BLOCK = 2**17
+# Up to this many channels the forward sums one weighted gather per tap; from there on
+# scipy's product with S, over all channels at once, is faster. Measured: gathers about 2x
+# faster at C=1, even at C=3, slower from C=4 on.
+_GATHER_MAX_CHANNELS = 3
+# Zeros on each side of U: as many as the kernel has taps per axis (see _padded_index).
+_RING = {"nearest": 1, "bilinear": 2, "bicubic": 4}
 
 
 # --------------------------------------------------------------------------------------
@@ -106,9 +116,7 @@ def grid_sample(U, grid, mode="bilinear", padding_mode="zeros", align_corners=Fa
         propagate.
     """
     _check_inputs(U, grid, mode, padding_mode, align_corners)
-    if U.shape[1] <= _GATHER_MAX_CHANNELS:
-        return _sample_by_gathers(U, grid, mode, padding_mode, align_corners)
-    return _apply(_build(U, grid, mode, padding_mode, align_corners, with_grad=False))
+    return _forward(U, grid, mode, padding_mode, align_corners)
 
 
 def grid_sample_backward(dV, U, grid, mode="bilinear", padding_mode="zeros",
@@ -131,8 +139,8 @@ def grid_sample_backward(dV, U, grid, mode="bilinear", padding_mode="zeros",
     dgrid : ndarray, shape (N, H_o, W_o, 2)
     """
     _check_inputs(U, grid, mode, padding_mode, align_corners)
-    cache = _build(U, grid, mode, padding_mode, align_corners, with_grad=True)
-    return grid_sample_backward_from_cache(dV, cache)
+    return grid_sample_backward_from_cache(
+        dV, _SamplingCache(U, grid, (mode, padding_mode, align_corners)))
 
 
 def grid_sample_forward(U, grid, mode="bilinear", padding_mode="zeros", align_corners=False):
@@ -142,15 +150,16 @@ def grid_sample_forward(U, grid, mode="bilinear", padding_mode="zeros", align_co
     -------
     V : ndarray, shape (N, C, H_o, W_o)
     cache : object
-        Pass to :func:`grid_sample_backward_from_cache`; it holds the sparse sampling
-        matrices, so the backward pass does not rebuild them.
+        Pass to :func:`grid_sample_backward_from_cache`. It refers to ``U`` and ``grid``
+        (no copies, and nothing computed ahead: the backward recomputes the taps block by
+        block, cheaper than storing them), so leave both unchanged until then.
     """
     _check_inputs(U, grid, mode, padding_mode, align_corners)
-    cache = _build(U, grid, mode, padding_mode, align_corners, with_grad=True)
-    return _apply(cache), cache
+    return (_forward(U, grid, mode, padding_mode, align_corners),
+            _SamplingCache(U, grid, (mode, padding_mode, align_corners)))
 
 
-def grid_sample_backward_from_cache(dV, cache):
+def grid_sample_backward_from_cache(dV, cache, input_grad=True):
     """Gradients of the :func:`grid_sample_forward` call that produced ``cache``.
 
     Parameters
@@ -159,35 +168,26 @@ def grid_sample_backward_from_cache(dV, cache):
         Upstream gradient, the shape and dtype of the forward's V.
     cache : object
         The second value :func:`grid_sample_forward` returned.
+    input_grad : bool
+        False skips ``dU`` (returned as None), for a U that is data: eq. (6)'s scatter
+        is then not run at all.
 
     Returns
     -------
-    dU : ndarray, shape (N, C, H, W)
+    dU : ndarray, shape (N, C, H, W), or None
     dgrid : ndarray, shape (N, H_o, W_o, 2)
         Zero for ``mode="nearest"``.
     """
     if not isinstance(cache, _SamplingCache):
         raise TypeError(f"cache must be the cache grid_sample_forward returned, "
                         f"got {type(cache).__name__}")
-    N, C, H, W = cache.U_shape
-    Ho, Wo = cache.out_hw
+    U, grid = cache.U, cache.grid
+    N, C = U.shape[:2]
+    Ho, Wo = grid.shape[1:3]
     dV = check_float_array("dV", dV, shape=(N, C, Ho, Wo))
-    if dV.dtype != cache.dtype:
-        raise TypeError(f"dV must have the dtype of U, {cache.dtype}, got {dV.dtype}")
-    Hp, Wp = H + 2, W + 2
-    dV_rows = dV.reshape(N, C, Ho * Wo).transpose(0, 2, 1).reshape(N * Ho * Wo, C)
-    dU_pad = _matmul(cache.S.T, dV_rows).reshape(N, Hp, Wp, C)
-    dU = np.ascontiguousarray(dU_pad[:, 1:-1, 1:-1, :].transpose(0, 3, 1, 2))
-    dgrid = np.zeros((N, Ho, Wo, 2), dtype=cache.dtype)
-    if cache.S_x is not None:
-        flat = dgrid.reshape(N * Ho * Wo, 2)
-        for axis, S_axis in enumerate((cache.S_x, cache.S_y)):
-            d = np.einsum("mc,mc->m", dV_rows, _matmul(S_axis, cache.U_rows))
-            # Scaled before it is stored: ``flat *= coord_grad`` with a (1, 2) coord_grad
-            # runs inner loops of length 2 and costs more than both products.
-            d *= cache.coord_grad[:, axis]
-            flat[:, axis] = d
-    return dU, dgrid
+    if dV.dtype != U.dtype:
+        raise TypeError(f"dV must have the dtype of U, {U.dtype}, got {dV.dtype}")
+    return _backward(dV, U, grid, *cache.options, input_grad=bool(input_grad))
 
 
 # --------------------------------------------------------------------------------------
@@ -288,20 +288,19 @@ def _pad_coordinate(x: np.ndarray, size: int, padding_mode: str, align_corners: 
     return x, sign * grad
 
 
-def _padded_index(i: np.ndarray, size: int, shift: int = 0, out=None) -> np.ndarray:
-    """Integer pixel index ``i + shift`` -> index into the zero-ringed axis of ``size + 2``.
+def _padded_index(i: np.ndarray, size: int, ring: int) -> np.ndarray:
+    """Pixel index ``i``, clipped for the axis padded with ``ring`` zeros on each side.
 
-    ``i`` holds integer-valued floats. Everything left of the image lands on the ring's 0,
-    everything right on ``size + 1``. int32 suffices (the axis is short) and halves the
-    memory traffic of the index maths. The clip writes int32 directly (clip and cast in
-    one pass), and ``shift`` moves the clip bounds instead of adding to ``i``: the tap
-    ``i + shift`` then needs no float temporary. (Exact: ``i + shift`` only rounds where
-    ``|i| >= 2**24``, far outside the clip range either way.)
+    ``i`` holds integer-valued floats, the first of ``ring`` consecutive taps: clipped to
+    ``[-ring, size]``, every tap ``i, ..., i + ring - 1`` stays inside the padded axis of
+    ``size + 2 ring`` (at ``i + ring`` and on), and a run of taps wholly outside the
+    image reads only zeros. So one index per point serves all its taps, each tap a fixed
+    offset from it. The shift by ``ring`` is left to :func:`_block_taps`, which folds it
+    into one constant per image. int32 suffices (the axis is short) and halves the memory
+    traffic of the index maths; the clip writes it directly (clip and cast in one pass).
     """
-    if out is None:
-        out = np.empty(i.shape, dtype=np.int32)
-    np.clip(i, -1 - shift, size - shift, out=out, casting="unsafe")
-    out += 1 + shift
+    out = np.empty(i.shape, dtype=np.int32)
+    np.clip(i, -ring, size, out=out, casting="unsafe")
     return out
 
 
@@ -315,7 +314,10 @@ def _axis_taps(coord, size, mode, padding_mode, align_corners):
 
     Returns
     -------
-    index : (k, M) int32, indices into the zero-ringed axis
+    index : (1, M) or (k, M) int32, pixel indices clipped for the axis padded with
+        ``_RING[mode]`` zeros on each side (:func:`_padded_index`): one row for the first of ``k``
+        consecutive taps, else one per tap (bicubic with border or reflection padding,
+        where each tap is padded on its own)
     weight : (k, M) float, kernel weights
     dweight : (k, M) float or None, derivative of the weights w.r.t. the pixel coordinate
     coord_grad : (M,) float, d(pixel coordinate fed to the kernel) / d(normalized coord)
@@ -329,28 +331,24 @@ def _axis_taps(coord, size, mode, padding_mode, align_corners):
         x0 = np.floor(x)
         t = np.subtract(x, x0, out=x)
         if padding_mode == "zeros":
-            index = np.empty((4,) + x.shape, dtype=np.int32)
-            for k in range(4):
-                _padded_index(x0, size, shift=k - 1, out=index[k])
+            index = _padded_index(x0 - 1, size, 4)[None]
         else:
             taps = x0[None, :] + np.arange(-1, 3, dtype=x.dtype)[:, None]
             taps, _ = _pad_coordinate(taps, size, padding_mode, align_corners)
-            index = _padded_index(np.rint(taps), size)
+            index = _padded_index(np.rint(taps), size, 4)
         weight, dweight = _cubic_weights(t)
         return index, weight, dweight, scale
 
     x, pad_grad = _pad_coordinate(x, size, padding_mode, align_corners)
     coord_grad = scale if pad_grad is None else scale * pad_grad
     if mode == "nearest":
-        index = _padded_index(np.rint(x, out=x), size)[None]
+        index = _padded_index(np.rint(x, out=x), size, 1)[None]
         return index, np.ones((1, 1), dtype=x.dtype), None, coord_grad
     x0 = np.floor(x)
     weight = np.empty((2,) + x.shape, dtype=x.dtype)
     t = np.subtract(x, x0, out=weight[1])
     np.subtract(1, t, out=weight[0])
-    index = np.empty((2,) + x.shape, dtype=np.int32)
-    _padded_index(x0, size, out=index[0])
-    _padded_index(x0, size, shift=1, out=index[1])
+    index = _padded_index(x0, size, 2)[None]
     dweight = np.array([[-1], [1]], dtype=x.dtype)
     return index, weight, dweight, coord_grad
 
@@ -383,128 +381,211 @@ def _cubic_weights(t: np.ndarray):
 
 
 # --------------------------------------------------------------------------------------
-# The sparse sampling matrices
+# Blocks of whole images: taps, forward (eqs. 3-5) and backward (eqs. 6-7)
 # --------------------------------------------------------------------------------------
 
 
 @dataclass
 class _SamplingCache:
-    S: sp.csr_matrix  # (N*Ho*Wo, N*Hp*Wp): V_rows = S @ U_rows
-    S_x: sp.csr_matrix | None  # dS/dx, None for nearest
-    S_y: sp.csr_matrix | None
-    coord_grad: np.ndarray | None  # (N*Ho*Wo or 1, 2): d(pixel coords)/d(normalized coords)
-    U_rows: np.ndarray  # (N*Hp*Wp, C): U padded with zeros, one row per pixel
-    U_shape: tuple
-    out_hw: tuple
-    dtype: np.dtype
+    U: np.ndarray  # the forward's arguments, by reference: the backward recomputes the taps
+    grid: np.ndarray
+    options: tuple  # (mode, padding_mode, align_corners)
 
 
-def _build(U, grid, mode, padding_mode, align_corners, with_grad):
-    N, C, H, W = U.shape
-    _, Ho, Wo, _ = grid.shape
-    Hp, Wp = H + 2, W + 2
-    M = N * Ho * Wo
-    dtype = U.dtype
-    coords = grid.reshape(M, 2)
-    ix, wx, dwx, gx = _axis_taps(coords[:, 0], W, mode, padding_mode, align_corners)
-    iy, wy, dwy, gy = _axis_taps(coords[:, 1], H, mode, padding_mode, align_corners)
-    kx, ky = len(ix), len(iy)
+def _blocks(N: int, points: int, C: int) -> list[slice]:
+    """Slices of whole images of about ``_BLOCK`` values each (points x (channels + 4)).
 
-    index_dtype = np.int32 if max(N * Hp * Wp, M * kx * ky) < 2**31 - 1 else np.int64
-    # First row of each batch element in U_rows, broadcast over its Ho * Wo points.
-    batch_start = (np.arange(N, dtype=index_dtype) * (Hp * Wp))[:, None]
-    # Entries of row m are the ky * kx taps (j, i); filling one tap at a time keeps every
-    # operation a long contiguous loop, several times faster than a (M, ky, kx) broadcast.
-    cols = np.empty((M, ky, kx), dtype=index_dtype)
-    cols_nb = cols.reshape(N, Ho * Wo, ky, kx)
-    row_start = np.empty((N, Ho * Wo), dtype=index_dtype)
-    for j in range(ky):
-        np.multiply(iy[j].reshape(N, Ho * Wo), Wp, out=row_start, dtype=index_dtype)
-        row_start += batch_start
-        for i in range(kx):
-            np.add(row_start, ix[i].reshape(N, Ho * Wo), out=cols_nb[:, :, j, i])
-    cols = cols.reshape(M * ky * kx)
-    indptr = np.arange(0, M * ky * kx + 1, ky * kx, dtype=index_dtype)
-
-    def matrix(weights_y, weights_x):
-        data = np.empty((M, ky, kx), dtype=dtype)
-        for j in range(ky):
-            for i in range(kx):
-                np.multiply(weights_y[j], weights_x[i], out=data[:, j, i])
-        return sp.csr_matrix((data.reshape(-1), cols, indptr), shape=(M, N * Hp * Wp))
-
-    S = matrix(wy, wx)
-    S_x = S_y = coord_grad = None
-    if with_grad and dwx is not None:
-        S_x = matrix(wy, dwx)
-        S_y = matrix(dwy, wx)
-        # Scalars (a constant scale) stay a broadcastable (1, 2) row.
-        rows = 1 if np.ndim(gx) == np.ndim(gy) == 0 else M
-        coord_grad = np.empty((rows, 2), dtype=dtype)
-        coord_grad[:, 0], coord_grad[:, 1] = gx, gy
-
-    U_rows = _padded_rows(U)
-    return _SamplingCache(S, S_x, S_y, coord_grad, U_rows, (N, C, H, W), (Ho, Wo), dtype)
-
-
-def _padded_rows(U: np.ndarray) -> np.ndarray:
-    """U as ``(N * Hp * Wp, C)`` rows, one per pixel of the zero-ringed image."""
-    N, C, H, W = U.shape
-    U_pad = np.zeros((N, H + 2, W + 2, C), dtype=U.dtype)
-    U_pad[:, 1:-1, 1:-1, :] = U.transpose(0, 2, 3, 1)
-    return U_pad.reshape(N * (H + 2) * (W + 2), C)
-
-
-def _sample_by_gathers(U, grid, mode, padding_mode, align_corners):
-    """``V = S U`` without building ``S``: one weighted gather per tap, accumulated.
-
-    The sum runs over the taps in the order of the entries of S's rows, starting from 0,
-    exactly as scipy's CSR product does, so V is bit-identical to ``_apply(_build(...))``.
-    The images go through in blocks of about ``_GATHER_BLOCK`` output points: the
-    temporaries then stay small and are reused from the heap instead of being fresh
-    multi-MB arrays, whose page faults would cost more than the arithmetic.
+    Small enough for every temporary of a block to stay in the core's cache, where
+    reusing it costs neither memory traffic nor the page faults of fresh arrays; and many
+    enough to keep every worker thread busy. The split depends only on the shapes, never
+    on the number of threads, so results do not either.
     """
+    step = max(1, _BLOCK // (max(points, 1) * (C + 4)))
+    return [slice(n, min(n + step, N)) for n in range(0, N, step)]
+
+
+def _padded_rows(U: np.ndarray, ring: int) -> np.ndarray:
+    """U as ``(N * Hp * Wp, C)`` rows, one per pixel of the image padded with ``ring``
+    zeros on every side (``Hp = H + 2 ring``)."""
+    N, C, H, W = U.shape
+    U_pad = np.zeros((N, H + 2 * ring, W + 2 * ring, C), dtype=U.dtype)
+    U_pad[:, ring:ring + H, ring:ring + W, :] = U.transpose(0, 2, 3, 1)
+    return U_pad.reshape(len(U_pad) * (H + 2 * ring) * (W + 2 * ring), C)
+
+
+def _block_taps(grid, image_hw, mode, padding_mode, align_corners):
+    """Rows of the padded U that every tap reads, and the kernel factors, for a block.
+
+    Returns
+    -------
+    taps : list of ``(j, i, rows, offset)``, one per tap: the tap with weight
+        ``wy[j] * wx[i]`` reads row ``rows + offset`` of :func:`_padded_rows` of the block
+        (``rows`` an ``(M,)`` int array shared by consecutive taps, ``offset`` an int)
+    x_taps, y_taps : tuples ``(weight, dweight, coord_grad)`` of :func:`_axis_taps`
+    """
+    N, Ho, Wo, _ = grid.shape
+    H, W = image_hw
+    Wp = W + 2 * _RING[mode]
+    P = Ho * Wo  # output points per image
+    coords = grid.reshape(N * P, 2)
+    ix, wx, *x_grads = _axis_taps(coords[:, 0], W, mode, padding_mode, align_corners)
+    iy, wy, *y_grads = _axis_taps(coords[:, 1], H, mode, padding_mode, align_corners)
+    ring = _RING[mode]
+    index_dtype = np.int32 if N * (H + 2 * ring) * Wp < 2**31 - 1 else np.int64
+    # Row of pixel (0, 0) of each image in the padded rows.
+    image_start = np.arange(N, dtype=index_dtype) * ((H + 2 * ring) * Wp) + ring * (Wp + 1)
+    batch_start = image_start[:, None]
+    rows = np.empty((len(iy), len(ix), N, P), dtype=index_dtype)
+    row_start = np.empty((N, P), dtype=index_dtype)
+    for j in range(len(iy)):
+        np.multiply(iy[j].reshape(N, P), Wp, out=row_start, dtype=index_dtype)
+        row_start += batch_start
+        for i in range(len(ix)):
+            np.add(row_start, ix[i].reshape(N, P), out=rows[j, i])
+    rows = rows.reshape(len(iy), len(ix), N * P)
+    # A single index row stands for consecutive taps: tap j is then j rows (j * Wp
+    # padded pixels) further on.
+    taps = [(j, i, rows[j if len(iy) > 1 else 0, i if len(ix) > 1 else 0],
+             (0 if len(iy) > 1 else j * Wp) + (0 if len(ix) > 1 else i))
+            for j in range(len(wy)) for i in range(len(wx))]
+    return taps, (wx, *x_grads), (wy, *y_grads)
+
+
+def _forward(U, grid, mode, padding_mode, align_corners) -> np.ndarray:
+    """V of every block, computed on the worker threads."""
     N, C, H, W = U.shape
     _, Ho, Wo, _ = grid.shape
-    U_rows = _padded_rows(U)
     V = np.empty((N, C, Ho, Wo), dtype=U.dtype)
-    step = max(1, _GATHER_BLOCK // max(1, Ho * Wo))
-    for n in range(0, N, step):
-        block = grid[n:n + step]
-        V_rows = _gather_block(U_rows, block, n, (H, W), mode, padding_mode, align_corners)
+
+    def block(sl):
+        V_rows = _sample_block(U[sl], grid[sl], mode, padding_mode, align_corners)
         # Explicit sizes, not -1: with C = 0 or an empty grid, 0 elements fix no -1.
-        V[n:n + step] = V_rows.reshape(block.shape[:3] + (C,)).transpose(0, 3, 1, 2)
+        V[sl] = V_rows.reshape(len(V[sl]), Ho, Wo, C).transpose(0, 3, 1, 2)
+
+    parallel_map(block, _blocks(N, Ho * Wo, C))
     return V
 
 
-def _gather_block(U_rows, grid, n0, image_hw, mode, padding_mode, align_corners):
-    """Rows ``S U`` of the images ``n0, n0 + 1, ...`` sampled at ``grid``, as ``(M, C)``."""
-    N, Ho, Wo, _ = grid.shape
-    H, W = image_hw
-    Hp, Wp = H + 2, W + 2
-    M = N * Ho * Wo
-    coords = grid.reshape(M, 2)
-    ix, wx, _, _ = _axis_taps(coords[:, 0], W, mode, padding_mode, align_corners)
-    iy, wy, _, _ = _axis_taps(coords[:, 1], H, mode, padding_mode, align_corners)
-    index_dtype = np.int32 if len(U_rows) < 2**31 - 1 else np.int64
-    batch_start = (np.arange(n0, n0 + N, dtype=index_dtype) * (Hp * Wp))[:, None]
-    row_start = np.empty((N, Ho * Wo), dtype=index_dtype)
-    rows = np.empty((N, Ho * Wo), dtype=index_dtype)
-    weight = np.empty(M, dtype=U_rows.dtype)
-    V_rows = np.zeros((M, U_rows.shape[1]), dtype=U_rows.dtype)
+def _sample_block(U, grid, mode, padding_mode, align_corners) -> np.ndarray:
+    """Paper eq. (3), ``V = sum_taps k(x_s - w) k(y_s - h) U[h, w]``, as ``(M, C)`` rows.
+
+    The kernel ``k`` is eq. (4) (nearest), eq. (5) (bilinear) or Keys' cubic; the sum
+    runs over the taps in a fixed order, so V does not depend on the blocks or threads.
+    """
+    C = U.shape[1]
+    U_rows = _padded_rows(U, _RING[mode])
+    taps, (wx, _, _), (wy, _, _) = _block_taps(grid, U.shape[2:], mode, padding_mode,
+                                               align_corners)
+    if C > _GATHER_MAX_CHANNELS:
+        return _sampling_matrix(taps, wx, wy, len(U_rows), U.dtype) @ U_rows
+    M = len(taps[0][2])
+    U_rows, V_rows, per_row = _squeezed(U_rows, np.empty((M, C), dtype=U.dtype))
+    weight = np.empty(M, dtype=U.dtype)
     gathered = np.empty_like(V_rows)
-    for j in range(len(iy)):
-        np.multiply(iy[j].reshape(N, Ho * Wo), Wp, out=row_start, dtype=index_dtype)
-        row_start += batch_start
-        for i in range(len(ix)):
-            np.add(row_start, ix[i].reshape(N, Ho * Wo), out=rows)
-            np.multiply(wy[j], wx[i], out=weight)  # rounded as S's entries are
-            # The indices are in range by construction; mode="clip" skips the bounds
-            # check that would make take() buffer its output.
-            np.take(U_rows, rows.reshape(M), axis=0, out=gathered, mode="clip")
-            gathered *= weight[:, None]
+    for t, (j, i, rows, offset) in enumerate(taps):
+        np.multiply(wy[j], wx[i], out=weight)
+        # The rows are in range by construction; mode="clip" skips the bounds check that
+        # would make take() buffer its output. The offset is a view, not an addition.
+        np.take(U_rows[offset:], rows, axis=0, out=gathered, mode="clip")
+        if t == 0:
+            np.multiply(gathered, per_row(weight), out=V_rows)
+        else:
+            gathered *= per_row(weight)
             V_rows += gathered
-    return V_rows
+    return V_rows.reshape(M, C)
+
+
+def _squeezed(U_rows: np.ndarray, rows: np.ndarray):
+    """``(U_rows, rows, per_row)`` with a single channel dropped, and ``per_row(w)``
+    shaping a per-row factor to multiply ``rows``.
+
+    A ``(M, 1)`` operand runs NumPy's loops one element at a time (about 8 times slower
+    than the same data as ``(M,)``); several channels broadcast a ``(M, 1)`` factor.
+    """
+    if U_rows.shape[1] == 1:
+        return U_rows[:, 0], rows[:, 0], lambda w: w
+    return U_rows, rows, lambda w: w[:, None]
+
+
+def _backward(dV, U, grid, mode, padding_mode, align_corners, input_grad=True):
+    """dU (eq. 6; None without input_grad) and dgrid (eq. 7) of every block, computed on
+    the worker threads."""
+    N, C, H, W = U.shape
+    _, Ho, Wo, _ = grid.shape
+    dU = np.empty_like(U) if input_grad else None
+    dgrid = np.empty_like(grid)
+
+    def block(sl):
+        dU_block, dgrid[sl] = _backward_block(dV[sl], U[sl], grid[sl], mode, padding_mode,
+                                              align_corners, input_grad)
+        if input_grad:
+            dU[sl] = dU_block
+
+    parallel_map(block, _blocks(N, Ho * Wo, C))
+    return dU, dgrid
+
+
+def _backward_block(dV, U, grid, mode, padding_mode, align_corners, input_grad):
+    """Gradients of one block: ``(dU (n, C, H, W) or None, dgrid (n, Ho, Wo, 2))``.
+
+    Paper eq. (6): ``dU[h, w] = sum_i dV[i] k(x_s[i] - w) k(y_s[i] - h)``, i.e.
+    ``dU = S^T dV``, a scatter of every tap's weighted dV, done as one sparse product.
+    Paper eq. (7): ``dx_s[i] = sum_c dV[c, i] sum_taps k'(x_s - w) k(y_s - h) U[c, h, w]``
+    times ``dx/dx_s`` (likewise for ``y_s``); zero for nearest, whose kernel is flat.
+    """
+    n, C, H, W = U.shape
+    _, Ho, Wo, _ = grid.shape
+    M = n * Ho * Wo
+    ring = _RING[mode]
+    Hp, Wp = H + 2 * ring, W + 2 * ring
+    taps, (wx, dwx, gx), (wy, dwy, gy) = _block_taps(grid, (H, W), mode, padding_mode,
+                                                     align_corners)
+    dV_rows = np.ascontiguousarray(dV.reshape(n, C, Ho * Wo).transpose(0, 2, 1)).reshape(M, C)
+
+    dU = None
+    if input_grad:
+        # S^T's product (a CSC one) is scipy's fastest scatter, faster than COO,
+        # np.add.at or np.bincount.
+        S = _sampling_matrix(taps, wx, wy, n * Hp * Wp, U.dtype)
+        dU_pad = _matmul(S.T, dV_rows).reshape(n, Hp, Wp, C)
+        dU = dU_pad[:, ring:ring + H, ring:ring + W, :].transpose(0, 3, 1, 2)
+
+    dgrid = np.zeros((M, 2), dtype=U.dtype)
+    if dwx is not None:
+        U_rows, dV_rows, _ = _squeezed(_padded_rows(U, ring), dV_rows)
+        gathered = np.empty_like(dV_rows)
+        dVU = np.empty(M, dtype=U.dtype)
+        factor = np.empty(M, dtype=U.dtype)
+        dx = np.zeros(M, dtype=U.dtype)
+        dy = np.zeros(M, dtype=U.dtype)
+        for j, i, rows, offset in taps:
+            np.take(U_rows[offset:], rows, axis=0, out=gathered, mode="clip")
+            if C == 1:
+                np.multiply(dV_rows, gathered, out=dVU)
+            else:
+                np.einsum("mc,mc->m", dV_rows, gathered, out=dVU)
+            np.multiply(wy[j], dwx[i], out=factor)
+            factor *= dVU
+            dx += factor
+            np.multiply(dwy[j], wx[i], out=factor)
+            factor *= dVU
+            dy += factor
+        dx *= gx
+        dy *= gy
+        dgrid[:, 0], dgrid[:, 1] = dx, dy
+    return dU, dgrid.reshape(n, Ho, Wo, 2)
+
+
+def _sampling_matrix(taps, wx, wy, n_rows: int, dtype) -> sp.csr_matrix:
+    """S of eq. (3) for a block as CSR ``(M, n_rows)``: one row of taps per output point."""
+    M, k = len(taps[0][2]), len(taps)
+    weight = np.empty((M, k), dtype=dtype)
+    cols = np.empty((M, k), dtype=taps[0][2].dtype)
+    for t, (j, i, rows, offset) in enumerate(taps):
+        np.multiply(wy[j], wx[i], out=weight[:, t])
+        np.add(rows, offset, out=cols[:, t])
+    indptr = np.arange(0, M * k + 1, k, dtype=cols.dtype)
+    return sp.csr_matrix((weight.reshape(-1), cols.reshape(-1), indptr), shape=(M, n_rows))
 
 
 def _matmul(A, B: np.ndarray) -> np.ndarray:
@@ -512,12 +593,3 @@ def _matmul(A, B: np.ndarray) -> np.ndarray:
     if B.shape[1] == 1:
         return (A @ B[:, 0])[:, None]
     return A @ B
-
-
-def _apply(cache: _SamplingCache) -> np.ndarray:
-    N, C, _, _ = cache.U_shape
-    Ho, Wo = cache.out_hw
-    V_rows = _matmul(cache.S, cache.U_rows)
-    return np.ascontiguousarray(V_rows.reshape(N, Ho * Wo, C).transpose(0, 2, 1)).reshape(
-        N, C, Ho, Wo
-    )

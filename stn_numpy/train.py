@@ -340,7 +340,7 @@ def train(config: TrainConfig | None = None, resume: bool = False, data=None, lo
                     bar.close()
                     raise _diverged(f"non-finite loss at epoch {epoch}, step {step + 1}"
                                     f"{reason}", cfg, ckpt_path, epoch)
-                model.backward(dlogits)
+                model.backward(dlogits, input_grad=False)
                 optimizer.step(model.grads)
             loss_sum += loss * len(idx)
             correct += int(np.sum(logits.argmax(axis=1) == yb))

@@ -143,8 +143,8 @@ class SpatialTransformer(Layer):
         x : ndarray, shape (N, C, H, W), float
             The input U.
         train : bool
-            Passed to the localisation net (dropout). With False the sampler builds no
-            gradient matrices (faster, less memory), so :meth:`backward` cannot follow.
+            Passed to the localisation net (dropout). With False the sampler keeps no
+            cache for its backward, so :meth:`backward` cannot follow.
 
         Returns
         -------
@@ -166,26 +166,33 @@ class SpatialTransformer(Layer):
         self._out_shape = V.shape
         return V
 
-    def backward(self, dout: np.ndarray) -> np.ndarray:
+    def backward(self, dout: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """Gradient with respect to U along both paths; fills :attr:`grads`.
 
         Parameters
         ----------
         dout : ndarray, shape (N, C, H_o, W_o)
             ``dL/dV``.
+        input_grad : bool
+            False skips ``dU`` on both paths (returns None): for a transformer that sees
+            the data itself. :attr:`grads` come out the same.
 
         Returns
         -------
-        dx : ndarray, shape (N, C, H, W)
+        dx : ndarray, shape (N, C, H, W), or None
         """
         dV = self._check_dout(dout)
         if self._sampler_cache is None:
             raise RuntimeError("SpatialTransformer.backward needs a forward pass with "
-                               "train=True; forward(x, train=False) keeps no sampling "
-                               "matrices for the backward pass")
-        dU, dgrid = grid_sample_backward_from_cache(dV, self._sampler_cache)
+                               "train=True; forward(x, train=False) keeps no sampler "
+                               "cache for the backward pass")
+        dU, dgrid = grid_sample_backward_from_cache(dV, self._sampler_cache,
+                                                    input_grad=input_grad)
         dtheta = self._grid_backward(dgrid, self.theta, self._size, **self._grid_kwargs())
         # The explicit width, not -1: an empty batch has 0 elements, which fix no -1.
         dtheta_flat = dtheta.reshape(dtheta.shape[0], math.prod(self._theta_shape))
-        dU += self.localization.backward(dtheta_flat)
+        dU_loc = self.localization.backward(dtheta_flat, input_grad=input_grad)
+        if not input_grad:
+            return None
+        dU += dU_loc
         return dU

@@ -165,3 +165,25 @@ def test_build_model_validates_every_argument_for_both_archs(arch, kwargs, error
 def test_build_model_rejects_unknown_arch():
     with pytest.raises(ValueError, match="arch must be one of"):
         build_model("resnet")
+
+
+@pytest.mark.parametrize("arch", ["stn", "cnn"])
+def test_backward_without_input_grad_gives_the_same_parameter_gradients(arch, rng):
+    model = build_model(arch, seed=0, dtype=np.float64)
+    head = model.transformer.localization[-1].params if model.transformer else {}
+    for p in head.values():  # a transformer away from the identity, so every path counts
+        p += 0.05 * rng.standard_normal(p.shape)
+    X = rng.random((3, 1, 28, 28))
+    y = np.array([1, 2, 3])
+    grads = []
+    for input_grad in (True, False):
+        for layer in model.net:
+            if hasattr(layer, "rng"):
+                layer.rng = np.random.default_rng(1)
+        dX = model.backward(cross_entropy(model.forward(X, train=True), y)[1],
+                            input_grad=input_grad)
+        assert (dX is None) == (not input_grad)
+        grads.append({k: v.copy() for k, v in model.grads.items()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        np.testing.assert_array_equal(grads[0][name], grads[1][name], err_msg=name)

@@ -13,6 +13,7 @@ from stn_numpy import (
     grid_sample_backward,
     grid_sample_backward_from_cache,
     grid_sample_forward,
+    sampling,
 )
 from stn_numpy.gradcheck import rel_error
 from stn_numpy.sampling import MODES, PADDING_MODES
@@ -215,7 +216,7 @@ def _extreme_grid(dtype, size, scale):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("C", [1, 3])  # the gather path and the sparse product
+@pytest.mark.parametrize("C", [1, 3])
 @pytest.mark.parametrize("mode,padding_mode,align_corners", ALL_COMBOS)
 def test_extreme_finite_coordinates_stay_in_range(rng, dtype, C, mode, padding_mode,
                                                   align_corners):
@@ -223,8 +224,10 @@ def test_extreme_finite_coordinates_stay_in_range(rng, dtype, C, mode, padding_m
     grid = _extreme_grid(dtype, 6, 1)
     opts = (mode, padding_mode, align_corners)
     V, cache = grid_sample_forward(U, grid, *opts)
-    # scipy does not bound-check the column indices: out of range they read past U.
-    assert 0 <= cache.S.indices.min() and cache.S.indices.max() < cache.S.shape[1]
+    # take(mode="clip") would silently move an out-of-range row back into U.
+    ring = sampling._RING[mode]
+    for _, _, rows, offset in sampling._block_taps(grid, U.shape[2:], *opts)[0]:
+        assert 0 <= rows.min() and rows.max() + offset < (5 + 2 * ring) * (6 + 2 * ring)
     np.testing.assert_array_equal(grid_sample(U, grid, *opts), V)
     dU, dgrid = grid_sample_backward(np.ones_like(V), U, grid, *opts)
     assert np.isfinite(V).all() and np.isfinite(dU).all() and np.isfinite(dgrid).all()
@@ -360,21 +363,41 @@ def test_identity_transform_gradients_match_torch(rng, mode, padding_mode, align
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("mode,padding_mode,align_corners", ALL_COMBOS)
-def test_gather_path_is_bit_identical_to_sparse_product(rng, dtype, mode, padding_mode,
-                                                        align_corners):
-    # grid_sample takes the gather path for few channels; grid_sample_forward always
-    # builds S. Blocks of 2 images exercise the block boundaries; points lie outside too.
-    from stn_numpy import sampling
+def test_results_do_not_depend_on_blocks_or_threads(rng, dtype, mode, padding_mode,
+                                                    align_corners):
+    # One image per block on one thread against the whole batch in one block on two
+    # threads: every bit of V, dU and dgrid must agree. Points lie outside too.
+    from stn_numpy import _parallel
 
     U = rng.standard_normal((5, 2, 6, 7)).astype(dtype)
     grid = rng.uniform(-1.5, 1.5, (5, 4, 3, 2)).astype(dtype)
     grid[0, 0, 0] = [0.0, -1.0]  # exact kinks
+    dV = rng.standard_normal((5, 2, 4, 3)).astype(dtype)
     kw = {"mode": mode, "padding_mode": padding_mode, "align_corners": align_corners}
-    V_sparse, _ = grid_sample_forward(U, grid, **kw)
-    original = sampling._GATHER_BLOCK
+    results = []
+    original = sampling._BLOCK
     try:
-        sampling._GATHER_BLOCK = 2 * 4 * 3
-        V_gather = grid_sample(U, grid, **kw)
+        for block, threads in ((4 * 3 * (2 + 4), 1), (10**9, 2), (2 * 4 * 3 * (2 + 4), 2)):
+            sampling._BLOCK = block
+            _parallel.set_num_threads(threads)
+            V, cache = grid_sample_forward(U, grid, **kw)
+            results.append((V, grid_sample(U, grid, **kw),
+                            *grid_sample_backward_from_cache(dV, cache)))
     finally:
-        sampling._GATHER_BLOCK = original
-    assert np.array_equal(V_gather.view(np.uint8), V_sparse.view(np.uint8))
+        sampling._BLOCK = original
+        _parallel.set_num_threads(None)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_backward_without_input_grad_skips_only_dU(rng, mode):
+    U = rng.standard_normal((3, 2, 6, 7))
+    grid = rng.uniform(-1.2, 1.2, (3, 4, 5, 2))
+    dV = rng.standard_normal((3, 2, 4, 5))
+    _, cache = grid_sample_forward(U, grid, mode)
+    dU, dgrid = grid_sample_backward_from_cache(dV, cache)
+    none, dgrid_only = grid_sample_backward_from_cache(dV, cache, input_grad=False)
+    assert none is None and dU.shape == U.shape
+    np.testing.assert_array_equal(dgrid_only, dgrid)

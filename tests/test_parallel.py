@@ -1,0 +1,83 @@
+"""Tests for stn_numpy._parallel: worker count precedence, the map, the allocator setting."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from stn_numpy import _parallel
+
+
+@pytest.fixture(autouse=True)
+def default_threads(monkeypatch):
+    monkeypatch.delenv(_parallel.ENV_VAR, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    yield
+    _parallel.set_num_threads(None)
+
+
+def test_worker_count_precedence(monkeypatch):
+    assert _parallel.get_num_threads() == _parallel._usable_cores()
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert _parallel.get_num_threads() == 3
+    monkeypatch.setenv(_parallel.ENV_VAR, "5")
+    assert _parallel.get_num_threads() == 5
+    _parallel.set_num_threads(1)
+    assert _parallel.get_num_threads() == 1
+    _parallel.set_num_threads(None)
+    assert _parallel.get_num_threads() == 5
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
+def test_bad_environment_value_names_the_variable(monkeypatch, value):
+    monkeypatch.setenv(_parallel.ENV_VAR, value)
+    with pytest.raises(ValueError, match=_parallel.ENV_VAR):
+        _parallel.get_num_threads()
+
+
+@pytest.mark.parametrize("n", [0, -1, 1.0, True, "2"])
+def test_set_num_threads_rejects_non_positive_ints(n):
+    with pytest.raises(ValueError, match="positive int"):
+        _parallel.set_num_threads(n)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_parallel_map_calls_every_item_once(threads):
+    _parallel.set_num_threads(threads)
+    out = np.zeros(50)
+    seen = []
+    lock = threading.Lock()
+
+    def fn(i):
+        out[i] += i
+        with lock:
+            seen.append(i)
+
+    _parallel.parallel_map(fn, range(50))
+    np.testing.assert_array_equal(out, np.arange(50))
+    assert sorted(seen) == list(range(50))
+
+
+def test_parallel_map_reraises_the_first_error():
+    _parallel.set_num_threads(2)
+
+    def fn(i):
+        if i == 3:
+            raise KeyError(i)
+
+    with pytest.raises(KeyError):
+        _parallel.parallel_map(fn, range(8))
+
+
+def test_keep_freed_memory_leaves_user_allocator_settings_alone(monkeypatch):
+    monkeypatch.setattr(_parallel, "_memory_kept", False)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1000000")
+    assert _parallel.keep_freed_memory() is False
+    assert _parallel.freed_memory_kept() is False
+
+
+def test_keep_freed_memory_is_a_bool_and_idempotent():
+    first = _parallel.keep_freed_memory()
+    assert isinstance(first, bool)
+    assert _parallel.keep_freed_memory() is first
+    assert _parallel.freed_memory_kept() is first
