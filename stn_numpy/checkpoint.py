@@ -71,6 +71,7 @@ def model_from_params(config: dict, params: dict, source="parameters") -> Model:
     model = build_model(
         config["arch"], config["input_size"], config["transform"], config["mode"],
         config["padding_mode"], config["align_corners"], config["seed"], config["dtype"],
+        st_size=config.get("st_size"),
     )
     own = model.params
     if set(own) != set(params):
