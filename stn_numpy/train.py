@@ -42,6 +42,7 @@ OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("cosine", "constant")
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3}
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
+LOCALIZATION_PREFIX = "0.localization."  # parameter names of the transformer's net
 _DATA_SEED = 20150605  # distortions are fixed per dataset, whatever the training seed
 
 
@@ -64,6 +65,8 @@ class TrainConfig:
     train_limit: int | None = None
     test_limit: int | None = None
     transform: str = "affine"
+    st_size: int | None = None  # None: the transformer's output has the input's size
+    loc_lr_scale: float = 1.0  # the localisation net learns at lr * loc_lr_scale
     mode: str = "bilinear"
     padding_mode: str = "zeros"
     align_corners: bool = False
@@ -77,13 +80,15 @@ class TrainConfig:
         check_choice("transform", self.transform, TRANSFORMS)
         check_positive_int("epochs", self.epochs)
         check_positive_int("batch_size", self.batch_size)
-        for name in ("train_limit", "test_limit"):
+        for name in ("train_limit", "test_limit", "st_size"):
             if getattr(self, name) is not None:
                 check_positive_int(name, getattr(self, name))
         if self.lr is None:
             self.lr = DEFAULT_LR[self.optimizer]
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.loc_lr_scale > 0:
+            raise ValueError(f"loc_lr_scale must be > 0, got {self.loc_lr_scale}")
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -100,22 +105,36 @@ class TrainingDiverged(RuntimeError):
 # --------------------------------------------------------------------------------------
 
 
-def load_split(name: str = "mnist", split: str = "test", data_dir=None, limit=None):
+def load_split(name: str = "mnist", split: str = "test", data_dir=None, limit=None,
+               return_params: bool = False, whole_split: bool = True):
     """One split of a dataset: images in ``[0, 1]``, float32 ``(N, 1, H, W)``, int64 labels.
 
     Distorted variants (``rot``, ``rts``, ``proj``, ``elastic``, ``t``, ``tc``, see
     :mod:`stn_numpy.data.distort`) are generated from the whole MNIST split with a fixed
     seed and only then cut to the first ``limit`` images, so an image is the same whatever
-    the limit and whichever command loads it.
+    the limit and whichever command loads it. ``whole_split=False`` distorts only the first
+    ``limit`` digits instead: much faster for a few hundred images, but other images.
+
+    With ``return_params=True`` returns ``(X, y, params)``: the distortion's parameters
+    per image (see :mod:`stn_numpy.data.distort`), cut like ``X``, plus ``"digits"``, the
+    undistorted MNIST digits ``(N, 28, 28)`` in ``[0, 1]``.
     """
     check_choice("dataset", name, DATASETS)
     check_choice("split", split, ("train", "test"))
     if limit is not None:
         check_positive_int("limit", limit)
     images, labels = load_mnist(split, data_dir)
+    if not whole_split:
+        images, labels = images[:limit], labels[:limit]
     offset = 0 if split == "train" else 1
-    X = DATASETS[name](images, np.random.default_rng(_DATA_SEED + offset))[:limit]
-    return X[:, None].astype(np.float32, copy=False), labels[:limit].astype(np.int64)
+    X, params = DATASETS[name](images, np.random.default_rng(_DATA_SEED + offset),
+                               return_params=True)
+    X, y = X[:limit, None].astype(np.float32, copy=False), labels[:limit].astype(np.int64)
+    if not return_params:
+        return X, y
+    params = {k: v[:limit] for k, v in params.items()}
+    params["digits"] = images[:limit].astype(np.float32) / 255
+    return X, y, params
 
 
 def load_dataset(name: str = "mnist", data_dir=None, train_limit=None, test_limit=None):
@@ -148,10 +167,14 @@ def learning_rate(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / cfg.epochs))
 
 
-def _make_optimizer(cfg: TrainConfig, params: dict):
+def _make_optimizer(cfg: TrainConfig, model: Model):
+    params = model.params
+    lr_scale = {name: cfg.loc_lr_scale for name in params
+                if name.startswith(LOCALIZATION_PREFIX)}
     if cfg.optimizer == "sgd":
-        return SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                   lr_scale=lr_scale)
+    return Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, lr_scale=lr_scale)
 
 
 def _dropout_layers(layer):
@@ -192,7 +215,7 @@ def _write_metrics(out: Path, history: list[dict]) -> None:
 
 
 def train(config: TrainConfig | None = None, resume: bool = False, data=None, log=print,
-          overwrite: bool = False):
+          overwrite: bool = False, on_epoch=None):
     """Train a model; returns ``(model, history)``.
 
     Parameters
@@ -213,6 +236,9 @@ def train(config: TrainConfig | None = None, resume: bool = False, data=None, lo
         ``(X_train, y_train, X_test, y_test)`` to use instead of :func:`load_dataset`.
     log : callable
         Receives one line of text per epoch.
+    on_epoch : callable, optional
+        ``on_epoch(model, row)`` after each epoch's checkpoint is written, ``row`` being
+        that epoch's metrics (the experiment records the transformer's progress with it).
 
     Raises
     ------
@@ -251,10 +277,10 @@ def train(config: TrainConfig | None = None, resume: bool = False, data=None, lo
     input_size = X_train.shape[2:]
     if saved is None:
         model = build_model(cfg.model, input_size, cfg.transform, cfg.mode, cfg.padding_mode,
-                            cfg.align_corners, seed=cfg.seed)
+                            cfg.align_corners, seed=cfg.seed, st_size=cfg.st_size)
     else:
         model = model_from_params(saved[2]["model"], saved[0], source=str(ckpt_path))
-    optimizer = _make_optimizer(cfg, model.params)
+    optimizer = _make_optimizer(cfg, model)
     shuffle_rng = np.random.default_rng([cfg.seed, 1])
     if saved is not None:
         optimizer.load_state_dict(saved[1])
@@ -311,6 +337,8 @@ def train(config: TrainConfig | None = None, resume: bool = False, data=None, lo
                 "history": history, "rng": _rng_states(shuffle_rng, model)}
         save_checkpoint(ckpt_path, model.params, optimizer.state_dict(), meta)
         _write_metrics(out, history)
+        if on_epoch is not None:
+            on_epoch(model, row)
         log(f"epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
             f"acc {row['train_acc']:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f} "
             f"| {row['seconds']:.1f}s")
