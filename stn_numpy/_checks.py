@@ -56,11 +56,29 @@ def check_size(size, name: str = "size") -> tuple[int, int, int, int]:
     return size
 
 
+def check_int(name: str, value, minimum: int = 0) -> int:
+    """Return ``value`` as an int, raising ``ValueError`` unless it is an int >= ``minimum``.
+
+    A float (even 4.0), a string or a bool is refused, never truncated or parsed.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        what = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return int(value)
+
+
 def check_positive_int(name: str, value) -> int:
     """Return ``value`` as an int, raising ``ValueError`` unless it is an int >= 1."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
+    return check_int(name, value, 1)
+
+
+def check_int_pair(name: str, value, minimum: int) -> tuple[int, int]:
+    """Return ``value`` as a pair of ints, each checked by :func:`check_int` against ``minimum``."""
+    try:
+        first, second = value
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair of ints, got {value!r}") from None
+    return check_int(f"{name}[0]", first, minimum), check_int(f"{name}[1]", second, minimum)
 
 
 def parse_positive_int(text: str) -> int:

@@ -16,6 +16,7 @@ leaves the previous checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 from pathlib import Path
 
@@ -39,40 +40,126 @@ def save_checkpoint(path, params: dict, optim_state: dict, meta: dict) -> None:
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def load_checkpoint(path) -> tuple[dict, dict, dict]:
+def load_checkpoint(path, require=("model",)) -> tuple[dict, dict, dict]:
     """Read a checkpoint; returns ``(params, optim_state, meta)``.
+
+    Every member's ``.npy`` header is checked against the bytes the archive really holds
+    before anything is read, so a forged header cannot make it allocate terabytes. Then
+    every field is checked: parameters are float arrays, optimizer entries numbers, and
+    each ``meta`` field present has its type (``epoch`` an int >= 0, ``history`` a list of
+    rows of finite numbers, ...); the fields named in ``require`` must be present.
 
     Raises
     ------
     FileNotFoundError
         No file at ``path``.
     ValueError
-        The file is not a readable stn-numpy checkpoint (truncated, corrupt, wrong format);
-        the message names the file.
+        The file is not a readable stn-numpy checkpoint (truncated, corrupt, wrong format,
+        a missing or mistyped field); the message names the file and the field.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
+        _check_member_sizes(path)
         with np.load(path, allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in archive.files}
-        meta = json.loads(str(arrays.pop("meta")))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path} is not a readable stn-numpy checkpoint ({e})") from e
+    meta_array = arrays.pop("meta", None)
+    if meta_array is None or meta_array.shape != () or meta_array.dtype.kind != "U":
+        raise ValueError(f"{path}: field 'meta' must be a JSON string, got "
+                         f"{'nothing' if meta_array is None else _describe(meta_array)}")
+    try:
+        meta = json.loads(str(meta_array))
+    except ValueError as e:
+        raise ValueError(f"{path}: field 'meta' is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: field 'meta' must be a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
-    params = {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}
-    optim_state = {k[len("optim/"):]: v for k, v in arrays.items() if k.startswith("optim/")}
+    _check_meta(path, meta, require)
+    params, optim_state = {}, {}
+    for key, value in arrays.items():
+        group, _, name = key.partition("/")
+        if group == "param" and value.dtype in (np.float32, np.float64):
+            params[name] = value
+        elif group == "optim" and value.dtype.kind in "fiu":
+            optim_state[name] = value
+        else:
+            raise ValueError(f"{path}: field {key!r} is not a float parameter or a numeric "
+                             f"optimizer entry, got {_describe(value)}")
     return params, optim_state, meta
+
+
+def _describe(a: np.ndarray) -> str:
+    return f"{a.dtype} array of shape {a.shape}"
+
+
+def _check_member_sizes(path: Path) -> None:
+    """Compare every member's declared array size with what the archive stores for it."""
+    on_disk = path.stat().st_size
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            name = info.filename.removesuffix(".npy")
+            # np.savez stores members uncompressed; deflate expands at most ~1032-fold.
+            ratio = 1 if info.compress_type == zipfile.ZIP_STORED else 1032
+            if info.file_size > ratio * on_disk:
+                raise ValueError(f"field {name!r} claims {info.file_size} bytes, more than "
+                                 f"the {on_disk}-byte file can hold")
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(f)
+            declared = math.prod(shape) * dtype.itemsize
+            if dtype.hasobject or declared > info.file_size:
+                raise ValueError(f"field {name!r} declares a {dtype} array of shape {shape} "
+                                 f"({declared} bytes) but stores {info.file_size} bytes")
+
+
+def _check_meta(path: Path, meta: dict, require) -> None:
+    missing = [name for name in require if name not in meta]
+    if missing:
+        raise ValueError(f"{path}: field(s) {missing} missing from 'meta'")
+
+    def bad(field, expected):
+        return ValueError(f"{path}: field {field!r} must be {expected}, got {meta[field]!r:.80}")
+
+    for field in ("model", "train", "rng"):
+        if field in meta and not isinstance(meta[field], dict):
+            raise bad(field, "a JSON object")
+    for field, minimum in (("epoch", 0), ("threads", 1)):
+        value = meta.get(field, minimum)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise bad(field, f"an int >= {minimum}")
+    history = meta.get("history", [])
+    if not isinstance(history, list) or not all(
+        isinstance(row, dict) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in row.values())
+        for row in history
+    ):
+        raise bad("history", "a list of rows of finite numbers")
+    if "history" in meta and "epoch" in meta and len(history) != meta["epoch"]:
+        raise ValueError(f"{path}: field 'history' holds {len(history)} rows for "
+                         f"epoch {meta['epoch']}")
+    rng = meta.get("rng", {"shuffle": {}, "dropout": []})
+    if not (isinstance(rng.get("shuffle"), dict) and isinstance(rng.get("dropout"), list)):
+        raise bad("rng", "an object with 'shuffle' (an object) and 'dropout' (a list)")
 
 
 def model_from_params(config: dict, params: dict, source="parameters") -> Model:
     """Rebuild the architecture of ``config`` and copy ``params`` into it."""
-    model = build_model(
-        config["arch"], config["input_size"], config["transform"], config["mode"],
-        config["padding_mode"], config["align_corners"], config["seed"], config["dtype"],
-        st_size=config.get("st_size"),
-    )
+    keys = ("arch", "input_size", "transform", "mode", "padding_mode", "align_corners",
+            "seed", "dtype")
+    missing = [k for k in keys if k not in config]
+    if missing:
+        raise ValueError(f"{source}: field 'model' lacks {missing}")
+    try:
+        model = build_model(*(config[k] for k in keys), st_size=config.get("st_size"))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: field 'model': {e}") from None
     own = model.params
     if set(own) != set(params):
         raise ValueError(f"{source} do not match a {config['arch']!r} model: "

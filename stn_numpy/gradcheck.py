@@ -49,7 +49,7 @@ def numerical_gradient(f, x: np.ndarray, df=None, h: float = 1e-6) -> np.ndarray
     TypeError
         ``x`` is not a float64 ndarray.
     ValueError
-        ``df`` does not have the shape of ``f(x)``.
+        ``x`` is read-only, or ``df`` does not have the shape of ``f(x)``.
     """
     _check_x(x)
     df = None if df is None else np.asarray(df)
@@ -58,12 +58,15 @@ def numerical_gradient(f, x: np.ndarray, df=None, h: float = 1e-6) -> np.ndarray
     for _ in it:
         i = it.multi_index
         old = x[i]
-        x[i] = old + h
-        # np.array copies: f may return a view of x, which the next perturbation would change.
-        plus = np.array(f(x), dtype=np.float64)
-        x[i] = old - h
-        minus = np.array(f(x), dtype=np.float64)
-        x[i] = old
+        try:
+            x[i] = old + h
+            # np.array copies: f may return a view of x, which the next perturbation
+            # would change.
+            plus = np.array(f(x), dtype=np.float64)
+            x[i] = old - h
+            minus = np.array(f(x), dtype=np.float64)
+        finally:  # also when f raises: the caller's x must come back unchanged
+            x[i] = old
         # Checked on the values already computed, not by an extra call: f may be costly.
         if df is not None and df.shape != plus.shape:
             raise ValueError(f"df must have the shape of f(x), {plus.shape}, got {df.shape}")
@@ -79,6 +82,9 @@ def _check_x(x) -> None:
             f"x must be a float64 ndarray, got {got}: float32 round-off in f, about "
             "eps / h relative to f, swamps central differences"
         )
+    if not x.flags.writeable:
+        raise ValueError("x is read-only, but numerical_gradient perturbs it in place: "
+                         "pass a writeable copy (x.copy())")
 
 
 def rel_error(a, b) -> float:

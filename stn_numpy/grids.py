@@ -22,13 +22,21 @@ differentiable.
 
 from __future__ import annotations
 
+import functools
 import operator
+from collections import OrderedDict
 from fractions import Fraction
-from functools import lru_cache
 
 import numpy as np
 
-from ._checks import NonFiniteError, check_choice, check_finite, check_float_array, check_size
+from ._checks import (
+    NonFiniteError,
+    check_choice,
+    check_finite,
+    check_float_array,
+    check_int_pair,
+    check_size,
+)
 
 _FLOAT64 = np.dtype(np.float64)
 
@@ -71,7 +79,39 @@ def _linspace_from_neg_one(steps: int, align_corners: bool, dtype) -> np.ndarray
     return line
 
 
-@lru_cache(maxsize=64)
+def _cache_by_bytes(max_bytes: int, max_entries: int = 256):
+    """Memoize a function returning read-only arrays, keeping at most ``max_bytes`` of them.
+
+    Least recently used results go first; a result larger than the whole budget is
+    returned uncached. A count of entries alone (still bounded, for the small ones) would
+    let a sweep over large sizes keep gigabytes alive long after every caller dropped them.
+    """
+
+    def decorate(fn):
+        cache: OrderedDict = OrderedDict()
+        held = [0]  # bytes in cache
+
+        @functools.wraps(fn)
+        def cached(*args):
+            if args in cache:
+                cache.move_to_end(args)
+                return cache[args]
+            value = fn(*args)
+            if value.nbytes <= max_bytes:
+                cache[args] = value
+                held[0] += value.nbytes
+                while held[0] > max_bytes or len(cache) > max_entries:
+                    held[0] -= cache.popitem(last=False)[1].nbytes
+            return value
+
+        cached.cache_nbytes = lambda: held[0]
+        cached.max_bytes = max_bytes
+        return cached
+
+    return decorate
+
+
+@_cache_by_bytes(32 * 2**20)
 def _base_grid(H: int, W: int, align_corners: bool, dtype=_FLOAT64) -> np.ndarray:
     """Homogeneous target coordinates ``[x_t, y_t, 1]``, shape ``(H, W, 3)``, read-only."""
     base = np.ones((H, W, 3), dtype=dtype)
@@ -337,13 +377,8 @@ def tps_lattice(lattice=(4, 4), dtype=np.float64) -> np.ndarray:
 
 
 def _check_lattice(lattice) -> tuple[int, int]:
-    try:
-        rows, cols = (int(v) for v in lattice)
-    except (TypeError, ValueError):
-        raise ValueError(f"lattice must be a pair (rows, cols), got {lattice!r}") from None
-    if rows < 2 or cols < 2:
-        raise ValueError(f"lattice must have at least 2 rows and 2 columns, got {lattice!r}")
-    return rows, cols
+    """``(rows, cols)``: a spline needs at least 2 x 2 control points."""
+    return check_int_pair("lattice", lattice, 2)
 
 
 def _tps_radial(r2: np.ndarray) -> np.ndarray:
@@ -352,7 +387,8 @@ def _tps_radial(r2: np.ndarray) -> np.ndarray:
         return np.where(r2 > 0, r2 * np.log(np.where(r2 > 0, r2, 1.0)), 0.0)
 
 
-@lru_cache(maxsize=32)
+# The largest size the stn model meets (60 x 60, a 4 x 4 lattice) needs 0.5 MB.
+@_cache_by_bytes(64 * 2**20)
 def _tps_matrix(lattice: tuple[int, int], H: int, W: int, align_corners: bool) -> np.ndarray:
     """The fixed linear map from source control points to the grid, shape ``(H*W, K)``.
 
@@ -371,7 +407,7 @@ def _tps_matrix(lattice: tuple[int, int], H: int, W: int, align_corners: bool) -
     L[:K, K:] = C
     L[K:, :K] = C.T
     L_inv_top = np.linalg.solve(L, np.eye(K + 3)[:, :K])  # (K+3, K): [w; a] per unit P'
-    p = _base_grid(H, W, align_corners)[..., :2].reshape(H * W, 2)
+    p = _base_grid(H, W, align_corners, _FLOAT64)[..., :2].reshape(H * W, 2)
     B = np.concatenate(
         [_tps_radial(((p[:, None, :] - c[None, :, :]) ** 2).sum(-1)), np.ones((H * W, 1)), p],
         axis=1,

@@ -231,7 +231,8 @@ class MaxPool2d(Layer):
     with ``out`` of shape ``(N, C, H // k, W // k)``: trailing rows and columns that do not
     fill a window are dropped. Backward routes each ``dout[n, c, i, j]`` to the position of
     the maximum in its window, and to the first one in row-major order when several tie
-    (PyTorch's rule); every other entry of ``dx`` is zero.
+    (PyTorch's rule); every other entry of ``dx`` is zero. A window holding NaN gives NaN
+    and routes its gradient to its last NaN in row-major order, as PyTorch's CPU kernel.
 
     The window offsets ``(p, q)`` are visited one at a time, each as a strided view of the
     whole batch: ``k * k`` elementwise passes, faster than an ``argmax`` over a reshaped
@@ -285,6 +286,11 @@ class MaxPool2d(Layer):
         argmax = np.full(out.shape, k * k - 1, dtype=index_dtype)
         for j in range(k * k - 2, -1, -1):
             argmax = np.where(offsets[j] == out, index_dtype.type(j), argmax)
+        # np.maximum propagates NaN, but NaN == NaN is False: PyTorch's scan
+        # (``val > max || isnan(val)``) sends the gradient to the last NaN of the window.
+        if np.isnan(out).any():
+            for j, candidate in enumerate(offsets):
+                argmax[np.isnan(candidate)] = j
         self._cache = (x.shape, argmax)
         self._out_shape = out.shape
         return out

@@ -48,6 +48,7 @@ from ._checks import (
     check_choice,
     check_finite,
     check_float_array,
+    check_int,
     check_positive_int,
 )
 from .layers import (
@@ -284,8 +285,9 @@ def build_model(arch: str = "stn", input_size=(28, 28), transform: str = "affine
     ValueError
         Unknown ``arch``, ``transform``, ``mode``, ``padding_mode``, a non-bool
         ``align_corners``; ``input_size`` not a pair or below ``MIN_INPUT_SIZE[arch]``
-        (16 for ``cnn``, 18 for ``stn``, 24 for the paper's models);
-        ``st_size`` below ``MIN_ST_SIZE[arch]`` or given for a model without transformer.
+        (16 for ``cnn``, 18 for ``stn``, 24 for the paper's models); ``seed`` not an int
+        >= 0; ``st_size`` below ``MIN_ST_SIZE[arch]`` or given for a model without
+        transformer.
     TypeError
         ``input_size`` not of ints; ``dtype`` not float32 or float64.
     """
@@ -297,12 +299,13 @@ def build_model(arch: str = "stn", input_size=(28, 28), transform: str = "affine
     check_choice("align_corners", align_corners, (True, False))
     if np.dtype(dtype) not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
+    seed = check_int("seed", seed)
     make_classifier, make_localization = _BUILDERS[arch]
     Ho, Wo = _check_st_size(st_size, arch, (H, W), make_localization is not None)
     rng = np.random.default_rng(seed)
     config = {"arch": arch, "input_size": [H, W], "transform": transform, "mode": mode,
               "padding_mode": padding_mode, "align_corners": bool(align_corners),
-              "seed": int(seed), "dtype": np.dtype(dtype).name,
+              "seed": seed, "dtype": np.dtype(dtype).name,
               "st_size": None if st_size is None else [Ho, Wo]}
     classifier = make_classifier(Ho, Wo, rng, dtype)
     if make_localization is None:

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from ._checks import check_choice, check_finite, check_float_array
+from ._checks import NonFiniteError, check_choice, check_finite, check_float_array
 
 __all__ = [
     "grid_sample",
@@ -85,7 +85,9 @@ def grid_sample(U, grid, mode="bilinear", padding_mode="zeros", align_corners=Fa
     U : ndarray, shape (N, C, H, W), float32 or float64
         Input feature map.
     grid : ndarray, shape (N, H_o, W_o, 2), dtype of ``U``
-        Normalized source coordinates ``(x_s, y_s)``; must be finite.
+        Normalized source coordinates ``(x_s, y_s)``; finite, and at most
+        ``finfo(dtype).max / max(H, W)`` in magnitude, so that pixel coordinates cannot
+        overflow (any larger value lies far outside the image anyway).
     mode : {"bilinear", "nearest", "bicubic"}
     padding_mode : {"zeros", "border", "reflection"}
     align_corners : bool
@@ -100,7 +102,8 @@ def grid_sample(U, grid, mode="bilinear", padding_mode="zeros", align_corners=Fa
         Non-float arrays or mismatched dtypes.
     ValueError
         Wrong shapes, unknown modes; :class:`~stn_numpy.NonFiniteError` (a ValueError)
-        for NaN or inf in ``grid``. NaN or inf in ``U`` propagate.
+        for NaN, inf or a value beyond that bound in ``grid``. NaN or inf in ``U``
+        propagate.
     """
     _check_inputs(U, grid, mode, padding_mode, align_corners)
     if U.shape[1] <= _GATHER_MAX_CHANNELS:
@@ -206,7 +209,29 @@ def _check_inputs(U, grid, mode, padding_mode, align_corners) -> None:
     check_choice("mode", mode, MODES)
     check_choice("padding_mode", padding_mode, PADDING_MODES)
     check_choice("align_corners", align_corners, (True, False))
+    _check_grid_range(grid, max(U.shape[2], U.shape[3]))
+
+
+def _check_grid_range(grid: np.ndarray, size: int) -> None:
+    """Raise :class:`NonFiniteError` unless ``|grid| <= finfo.max / size`` everywhere.
+
+    The bound is what keeps every index computation in range: with ``size = max(H, W)``
+    every pixel coordinate obeys ``|x| <= (max / W + 1) W / 2 + 1/2 < max``, so it, its
+    bicubic taps and its reflections are finite, and clipping a finite value yields an
+    in-range index. A larger finite ``x_s`` would overflow to inf, which reflection turns
+    into NaN and no index can represent; PyTorch returns NaN (or crashes) there, we
+    refuse it as we refuse inf itself.
+    """
+    limit = np.finfo(grid.dtype).max / size
+    # Two reductions without temporaries; NaN fails both comparisons.
+    if grid.size == 0 or (-limit <= grid.min() and grid.max() <= limit):
+        return
     check_finite("grid", grid)
+    bad = int(np.count_nonzero(np.abs(grid) > limit))
+    raise NonFiniteError(
+        f"grid contains {bad} value(s) beyond +-{limit:.4g}, where the pixel coordinate "
+        f"for an input of height or width {size} overflows {grid.dtype}"
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -443,11 +468,12 @@ def _sample_by_gathers(U, grid, mode, padding_mode, align_corners):
     _, Ho, Wo, _ = grid.shape
     U_rows = _padded_rows(U)
     V = np.empty((N, C, Ho, Wo), dtype=U.dtype)
-    step = max(1, _GATHER_BLOCK // (Ho * Wo))
+    step = max(1, _GATHER_BLOCK // max(1, Ho * Wo))
     for n in range(0, N, step):
-        V_rows = _gather_block(U_rows, grid[n:n + step], n, (H, W), mode, padding_mode,
-                               align_corners)
-        V[n:n + step] = V_rows.reshape(-1, Ho, Wo, C).transpose(0, 3, 1, 2)
+        block = grid[n:n + step]
+        V_rows = _gather_block(U_rows, block, n, (H, W), mode, padding_mode, align_corners)
+        # Explicit sizes, not -1: with C = 0 or an empty grid, 0 elements fix no -1.
+        V[n:n + step] = V_rows.reshape(block.shape[:3] + (C,)).transpose(0, 3, 1, 2)
     return V
 
 

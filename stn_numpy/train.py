@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._checks import NonFiniteError, check_choice, check_positive_int
+from ._checks import NonFiniteError, check_choice, check_int, check_positive_int
 from .checkpoint import atomic_write, load_checkpoint, model_from_params, save_checkpoint
 from .data import DATASETS, load_mnist
 from .layers import Dropout, Sequential, cross_entropy
@@ -80,6 +80,7 @@ class TrainConfig:
         check_choice("transform", self.transform, TRANSFORMS)
         check_positive_int("epochs", self.epochs)
         check_positive_int("batch_size", self.batch_size)
+        check_int("seed", self.seed)
         for name in ("train_limit", "test_limit", "st_size"):
             if getattr(self, name) is not None:
                 check_positive_int(name, getattr(self, name))

@@ -20,10 +20,12 @@ with zero weights and the identity transform as bias, so training begins from V 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import grids
-from ._checks import check_choice, check_float_array
+from ._checks import check_choice, check_float_array, check_int_pair
 from .layers import Layer, Linear, Sequential
 from .sampling import (
     MODES,
@@ -101,9 +103,9 @@ class SpatialTransformer(Layer):
         head.params["bias"][...] = identity
         self.localization = localization
         self.transform = transform
-        self.out_size = None if out_size is None else (int(out_size[0]), int(out_size[1]))
+        self.out_size = None if out_size is None else check_int_pair("out_size", out_size, 1)
         self.mode, self.padding_mode, self.align_corners = mode, padding_mode, align_corners
-        self.lattice = tuple(lattice)
+        self.lattice = grids._check_lattice(lattice)
         self._grid, self._grid_backward, self._theta_shape = TRANSFORMS[transform]
         if transform == "tps":
             self._theta_shape = (self.lattice[0] * self.lattice[1], 2)
@@ -183,5 +185,7 @@ class SpatialTransformer(Layer):
                                "matrices for the backward pass")
         dU, dgrid = grid_sample_backward_from_cache(dV, self._sampler_cache)
         dtheta = self._grid_backward(dgrid, self.theta, self._size, **self._grid_kwargs())
-        dU += self.localization.backward(dtheta.reshape(dtheta.shape[0], -1))
+        # The explicit width, not -1: an empty batch has 0 elements, which fix no -1.
+        dtheta_flat = dtheta.reshape(dtheta.shape[0], math.prod(self._theta_shape))
+        dU += self.localization.backward(dtheta_flat)
         return dU

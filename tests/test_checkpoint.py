@@ -1,7 +1,9 @@
 """Tests for checkpoint files: round trip, atomic writes, clear errors on bad files."""
 
+import io
 import os
 import stat
+import zipfile
 
 import numpy as np
 import pytest
@@ -79,4 +81,80 @@ def test_parameters_must_fit_the_architecture(tmp_path):
     config = dict(model.config, arch="stn")
     save_checkpoint(path, model.params, {}, {"model": config, "epoch": 1})
     with pytest.raises(ValueError, match="do not match a 'stn' model"):
+        load_model(path)
+
+
+def forged_header_file(path, shape):
+    """An .npz whose one member's header declares ``shape`` but stores 8 bytes of data."""
+
+
+    header = {"descr": "<f8", "fortran_order": False, "shape": shape}
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_2_0(buf, header)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("param/w.npy", buf.getvalue() + b"\0" * 8)
+        zf.writestr("meta.npy", _npy_bytes(np.array('{"format": "stn-numpy-checkpoint-1"}')))
+
+
+def _npy_bytes(a):
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def test_a_member_declaring_an_absurd_size_is_refused_before_allocation(tmp_path):
+    path = tmp_path / "forged.npz"
+    forged_header_file(path, (2**40, 2**10))  # 8 PB: reading it would try to allocate
+    with pytest.raises(ValueError, match=r"forged.npz is not a readable .*field 'param/w' "
+                                         r"declares a float64 array of shape"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("change, pattern", [
+    (lambda m: m.pop("model"), r"field\(s\) \['model'\] missing"),
+    (lambda m: m.update(model=[1, 2]), "field 'model' must be a JSON object"),
+    (lambda m: m.update(epoch="2"), "field 'epoch' must be an int >= 0"),
+    (lambda m: m.update(epoch=-1), "field 'epoch' must be an int >= 0"),
+    (lambda m: m.update(epoch=2.0), "field 'epoch' must be an int >= 0"),
+    (lambda m: m.update(threads=0), "field 'threads' must be an int >= 1"),
+    (lambda m: m.update(history=[{"loss": "x"}]), "field 'history' must be a list of rows"),
+    (lambda m: m.update(history=[{"loss": 1.0}]), "field 'history' holds 1 rows for epoch 2"),
+    (lambda m: m.update(rng={"shuffle": 3, "dropout": []}), "field 'rng' must be an object"),
+])
+def test_meta_fields_are_checked_one_by_one(tmp_path, change, pattern):
+    model = build_model("cnn")
+    meta = {"model": model.config, "epoch": 2}
+    change(meta)
+    path = tmp_path / "c.npz"
+    save_checkpoint(path, model.params, {}, meta)
+    with pytest.raises(ValueError, match="c.npz: " + pattern):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("arrays, pattern", [
+    ({"param/w": np.arange(3)}, r"field 'param/w' is not a float parameter.*int64"),
+    ({"optim/m": np.array("x")}, r"field 'optim/m' is not a float parameter"),
+    ({"junk": np.zeros(2)}, r"field 'junk' is not"),
+    ({"meta": np.zeros(2)}, r"field 'meta' must be a JSON string, got float64"),
+])
+def test_members_are_checked_one_by_one(tmp_path, arrays, pattern):
+    path = tmp_path / "c.npz"
+    np.savez(path, **{"meta": np.array('{"format": "stn-numpy-checkpoint-1", "model": {}}'),
+                      **arrays})
+    with pytest.raises(ValueError, match="c.npz: " + pattern):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("change, pattern", [
+    (lambda c: c.pop("seed"), r"field 'model' lacks \['seed'\]"),
+    (lambda c: c.update(seed=1.5), "field 'model': seed must be a non-negative int"),
+    (lambda c: c.update(arch="vgg"), "field 'model': arch must be one of"),
+])
+def test_model_config_fields_are_checked(tmp_path, change, pattern):
+    model = build_model("cnn")
+    config = dict(model.config)
+    change(config)
+    path = tmp_path / "c.npz"
+    save_checkpoint(path, model.params, {}, {"model": config})
+    with pytest.raises(ValueError, match="c.npz: " + pattern):
         load_model(path)

@@ -83,6 +83,20 @@ def test_input_validation():
         rotate(np.full((1, 28, 28), 255.0), np.random.default_rng(0))
 
 
+@pytest.mark.parametrize("kwargs, pattern", [
+    ({"canvas": 60.5}, "canvas must be a positive int, got 60.5"),
+    ({"n_clutter": 2.5}, "n_clutter must be a non-negative int, got 2.5"),
+    ({"n_clutter": -1}, "n_clutter must be a non-negative int, got -1"),
+    ({"patch": 6.0}, "patch must be a positive int, got 6.0"),
+])
+def test_size_arguments_are_ints_never_truncated(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        translate_clutter(blobs(3), np.random.default_rng(0), **kwargs)
+    if "canvas" in kwargs:
+        with pytest.raises(ValueError, match=pattern):
+            rts(blobs(3), np.random.default_rng(0), **kwargs)
+
+
 def test_to_unit():
     images = blobs(3)
     np.testing.assert_allclose(to_unit(images), images / 255, atol=1e-7)

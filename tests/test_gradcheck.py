@@ -64,3 +64,28 @@ def test_df_must_have_the_shape_of_f_x(rng):
     np.testing.assert_array_equal(x, x0)  # restored on the way out
     with pytest.raises(ValueError, match=r"\(6,\), got \(2, 3\)"):
         check_gradient(lambda v: v.reshape(-1), x, np.zeros((2, 3)), df=np.ones((2, 3)))
+
+
+def test_x_is_restored_when_f_raises(rng):
+    x = rng.standard_normal(4)
+    x0 = x.copy()
+    calls = {"n": 0}
+
+    def fails_on_the_third_call(v):
+        calls["n"] += 1
+        if calls["n"] == 3:  # x[1] + h is in place at this moment
+            raise RuntimeError("boom")
+        return v**2
+
+    with pytest.raises(RuntimeError, match="boom"):
+        numerical_gradient(fails_on_the_third_call, x)
+    np.testing.assert_array_equal(x, x0)
+
+
+def test_read_only_x_is_named():
+    x = np.arange(3.0)
+    x.setflags(write=False)
+    for check in (lambda: numerical_gradient(np.sin, x),
+                  lambda: check_gradient(np.sin, x, np.cos(x))):
+        with pytest.raises(ValueError, match=r"x is read-only.*x\.copy\(\)"):
+            check()

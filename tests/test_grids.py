@@ -164,8 +164,12 @@ def test_rejects_bad_input():
         affine_grid_backward(np.zeros((2, 4, 4, 2), np.float32), theta, (2, 1, 4, 4))
     with pytest.raises(ValueError, match=r"theta must have shape \(\*, 16, 2\)"):
         tps_grid(np.zeros((1, 9, 2)), (1, 1, 4, 4))
-    with pytest.raises(ValueError, match="lattice must have at least 2"):
+    with pytest.raises(ValueError, match=r"lattice\[0\] must be an int >= 2, got 1"):
         tps_lattice((1, 4))
+    with pytest.raises(ValueError, match=r"lattice\[1\] must be an int >= 2, got 3.9"):
+        tps_lattice((4, 3.9))  # once truncated to 3
+    with pytest.raises(ValueError, match="lattice must be a pair of ints, got '444'"):
+        tps_lattice("444")
     with pytest.raises(ValueError, match="align_corners must be one of"):
         affine_grid(theta, (2, 1, 4, 4), align_corners="yes")
 
@@ -223,3 +227,20 @@ def test_tps_lattice_and_align_corners_are_keyword_only(rng):
     grid = tps_grid(theta, (1, 1, 4, 4), lattice=(3, 4), align_corners=True)
     np.testing.assert_allclose(grid[0], target_coordinates(4, 4, align_corners=True),
                                atol=1e-12)
+
+
+def test_shape_keyed_caches_stay_within_their_byte_budget():
+    from stn_numpy import grids
+
+    theta = np.tile(tps_lattice(), (1, 1, 1))
+    # Each TPS matrix of 400 x 400 points is 20 MB, each base grid 3.8 MB: a sweep of
+    # sizes like this one kept every result alive under a bound on entries alone.
+    for side in range(400, 410):
+        tps_grid(theta, (1, 1, side, side))
+    for cached in (grids._base_grid, grids._tps_matrix):
+        assert 0 < cached.cache_nbytes() <= cached.max_bytes
+    # A hit still returns the value of a fresh computation.
+    np.testing.assert_array_equal(
+        tps_grid(theta, (1, 1, 409, 409)),
+        (grids._tps_matrix.__wrapped__((4, 4), 409, 409, False) @ theta[0])[None].reshape(
+            1, 409, 409, 2))

@@ -223,6 +223,56 @@ def test_maxpool_matches_torch(shape, k, ties):
     np.testing.assert_array_equal(dx, xt.grad.numpy())
 
 
+def _nan_windows():
+    """2x2 windows with one NaN, two NaNs, NaN beside a larger value, and no NaN at all."""
+    nan = np.nan
+    return np.array([[[[1.0, nan, 2.0, nan, nan, 4.0, 1.0, 2.0],
+                       [0.0, -1.0, nan, 5.0, 9.0, nan, 3.0, 0.0]]]])
+
+
+def test_maxpool_routes_nan_to_the_last_nan_of_its_window():
+    pool = MaxPool2d(2)
+    out = pool.forward(_nan_windows())
+    np.testing.assert_array_equal(out, [[[[np.nan, np.nan, np.nan, 3.0]]]])
+    dx = pool.backward(np.array([[[[1.0, 2.0, 3.0, 4.0]]]]))
+    # Row-major scan of each window: the NaN visited last receives the gradient.
+    np.testing.assert_array_equal(dx[0, 0], [[0, 1, 0, 0, 0, 0, 0, 0],
+                                             [0, 0, 2, 0, 0, 3, 4, 0]])
+
+
+def test_maxpool_nan_routing_matches_torch():
+    torch = pytest.importorskip("torch", reason=TORCH_REASON)
+    rng = np.random.default_rng(12)
+    x = rng.integers(0, 3, (2, 3, 8, 8)).astype(np.float64)
+    x[rng.random(x.shape) < 0.3] = np.nan
+    pool = MaxPool2d(2)
+    out = pool.forward(x)
+    dout = rng.standard_normal(out.shape)
+    xt = torch.tensor(x, requires_grad=True)
+    out_t = torch.nn.functional.max_pool2d(xt, 2)
+    out_t.backward(torch.tensor(dout))
+    np.testing.assert_array_equal(out, out_t.detach().numpy())
+    np.testing.assert_array_equal(pool.backward(dout), xt.grad.numpy())
+
+
+@pytest.mark.parametrize("layer, shape", [
+    (lambda: Conv2d(2, 3, 3, rng=0), (0, 2, 5, 5)),
+    (lambda: MaxPool2d(2), (0, 2, 4, 4)),
+    (lambda: MaxPool2d(2), (2, 0, 4, 4)),
+    (lambda: ReLU(), (0, 3)),
+    (lambda: Linear(3, 2, rng=0), (0, 3)),
+    (lambda: Dropout(0.5, rng=0), (0, 3)),
+    (lambda: Dropout2d(0.5, rng=0), (0, 2, 4, 4)),
+])
+def test_layers_pass_empty_batches_both_ways(layer, shape):
+    layer = layer()
+    out = layer.forward(np.zeros(shape))
+    assert out.size == 0
+    assert layer.backward(np.zeros(out.shape)).shape == shape
+    for name, p in layer.params.items():
+        np.testing.assert_array_equal(layer.grads[name], np.zeros_like(p))
+
+
 # --------------------------------------------------------------------------------------
 # ReLU, Flatten, Linear
 # --------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import pytest
 from stn_numpy.gradcheck import numerical_gradient, rel_error
 from stn_numpy.layers import cross_entropy
 from stn_numpy.models import build_model
+from stn_numpy.transformer import TRANSFORMS
 
 
 @pytest.mark.parametrize("arch", ["stn", "cnn"])
@@ -109,6 +110,22 @@ def test_empty_batch_gives_empty_outputs(arch, batch_size):
     assert logits.shape == (0, 10) and logits.dtype == np.float32
     if arch == "stn":
         assert model.transform(np.zeros((0, 42, 42)), batch_size).shape == (0, 1, 42, 42)
+
+
+@pytest.mark.parametrize("arch,transform", [("cnn", "affine")] + [("stn", t) for t in TRANSFORMS])
+def test_empty_batch_passes_forward_and_backward(arch, transform):
+    model = build_model(arch, transform=transform)
+    logits = model.forward(np.zeros((0, 1, 28, 28), np.float32))
+    assert logits.shape == (0, 10)
+    assert model.backward(np.zeros((0, 10), np.float32)).shape == (0, 1, 28, 28)
+    assert model.grads.keys() == model.params.keys()
+    assert not any(g.any() for g in model.grads.values())
+
+
+@pytest.mark.parametrize("seed", [2.0, 2.5, -1, "3", True, None])
+def test_build_model_rejects_seeds_that_are_not_non_negative_ints(seed):
+    with pytest.raises(ValueError, match="seed must be a non-negative int"):
+        build_model("cnn", seed=seed)
 
 
 def test_batches_agree_with_one_pass():

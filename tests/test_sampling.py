@@ -194,12 +194,96 @@ def test_keeps_dtype_and_leaves_inputs_alone(rng, dtype):
     np.testing.assert_array_equal(dV, dV0)
 
 
-def test_empty_batch():
-    V = grid_sample(np.zeros((0, 3, 4, 4)), np.zeros((0, 2, 2, 2)))
-    assert V.shape == (0, 3, 2, 2)
-    dU, dgrid = grid_sample_backward(np.zeros((0, 3, 2, 2)), np.zeros((0, 3, 4, 4)),
-                                     np.zeros((0, 2, 2, 2)))
-    assert dU.shape == (0, 3, 4, 4) and dgrid.shape == (0, 2, 2, 2)
+EMPTY_SHAPES = [  # (N, C, H, W) of U, (Ho, Wo) of the grid: each one empty somewhere
+    ((0, 3, 4, 4), (2, 2)),
+    ((0, 1, 4, 4), (2, 2)),
+    ((2, 0, 4, 5), (3, 3)),
+    ((2, 1, 4, 5), (0, 3)),
+    ((2, 3, 4, 5), (3, 0)),
+    ((0, 0, 4, 5), (0, 0)),
+]
+
+
+@pytest.mark.parametrize("U_shape,out_hw", EMPTY_SHAPES)
+@pytest.mark.parametrize("mode,padding_mode", itertools.product(MODES, PADDING_MODES))
+def test_empty_dimensions_give_empty_or_zero_results(U_shape, out_hw, mode, padding_mode):
+    # PyTorch accepts all of these (only an empty H or W of U is an error there too).
+    N, C = U_shape[:2]
+    U = np.ones(U_shape)
+    grid = np.zeros((N,) + out_hw + (2,))
+    dV = np.ones((N, C) + out_hw)
+    V = grid_sample(U, grid, mode, padding_mode)
+    assert V.shape == dV.shape
+    for dU, dgrid in (grid_sample_backward(dV, U, grid, mode, padding_mode),
+                      grid_sample_backward_from_cache(
+                          dV, grid_sample_forward(U, grid, mode, padding_mode)[1])):
+        assert dU.shape == U.shape and dgrid.shape == grid.shape
+        # Each output point spreads its upstream 1 over weights summing to 1.
+        assert dU.sum() == pytest.approx(dV.size)
+        assert not dgrid.any()
+
+
+def _extreme_grid(dtype, size, scale):
+    """Coordinates at +-scale times the largest value the sampler accepts, and beside it."""
+    limit = np.finfo(dtype).max / size
+    values = np.array([limit, -limit, 1e9, -1e9, 0.3], dtype=dtype) * dtype(scale)
+    x, y = np.meshgrid(values, values, indexing="ij")
+    return np.stack([x, y], axis=-1)[None].astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("C", [1, 3])  # the gather path and the sparse product
+@pytest.mark.parametrize("mode,padding_mode,align_corners", ALL_COMBOS)
+def test_extreme_finite_coordinates_stay_in_range(rng, dtype, C, mode, padding_mode,
+                                                  align_corners):
+    U = rng.uniform(1, 2, (1, C, 5, 6)).astype(dtype)
+    grid = _extreme_grid(dtype, 6, 1)
+    opts = (mode, padding_mode, align_corners)
+    V, cache = grid_sample_forward(U, grid, *opts)
+    # scipy does not bound-check the column indices: out of range they read past U.
+    assert 0 <= cache.S.indices.min() and cache.S.indices.max() < cache.S.shape[1]
+    np.testing.assert_array_equal(grid_sample(U, grid, *opts), V)
+    dU, dgrid = grid_sample_backward(np.ones_like(V), U, grid, *opts)
+    assert np.isfinite(V).all() and np.isfinite(dU).all() and np.isfinite(dgrid).all()
+    far = np.abs(grid[0]) > 1e8
+    if padding_mode == "zeros":
+        assert not V[0][:, far.any(axis=-1)].any()
+    elif padding_mode == "border" and mode != "bicubic":
+        corners = U[0, 0, [0, 0, -1, -1], [0, -1, 0, -1]]
+        assert set(V[0, 0][far.all(axis=-1)]) <= set(corners)
+    else:
+        assert (V[0][:, far.any(axis=-1)] > 0).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mode,padding_mode,align_corners", ALL_COMBOS)
+def test_coordinates_whose_pixel_position_overflows_raise(dtype, mode, padding_mode,
+                                                          align_corners):
+    # Decision: such a point has no pixel position (PyTorch returns NaN or crashes there);
+    # it is refused like an infinite one, so a diverging trainer stops cleanly.
+    U = np.ones((1, 3, 5, 6), dtype=dtype)
+    grid = _extreme_grid(dtype, 6, 1.01)
+    for call in (lambda C: grid_sample(U[:, :C], grid, mode, padding_mode, align_corners),
+                 lambda C: grid_sample_backward(np.ones((1, C, 5, 5), dtype), U[:, :C], grid,
+                                                mode, padding_mode, align_corners)):
+        for C in (1, 3):
+            with pytest.raises(NonFiniteError, match="20 value.s. beyond .* overflows"):
+                call(C)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_huge_affine_theta_never_crashes_the_sampler(dtype):
+    U = np.ones((1, 3, 5, 6), dtype=dtype)
+    for value in (np.finfo(dtype).max / 2, np.finfo(dtype).max / 8, 1e37, 1e30):
+        theta = np.full((1, 2, 3), value, dtype=dtype)
+        with np.errstate(over="ignore"):
+            grid = affine_grid(theta, U.shape)
+        try:
+            V = grid_sample(U, grid, padding_mode="reflection")
+        except NonFiniteError:
+            assert np.abs(grid).max() > np.finfo(dtype).max / 6
+        else:
+            assert np.isfinite(V).all()
 
 
 @pytest.mark.parametrize(

@@ -80,3 +80,16 @@ def test_backward_after_eval_forward_is_a_clear_error(rng):
         stn.backward(np.zeros((2, 2, 8, 8)))
     stn.forward(U, train=True)
     assert stn.backward(np.zeros((2, 2, 8, 8))).shape == U.shape
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    ({"out_size": (5.7, 6)}, r"out_size\[0\] must be a positive int, got 5.7"),
+    ({"out_size": (5, -6)}, r"out_size\[1\] must be a positive int, got -6"),
+    ({"out_size": (5, 0)}, r"out_size\[1\] must be a positive int, got 0"),
+    ({"out_size": 5}, "out_size must be a pair of ints"),
+    ({"lattice": (4.5, 4)}, r"lattice\[0\] must be an int >= 2, got 4.5"),
+    ({"lattice": (4, 1)}, r"lattice\[1\] must be an int >= 2, got 1"),
+])
+def test_size_arguments_are_ints_never_truncated(rng, kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        small_stn("tps", rng, **kwargs)

@@ -30,6 +30,7 @@ digit counter-clockwise as displayed.
 
 import numpy as np
 
+from .._checks import check_int
 from ..grids import tps_grid, tps_lattice
 from ..sampling import grid_sample
 
@@ -139,6 +140,7 @@ def rts(images, rng, max_angle=45.0, scale=(0.7, 1.2), canvas=42, return_params=
     images, unit = _check_images(images)
     _check_range(scale, "scale")
     n, h, w = images.shape
+    canvas = check_int("canvas", canvas, 1)
     degrees = rng.uniform(-max_angle, max_angle, size=n)
     s = rng.uniform(scale[0], scale[1], size=n)
     reach = np.maximum(canvas - s[:, None] * np.array([w, h]), 0) / 2
@@ -291,10 +293,11 @@ def translate_clutter(images, rng, canvas=60, n_clutter=6, patch=6, clutter_imag
     """
     images, unit = _check_images(images)
     n, h, w = images.shape
+    canvas = check_int("canvas", canvas, 1)
+    n_clutter = check_int("n_clutter", n_clutter)
+    patch = check_int("patch", patch, 1)
     if canvas < max(h, w):
         raise ValueError(f"canvas must be at least the image size {max(h, w)}, got {canvas}")
-    if n_clutter < 0:
-        raise ValueError(f"n_clutter must be >= 0, got {n_clutter}")
     others = clutter_images is None
     if others:
         source, source_unit = images, unit
