@@ -69,10 +69,10 @@ class ExperimentConfig:
     epochs: int
     seeds: tuple[int, ...]  # for rts and tc; the other datasets use the first
     batch_size: int = 64
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    loc_lr_scale: float = 0.1
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9  # SGD only
+    loc_lr_scale: float = 1.0
     lr_schedule: str = "cosine"
     whole_split: bool = True  # False: distort only the images used (see load_split)
 

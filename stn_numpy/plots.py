@@ -85,7 +85,7 @@ def plot_snapshots(X: np.ndarray, images: np.ndarray, epochs, path, title=None) 
     from matplotlib.figure import Figure
 
     n_rows, n = len(images) + 1, len(X)
-    fig = Figure(figsize=(0.9 * n + 0.8, 0.9 * n_rows + 0.4))
+    fig = Figure(figsize=(0.9 * n + 0.8, 0.9 * n_rows + 0.4), layout="constrained")
     axes = fig.subplots(n_rows, n, squeeze=False)
     for i in range(n):
         axes[0, i].imshow(X[i, 0], cmap="gray", vmin=0, vmax=1)
@@ -121,7 +121,7 @@ def plot_recovered(measures: dict, path, title=None) -> None:
     """
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(3.6 * len(measures), 3.4))
+    fig = Figure(figsize=(3.6 * len(measures), 3.4), layout="constrained")
     axes = fig.subplots(1, len(measures), squeeze=False)[0]
     for ax, (name, m) in zip(axes, measures.items(), strict=True):
         x, y = np.ravel(m["applied"]), np.ravel(m["recovered"])

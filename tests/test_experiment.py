@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from stn_numpy.cli import main
 from stn_numpy.experiment import COLUMNS, CONFIGS, ROWS, experiment_runs, run_experiment
 
 
@@ -22,7 +23,7 @@ def test_every_model_kind_and_two_seeds_where_asked():
 
 
 @pytest.mark.slow
-def test_tiny_experiment_end_to_end(tmp_path, mnist_dir):
+def test_tiny_experiment_end_to_end(tmp_path, mnist_dir, capsys):
     out, runs = tmp_path / "out", tmp_path / "runs"
     lines = []
     results = run_experiment("tiny", out=out, runs=runs, data_dir=mnist_dir, progress=False,
@@ -47,6 +48,10 @@ def test_tiny_experiment_end_to_end(tmp_path, mnist_dir):
             assert (out / f"{r['run']}-snapshots.png").is_file()
     assert set(results[1]["measures"]) == {"rotation"}
     assert (out / f"{results[1]['run']}-recovered.png").is_file()
+    # evaluate prints the transformer's measures for an ST model.
+    rot_st = runs / results[1]["run"] / "checkpoint.npz"
+    assert main(["evaluate", str(rot_st), "--data-dir", mnist_dir, "--test-limit", "50"]) == 0
+    assert "rotation: recovered vs applied slope" in capsys.readouterr().out
     # Finished runs are kept and skipped.
     lines.clear()
     again = run_experiment("tiny", out=out, runs=runs, data_dir=mnist_dir, progress=False,
