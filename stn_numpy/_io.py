@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -51,6 +53,25 @@ def check_writable(path) -> None:
     tmp = _temp_name(path)
     os.close(_create(tmp))
     os.unlink(tmp)
+
+
+def remove_stale_temporaries(folder, names) -> list[Path]:
+    """Delete the temporary files that killed :func:`atomic_write` calls left in ``folder``.
+
+    Only files named exactly as ``atomic_write`` names its temporaries for one of
+    ``names`` are touched; returns the paths removed. Call it when no write to those
+    names can be under way (at the start of a run that owns the folder).
+    """
+    folder = Path(folder)
+    removed = []
+    for name in names:
+        pattern = re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{16}}\.tmp")
+        for path in folder.glob(f".{glob.escape(name)}.*.tmp"):
+            if pattern.fullmatch(path.name) and path.is_file():
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed.append(path)
+    return removed
 
 
 def _temp_name(path: Path) -> Path:

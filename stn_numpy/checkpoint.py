@@ -5,8 +5,9 @@ Layout of the archive (all plain arrays, readable with ``np.load(path)``):
 * ``param/<name>`` -- model parameters, keyed like PyTorch's ``state_dict``;
 * ``optim/<key>``  -- optimizer state (momentum buffers, Adam moments, step count);
 * ``meta``         -- a JSON string: ``format``, model ``config``, training ``config``,
-  ``epoch`` (completed epochs), ``history`` (per-epoch metrics) and ``rng`` (generator
-  states for shuffling and dropout, so a resumed run continues bit-identically).
+  ``epoch`` (completed epochs), ``history`` (per-epoch metrics), ``rng`` (generator
+  states for shuffling and dropout, so a resumed run continues bit-identically) and
+  ``threads`` (the run's BLAS thread count, on which the last bits of the weights depend).
 
 Files are written atomically (:func:`stn_numpy._io.atomic_write`): to a temporary file in
 the same folder, flushed to disk, then renamed over the old checkpoint. A crash mid-write

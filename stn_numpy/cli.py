@@ -196,22 +196,34 @@ def main(argv=None) -> int:
     sub.add_parser("verify", help="parity with PyTorch or golden vectors "
                    "(args: see `stn-numpy verify -h`)", add_help=False)
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("bench", "verify"):
-        if argv[0] == "bench":
-            from .bench import main as sub_main
-        else:
-            from .verify import main as sub_main
-        return sub_main(argv[1:]) or 0
-    args = parser.parse_args(argv)
+    command = argv[0] if argv else None
+    # Bench and verify handle their own bad input; any OS error of any command (an
+    # unwritable or impossible path, a full disk, a file where a folder should be, a
+    # failed download) ends in one line naming the path, never a traceback.
+    handled = OSError if command in ("bench", "verify") else (OSError, ValueError)
     try:
+        if command in ("bench", "verify"):
+            if command == "bench":
+                from .bench import main as sub_main
+            else:
+                from .verify import main as sub_main
+            return sub_main(argv[1:]) or 0
+        args = parser.parse_args(argv)
         if args.command == "train":
             return _run_train(args, train_parser)
         if args.command == "experiment":
             return _run_experiment(args)
         return _run_evaluate(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"stn-numpy {args.command}: error: {e}", file=sys.stderr)
+    except handled as e:
+        print(f"stn-numpy {command}: error: {_describe_error(e)}", file=sys.stderr)
         return 2
+
+
+def _describe_error(e: Exception) -> str:
+    if isinstance(e, OSError) and e.filename is not None:
+        paths = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+        return f"{paths}: {e.strerror or e}"
+    return str(e)
 
 
 if __name__ == "__main__":

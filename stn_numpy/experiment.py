@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_write
+from ._io import atomic_write, remove_stale_temporaries
 from .checkpoint import load_checkpoint, model_from_params
 from .measures import transformer_measures
 from .train import TrainConfig, load_split, train
@@ -175,6 +175,9 @@ class _Recorder:
 def _run_one(config: ExperimentConfig, run: Run, folder: Path, data, test_params, out: Path,
              data_dir, progress: bool, log) -> dict:
     cfg = _train_config(config, run, folder, data_dir, progress)
+    remove_stale_temporaries(folder, ("progress.json", "snapshots.npz", "result.json"))
+    remove_stale_temporaries(out, ("results.md", f"{run.name}-snapshots.png",
+                                   f"{run.name}-recovered.png"))
     ckpt = folder / "checkpoint.npz"
     start_epoch = 0
     if ckpt.is_file():

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._io import atomic_write
+
 __all__ = ["plot_curves", "plot_recovered", "plot_snapshots", "plot_transforms"]
 
 
@@ -17,8 +19,11 @@ def _save(fig, path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Atomic, as every file of a run: a kill mid-write leaves the old figure or none.
+    fmt = path.suffix[1:].lower() or "png"
+    atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=100, bbox_inches="tight"))
 
 
 def plot_curves(history: list[dict], path) -> None:

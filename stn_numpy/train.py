@@ -10,9 +10,11 @@ evaluates on the test set and writes, into the run folder:
 * at the end, ``curves.png`` (loss and accuracy per epoch) and, for models with a spatial
   transformer, ``transforms.png`` (test inputs beside the transformer's outputs).
 
-The same seed gives the same weights, and ``resume=True`` continues from the last
-checkpoint bit-identically (shuffling and dropout generators are restored). A non-finite
-loss stops the run with :class:`TrainingDiverged`, leaving the last good checkpoint.
+Every file is written atomically. The same seed gives the same weights for a given BLAS
+thread count (recorded in the checkpoint), and ``resume=True`` continues from the last
+checkpoint bit-identically (shuffling and dropout generators are restored); resuming a
+complete run rewrites its metrics and figures. A non-finite loss, weight or test loss
+stops the run with :class:`TrainingDiverged`, leaving the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import csv
 import io
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -28,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ._checks import NonFiniteError, check_choice, check_int, check_positive_int
+from ._io import check_writable, remove_stale_temporaries
 from .checkpoint import atomic_write, load_checkpoint, model_from_params, save_checkpoint
 from .data import DATASETS, load_mnist
 from .layers import Dropout, Sequential, cross_entropy
@@ -43,6 +47,8 @@ LR_SCHEDULES = ("cosine", "constant")
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3}
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
 LOCALIZATION_PREFIX = "0.localization."  # parameter names of the transformer's net
+# Everything a run writes into its folder (all of it atomically).
+RUN_FILES = ("checkpoint.npz", "metrics.csv", "metrics.json", "curves.png", "transforms.png")
 _DATA_SEED = 20150605  # distortions are fixed per dataset, whatever the training seed
 
 
@@ -98,7 +104,7 @@ class TrainConfig:
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss (or the transform parameters) became NaN or infinite."""
+    """The loss, the weights, the test loss or a sampling grid became NaN or infinite."""
 
 
 # --------------------------------------------------------------------------------------
@@ -201,6 +207,23 @@ def _restore_rng_states(states: dict, shuffle_rng, model: Model) -> None:
         d.rng.bit_generator.state = state
 
 
+def blas_threads() -> int:
+    """The BLAS thread count this process runs with, as set by the usual variables.
+
+    ``OPENBLAS_NUM_THREADS``, ``MKL_NUM_THREADS`` or ``OMP_NUM_THREADS`` (the first one
+    set), else the CPUs this process may use, which is what OpenBLAS and MKL default to.
+    Matrix products split their sums by thread, so weights agree bit for bit only between
+    runs with the same count.
+    """
+    for name in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _diverged(what: str, cfg: TrainConfig, ckpt_path: Path, epoch: int) -> TrainingDiverged:
     kept = f"{ckpt_path} (epoch {epoch - 1})" if epoch > 1 else "none was written"
     return TrainingDiverged(f"{what}: try a smaller --lr than {cfg.lr}. "
@@ -246,7 +269,13 @@ def train(config: TrainConfig | None = None, resume: bool = False, data=None, lo
     Raises
     ------
     TrainingDiverged
-        The loss became non-finite; the last good checkpoint is left in place.
+        The loss, a weight or the test loss became non-finite (or a grid overflowed); the
+        last good checkpoint is left in place.
+    OSError
+        The run folder cannot be written (checked before the data is loaded) or a write
+        failed; the file in place stays intact.
+    ValueError
+        A bad config, or a checkpoint to resume whose fields are missing or mistyped.
     """
     from tqdm import tqdm
 
@@ -255,18 +284,23 @@ def train(config: TrainConfig | None = None, resume: bool = False, data=None, lo
     ckpt_path = out / "checkpoint.npz"
     start_epoch, history, saved = 0, [], None
     if resume:
-        params, optim_state, meta = load_checkpoint(ckpt_path)
+        params, optim_state, meta = load_checkpoint(
+            ckpt_path, require=("model", "train", "epoch", "history", "rng"))
         stored = dict(meta["train"], out=cfg.out, data_dir=cfg.data_dir, progress=cfg.progress)
         if cfg.epochs is not None:
             stored["epochs"] = cfg.epochs
         start_epoch, history = meta["epoch"], meta["history"]
-        if stored["epochs"] <= start_epoch:
-            raise ValueError(f"{ckpt_path} already holds {start_epoch} of {stored['epochs']} "
-                             f"epochs: pass --epochs N with N > {start_epoch} to extend it")
-        if stored["epochs"] != meta["train"]["epochs"] and stored["lr_schedule"] == "cosine":
-            log(f"extending the run to {stored['epochs']} epochs: the cosine schedule is "
+        try:
+            cfg = TrainConfig.from_dict(stored)
+            cfg.validate()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{ckpt_path}: field 'train': {e}") from None
+        if cfg.epochs < start_epoch:
+            raise ValueError(f"{ckpt_path} already holds {start_epoch} epochs: pass --epochs N "
+                             f"with N > {start_epoch} to extend it")
+        if cfg.epochs != meta["train"]["epochs"] and cfg.lr_schedule == "cosine":
+            log(f"extending the run to {cfg.epochs} epochs: the cosine schedule is "
                 f"recomputed over the new total")
-        cfg = TrainConfig.from_dict(stored)
         saved = (params, optim_state, meta)
     elif ckpt_path.exists() and not overwrite:
         raise ValueError(f"{ckpt_path} already exists: pass --resume to continue that run, "
@@ -274,6 +308,10 @@ def train(config: TrainConfig | None = None, resume: bool = False, data=None, lo
     if cfg.epochs is None:
         cfg.epochs = TrainConfig.epochs
     cfg.validate()
+    # Before the data and the first epoch: an unwritable --out fails now, not in an hour.
+    out.mkdir(parents=True, exist_ok=True)
+    check_writable(ckpt_path)
+    remove_stale_temporaries(out, RUN_FILES)
 
     X_train, y_train, X_test, y_test = data or load_dataset(
         cfg.dataset, cfg.data_dir, cfg.train_limit, cfg.test_limit)
@@ -285,12 +323,25 @@ def train(config: TrainConfig | None = None, resume: bool = False, data=None, lo
         model = model_from_params(saved[2]["model"], saved[0], source=str(ckpt_path))
     optimizer = _make_optimizer(cfg, model)
     shuffle_rng = np.random.default_rng([cfg.seed, 1])
+    threads = blas_threads()
     if saved is not None:
-        optimizer.load_state_dict(saved[1])
-        _restore_rng_states(saved[2]["rng"], shuffle_rng, model)
+        for field, restore in (("optim", lambda: optimizer.load_state_dict(saved[1])),
+                               ("rng", lambda: _restore_rng_states(saved[2]["rng"],
+                                                                   shuffle_rng, model))):
+            try:
+                restore()
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{ckpt_path}: field {field!r}: {e}") from None
         log(f"resumed from {ckpt_path} after epoch {start_epoch}")
+        stored_threads = saved[2].get("threads")
+        if stored_threads is not None and stored_threads != threads:
+            log(f"warning: the run was trained with {stored_threads} BLAS thread(s), this "
+                f"process uses {threads}: results may differ in the last bits from a run "
+                f"that was never interrupted")
+        if start_epoch == cfg.epochs:
+            log(f"the run is complete ({start_epoch} epochs): rewriting its metrics and "
+                f"figures")
 
-    out.mkdir(parents=True, exist_ok=True)
     n_train = len(X_train)
     steps = -(-n_train // cfg.batch_size)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
@@ -303,21 +354,22 @@ def train(config: TrainConfig | None = None, resume: bool = False, data=None, lo
         for step in range(steps):
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             xb, yb = X_train[idx], y_train[idx]
-            try:
-                # Overflow is detected below, through the loss, and reported once, clearly.
-                with np.errstate(over="ignore", invalid="ignore"):
+            # Overflow is detected through the loss (or the weights after the epoch) and
+            # reported once, clearly.
+            with np.errstate(over="ignore", invalid="ignore"):
+                try:
                     logits = model.forward(xb, train=True)
                     loss, dlogits = cross_entropy(logits, yb)
-            except NonFiniteError as e:
-                loss, reason = float("nan"), f" ({e})"
-            else:
-                reason = ""
-            if not np.isfinite(loss):
-                bar.close()
-                raise _diverged(f"non-finite loss at epoch {epoch}, step {step + 1}{reason}",
-                                cfg, ckpt_path, epoch)
-            model.backward(dlogits)
-            optimizer.step(model.grads)
+                except NonFiniteError as e:
+                    loss, reason = float("nan"), f" ({e})"
+                else:
+                    reason = ""
+                if not np.isfinite(loss):
+                    bar.close()
+                    raise _diverged(f"non-finite loss at epoch {epoch}, step {step + 1}"
+                                    f"{reason}", cfg, ckpt_path, epoch)
+                model.backward(dlogits)
+                optimizer.step(model.grads)
             loss_sum += loss * len(idx)
             correct += int(np.sum(logits.argmax(axis=1) == yb))
             seen += len(idx)
@@ -325,10 +377,17 @@ def train(config: TrainConfig | None = None, resume: bool = False, data=None, lo
             if step % 20 == 0 or step == steps - 1:
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
         bar.close()
-        test_loss, test_acc = evaluate(model, X_test, y_test)
-        if not (np.isfinite(test_loss)
-                and all(np.isfinite(p).all() for p in model.params.values())):
-            raise _diverged(f"non-finite weights or test loss after epoch {epoch}", cfg,
+        if not all(np.isfinite(p).all() for p in model.params.values()):
+            raise _diverged(f"non-finite weights after epoch {epoch}", cfg, ckpt_path, epoch)
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):
+                test_loss, test_acc = evaluate(model, X_test, y_test)
+        except NonFiniteError as e:
+            test_loss, reason = float("nan"), f" ({e})"
+        else:
+            reason = ""
+        if not np.isfinite(test_loss):
+            raise _diverged(f"non-finite test loss after epoch {epoch}{reason}", cfg,
                             ckpt_path, epoch)
         row = {"epoch": epoch, "lr": optimizer.lr,
                "train_loss": loss_sum / seen, "train_acc": correct / seen,
@@ -337,7 +396,8 @@ def train(config: TrainConfig | None = None, resume: bool = False, data=None, lo
         history.append(row)
         train_cfg = asdict(cfg)
         meta = {"model": model.config, "train": train_cfg, "epoch": epoch,
-                "history": history, "rng": _rng_states(shuffle_rng, model)}
+                "history": history, "rng": _rng_states(shuffle_rng, model),
+                "threads": threads}
         save_checkpoint(ckpt_path, model.params, optimizer.state_dict(), meta)
         _write_metrics(out, history)
         if on_epoch is not None:
@@ -348,6 +408,9 @@ def train(config: TrainConfig | None = None, resume: bool = False, data=None, lo
 
     from .plots import plot_curves, plot_transforms
 
+    # Rewritten at the end too, so that a resumed complete run (killed after its last
+    # checkpoint, say) gets back every output.
+    _write_metrics(out, history)
     plot_curves(history, out / "curves.png")
     if model.transformer is not None:
         plot_transforms(model, X_test[:16], out / "transforms.png")

@@ -244,3 +244,14 @@ def test_shape_keyed_caches_stay_within_their_byte_budget():
         tps_grid(theta, (1, 1, 409, 409)),
         (grids._tps_matrix.__wrapped__((4, 4), 409, 409, False) @ theta[0])[None].reshape(
             1, 409, 409, 2))
+
+
+@pytest.mark.parametrize("transform", ["affine", "attention", "projective", "tps"])
+def test_empty_batch_through_every_generator_and_its_backward(transform):
+    from stn_numpy.transformer import TRANSFORMS
+
+    make, make_backward, shape = TRANSFORMS[transform]
+    theta = np.zeros((0,) + (shape or (16, 2)))
+    grid = make(theta, (0, 1, 5, 6))
+    assert grid.shape == (0, 5, 6, 2)
+    assert make_backward(grid, theta, (0, 1, 5, 6)).shape == theta.shape

@@ -87,3 +87,19 @@ def test_check_writable_changes_nothing_and_reports_problems(tmp_path):
     with pytest.raises(IsADirectoryError):
         check_writable(tmp_path)
     assert os.listdir(tmp_path) == ["old.json"]
+
+
+def test_stale_temporaries_are_exactly_those_atomic_write_leaves(tmp_path, monkeypatch):
+    target = tmp_path / "metrics.csv"
+    monkeypatch.setattr(_io.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(_io.os, "unlink", lambda p: None)  # as if killed before the clean-up
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, lambda f: f.write(b"partial"))
+    monkeypatch.undo()
+    (leftover,) = tmp_path.iterdir()
+    others = [tmp_path / ".metrics.csv.tmp", tmp_path / ".other.0123456789abcdef.tmp",
+              tmp_path / "metrics.csv"]
+    for path in others:
+        path.write_text("keep")
+    assert _io.remove_stale_temporaries(tmp_path, ["metrics.csv", "curves.png"]) == [leftover]
+    assert sorted(tmp_path.iterdir()) == sorted(others)

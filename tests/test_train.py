@@ -8,6 +8,7 @@ import pytest
 import stn_numpy.train as train_module
 from stn_numpy.checkpoint import load_checkpoint, load_model
 from stn_numpy.cli import main
+from stn_numpy.models import build_model
 from stn_numpy.train import TrainConfig, TrainingDiverged, train
 
 
@@ -93,13 +94,61 @@ def test_resume_is_bit_identical(tmp_path, optimizer):
 
 def test_resume_extends_or_refuses(tmp_path):
     data = synthetic_data()
-    train(config(tmp_path, epochs=1), data=data, log=lambda s: None)
-    with pytest.raises(ValueError, match="already holds 1 of 1 epochs: pass --epochs N"):
-        train(config(tmp_path, epochs=None), resume=True, data=data, log=lambda s: None)
+    train(config(tmp_path, epochs=2), data=data, log=lambda s: None)
+    with pytest.raises(ValueError, match="already holds 2 epochs: pass --epochs N with N > 2"):
+        train(config(tmp_path, epochs=1), resume=True, data=data, log=lambda s: None)
     lines = []
-    _, history = train(config(tmp_path, epochs=2), resume=True, data=data, log=lines.append)
-    assert [row["epoch"] for row in history] == [1, 2]
+    _, history = train(config(tmp_path, epochs=3), resume=True, data=data, log=lines.append)
+    assert [row["epoch"] for row in history] == [1, 2, 3]
     assert any("cosine schedule is recomputed" in line for line in lines)
+
+
+def test_resuming_a_complete_run_rewrites_its_metrics_and_figures(tmp_path):
+    # As after a kill between the last checkpoint and the last figure.
+    data = synthetic_data()
+    _, history = train(config(tmp_path, epochs=1), data=data, log=lambda s: None)
+    run = tmp_path / "run"
+    checkpoint = (run / "checkpoint.npz").read_bytes()
+    for name in ("metrics.csv", "metrics.json", "curves.png", "transforms.png"):
+        (run / name).unlink()
+    lines = []
+    _, again = train(config(tmp_path, epochs=None), resume=True, data=data, log=lines.append)
+    assert again == history and any("rewriting its metrics and figures" in x for x in lines)
+    assert {p.name for p in run.iterdir()} == set(train_module.RUN_FILES)
+    assert json.loads((run / "metrics.json").read_text()) == history
+    assert (run / "checkpoint.npz").read_bytes() == checkpoint
+
+
+def test_stray_temporaries_of_killed_writes_are_removed(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    stray = [run / ".metrics.csv.0123456789abcdef.tmp",
+             run / ".checkpoint.npz.fedcba9876543210.tmp"]
+    kept = [run / ".notes.txt.0123456789abcdef.tmp", run / ".metrics.csv.tmp"]
+    for path in stray + kept:
+        path.write_bytes(b"partial")
+    train(config(tmp_path, epochs=1), data=synthetic_data(), log=lambda s: None)
+    assert not any(p.exists() for p in stray) and all(p.exists() for p in kept)
+
+
+def test_thread_count_is_recorded_and_a_different_one_warned_about(tmp_path, monkeypatch):
+    data = synthetic_data()
+    monkeypatch.setattr(train_module, "blas_threads", lambda: 1)
+    train(config(tmp_path, epochs=1), data=data, log=lambda s: None)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.npz")[2]["threads"] == 1
+    monkeypatch.setattr(train_module, "blas_threads", lambda: 2)
+    lines = []
+    train(config(tmp_path, epochs=2), resume=True, data=data, log=lines.append)
+    assert any("trained with 1 BLAS thread(s), this process uses 2" in x for x in lines)
+
+
+def test_blas_threads_reads_the_usual_variables(monkeypatch):
+    for name in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert train_module.blas_threads() == 3
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "5")
+    assert train_module.blas_threads() == 5
 
 
 def test_fresh_run_does_not_overwrite_a_checkpoint(tmp_path):
@@ -171,6 +220,45 @@ def test_non_finite_test_loss_is_not_checkpointed(tmp_path, monkeypatch):
     json.loads((tmp_path / "run" / "metrics.json").read_text())  # strict JSON, no NaN
 
 
+def test_non_finite_grid_in_evaluation_is_divergence(tmp_path, monkeypatch):
+    def evaluate_with_overflowing_grid(*args, **kwargs):
+        raise train_module.NonFiniteError("grid contains 3 value(s) beyond +-1e38")
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate_with_overflowing_grid)
+    with pytest.raises(TrainingDiverged, match=r"non-finite test loss after epoch 1 "
+                                               r"\(grid contains 3"):
+        train(config(tmp_path), data=synthetic_data(), log=lambda s: None)
+
+
+def test_non_finite_weights_are_divergence(tmp_path, monkeypatch):
+    real = train_module._make_optimizer
+
+    def optimizer_that_overflows(cfg, params):
+        opt = real(cfg, params)
+        step = opt.step
+
+        def overflowing_step(grads):
+            step(grads)
+            next(iter(params.values()))[...] = np.inf
+        opt.step = overflowing_step
+        return opt
+
+    monkeypatch.setattr(train_module, "_make_optimizer", optimizer_that_overflows)
+    data = synthetic_data(n_train=32)  # one step per epoch: the weights check sees it first
+    with pytest.raises(TrainingDiverged, match="non-finite weights after epoch 1"):
+        train(config(tmp_path, model="cnn"), data=data, log=lambda s: None)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflection"])
+def test_huge_learning_rate_exits_3_in_every_padding_mode(tmp_path, capsys, monkeypatch,
+                                                           padding_mode):
+    monkeypatch.setattr(train_module, "load_dataset", lambda *a, **k: synthetic_data())
+    code = main(["train", "--out", str(tmp_path / "r"), "--lr", "1e37", "--epochs", "1",
+                 "--padding-mode", padding_mode, "--no-progress"])
+    assert code == 3, capsys.readouterr().err
+    assert "stopped: non-finite" in capsys.readouterr().err
+
+
 def test_real_divergence_is_caught(tmp_path):
     # An absurd learning rate blows up the weights within a few steps: the loss (or the
     # transform parameters, caught by the grid generator) turns non-finite.
@@ -218,3 +306,52 @@ def test_short_real_mnist_training_beats_chance(tmp_path, mnist_dir, capsys):
     X = images[:200].astype(np.float64) / 255
     assert model.predict(X).shape == (200, 10)
     assert model.transform(X).shape == (200, 1, 28, 28)
+
+
+def test_os_errors_give_one_line_naming_the_path_and_exit_2(tmp_path, capsys, monkeypatch):
+    def no_data(*args, **kwargs):
+        raise AssertionError("the run folder must be checked before the data is loaded")
+
+    monkeypatch.setattr(train_module, "load_dataset", no_data)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "run"):
+        assert main(["train", "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("stn-numpy train: error: ") and str(a_file) in err
+        assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_full_disk_during_a_run_exits_2(tmp_path, capsys, monkeypatch):
+    import errno
+
+    monkeypatch.setattr(train_module, "load_dataset", lambda *a, **k: synthetic_data())
+
+    def full_disk(path, params, optim_state, meta):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(train_module, "save_checkpoint", full_disk)
+    assert main(["train", "--out", str(tmp_path / "r"), "--epochs", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"stn-numpy train: error: {tmp_path / 'r' / 'checkpoint.npz'}: "
+                   f"No space left on device\n")
+
+
+def no_network(url, timeout):
+    raise AssertionError("tests never download")
+
+
+def test_data_dir_that_is_a_file_exits_2(tmp_path, capsys, monkeypatch):
+    from stn_numpy.data import mnist
+
+    monkeypatch.setattr(mnist, "_urlopen", no_network)
+    model = build_model("cnn")
+    ckpt = tmp_path / "c.npz"
+    from stn_numpy.checkpoint import save_checkpoint
+
+    save_checkpoint(ckpt, model.params, {}, {"model": model.config, "train": {"dataset": "mnist"}})
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert main(["evaluate", str(ckpt), "--data-dir", str(a_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("stn-numpy evaluate: error: ") and str(a_file) in err
