@@ -176,8 +176,7 @@ def learning_rate(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / cfg.epochs))
 
 
-def _make_optimizer(cfg: TrainConfig, model: Model):
-    params = model.params
+def _make_optimizer(cfg: TrainConfig, params: dict):
     lr_scale = {name: cfg.loc_lr_scale for name in params
                 if name.startswith(LOCALIZATION_PREFIX)}
     if cfg.optimizer == "sgd":
@@ -321,7 +320,7 @@ def train(config: TrainConfig | None = None, resume: bool = False, data=None, lo
                             cfg.align_corners, seed=cfg.seed, st_size=cfg.st_size)
     else:
         model = model_from_params(saved[2]["model"], saved[0], source=str(ckpt_path))
-    optimizer = _make_optimizer(cfg, model)
+    optimizer = _make_optimizer(cfg, model.params)
     shuffle_rng = np.random.default_rng([cfg.seed, 1])
     threads = blas_threads()
     if saved is not None:
