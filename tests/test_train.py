@@ -363,6 +363,6 @@ def test_loc_lr_scale_reaches_only_the_localisation_net():
     cfg.validate()
     opt = train_module._make_optimizer(cfg, model.params)
     assert set(opt.lr_scale) == {k for k in model.params if k.startswith("0.localization.")}
-    assert set(opt.lr_scale.values()) == {0.25} and len(opt.lr_scale) == 10
+    assert set(opt.lr_scale.values()) == {0.25} and len(opt.lr_scale) == 8
     with pytest.raises(ValueError, match="loc_lr_scale must be > 0"):
         TrainConfig(loc_lr_scale=0).validate()
