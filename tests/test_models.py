@@ -9,6 +9,30 @@ from stn_numpy.models import build_model
 from stn_numpy.transformer import TRANSFORMS
 
 
+def central_differences(loss_of, flat, picks, h=1e-6):
+    """dL/dflat[i] for each i in picks, by central differences, restoring every entry."""
+    num = np.empty(len(picks))
+    for j, i in enumerate(picks):
+        old = flat[i]
+        flat[i] = old + h
+        plus = loss_of()
+        flat[i] = old - h
+        minus = loss_of()
+        flat[i] = old
+        num[j] = (plus - minus) / (2 * h)
+    return num
+
+
+def check_parameter_gradients(model, grads, loss_of, rng, n_picks):
+    """Compare ``grads`` with central differences on ``n_picks`` random entries of each
+    parameter tensor."""
+    for name, p in model.params.items():
+        flat = p.reshape(-1)
+        picks = rng.choice(flat.size, size=min(n_picks, flat.size), replace=False)
+        num = central_differences(loss_of, flat, picks)
+        assert rel_error(grads[name].reshape(-1)[picks], num) < 1e-5, name
+
+
 @pytest.mark.parametrize("arch", ["stn", "cnn"])
 @pytest.mark.parametrize("size", [(28, 28), (42, 42), (60, 60)])
 def test_builds_for_input_sizes(arch, size):
@@ -46,19 +70,7 @@ def test_whole_stn_model_gradients_match_finite_differences():
     assert rel_error(dX, numerical_gradient(loss_of, X.copy())) < 1e-5
     grads = {k: v.copy() for k, v in model.grads.items()}
     assert len(grads) == 16
-    for name, p in model.params.items():
-        flat = p.reshape(-1)
-        picks = rng.choice(flat.size, size=min(12, flat.size), replace=False)
-        num = np.empty(len(picks))
-        for j, i in enumerate(picks):
-            old = flat[i]
-            flat[i] = old + 1e-6
-            plus = loss_of()
-            flat[i] = old - 1e-6
-            minus = loss_of()
-            flat[i] = old
-            num[j] = (plus - minus) / 2e-6
-        assert rel_error(grads[name].reshape(-1)[picks], num) < 1e-5, name
+    check_parameter_gradients(model, grads, loss_of, rng, 12)
 
 
 def test_predict_accepts_any_float_and_checks_shape():
@@ -224,28 +236,7 @@ def test_paper_stcnn_gradients_with_a_smaller_output():
 
     dX = model.backward(cross_entropy(model.forward(X, train=True), y)[1])
     picks = rng.choice(X.size, size=40, replace=False)
-    flat_x = X.reshape(-1)
-    num = []
-    for i in picks:
-        old = flat_x[i]
-        flat_x[i] = old + 1e-6
-        plus = loss_of()
-        flat_x[i] = old - 1e-6
-        minus = loss_of()
-        flat_x[i] = old
-        num.append((plus - minus) / 2e-6)
-    assert rel_error(dX.reshape(-1)[picks], np.array(num)) < 1e-5
-    grads = {k: v.copy() for k, v in model.grads.items()}
-    for name, p in model.params.items():
-        flat = p.reshape(-1)
-        idx = rng.choice(flat.size, size=min(8, flat.size), replace=False)
-        num = np.empty(len(idx))
-        for j, i in enumerate(idx):
-            old = flat[i]
-            flat[i] = old + 1e-6
-            plus = loss_of()
-            flat[i] = old - 1e-6
-            minus = loss_of()
-            flat[i] = old
-            num[j] = (plus - minus) / 2e-6
-        assert rel_error(grads[name].reshape(-1)[idx], num) < 1e-5, name
+    num = central_differences(loss_of, X.reshape(-1), picks)
+    assert rel_error(dX.reshape(-1)[picks], num) < 1e-5
+    check_parameter_gradients(model, {k: v.copy() for k, v in model.grads.items()}, loss_of,
+                              rng, 8)
