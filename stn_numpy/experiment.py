@@ -198,7 +198,8 @@ def _run_one(config: ExperimentConfig, run: Run, folder: Path, data, test_params
               "train_images": len(data[0]), "test_images": len(X_test),
               "epochs": len(history), "test_error": 100 * (1 - history[-1]["test_acc"]),
               "seconds": round(sum(r["seconds"] for r in history), 1),
-              "measures": _summary(measures), "config": asdict(config)}
+              "measures": _summary(measures), "progress": recorder.progress,
+              "config": asdict(config)}
     from .plots import plot_recovered, plot_snapshots
 
     if recorder.images:
@@ -296,6 +297,14 @@ def _measure_text(name: str, m: dict) -> str:
     return f"{name}: slope {m['slope']:+.3f}, R² {m['r2']:.3f}"
 
 
+def _headline(row: dict) -> str:
+    if "rotation" in row:
+        return f"{row['rotation']['slope']:+.2f}"
+    if "ink_inside" in row:
+        return f"{row['ink_inside']['mean']:.2f}"
+    return "-"
+
+
 def write_results(results: list[dict], config: ExperimentConfig, out) -> None:
     """Write ``<out>/results.md`` from the runs' results (finished ones only)."""
     out = Path(out)
@@ -352,6 +361,18 @@ def write_results(results: list[dict], config: ExperimentConfig, out) -> None:
         if r["measures"]:
             text = "; ".join(_measure_text(k, m) for k, m in r["measures"].items())
             lines.append(f"| {r['run']} | {text} |")
+    curves = [r for r in results
+              if any(set(row) - {"epoch", "test_error"} for row in r.get("progress", []))]
+    if curves:
+        lines += ["", "### Epoch by epoch", "",
+                  f"The same measures on the first {min(N_PROGRESS, *test_images)} test images "
+                  "after each epoch "
+                  "(rotation slope; for TC the mean ink inside the window), and the test "
+                  "error (%):", "", "| run | epoch: measure, error |", "|---|---|"]
+        for r in curves:
+            cells = [f"{row['epoch']}: {_headline(row)}, {row['test_error']:.1f}"
+                     for row in r["progress"]]
+            lines.append(f"| {r['run']} | " + "; ".join(cells) + " |")
     lines += ["", "## Runs", "",
               "| run | epochs | test error % | wall time (s) |", "|---|---|---|---|"]
     lines += [f"| {r['run']} | {r['epochs']} | {r['test_error']:.2f} | {r['seconds']:.0f} |"

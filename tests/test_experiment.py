@@ -47,6 +47,7 @@ def test_tiny_experiment_end_to_end(tmp_path, mnist_dir, capsys):
                 assert f["images"].shape[:2] == (1, 8)
             assert (out / f"{r['run']}-snapshots.png").is_file()
     assert set(results[1]["measures"]) == {"rotation"}
+    assert "| rot-paper-stcnn-affine-seed0 | 1: " in text  # the epoch-by-epoch curve
     assert (out / f"{results[1]['run']}-recovered.png").is_file()
     # evaluate prints the transformer's measures for an ST model.
     rot_st = runs / results[1]["run"] / "checkpoint.npz"
