@@ -12,6 +12,10 @@ Cases, all float32:
 * ``sampler fwd+bwd uncached``: the same with the stand-alone pair ``grid_sample`` /
   ``grid_sample_backward``, which checks its arguments twice; against the same PyTorch
   call. (Both of our backward passes recompute the sampling taps.)
+* ``train step paper-cnn|paper-stcnn``: the same for the paper's distorted-MNIST models
+  (:mod:`stn_numpy.models`) on 42x42 (RTS) and 60x60 (TC) images, the ST-CNN also with its
+  transformer sampling down to 28x28 (``st28``), where the classifier then runs. The
+  PyTorch side is the same architecture written out below.
 * ``train step stn|cnn``: one SGD step (lr 0.01, momentum 0.9) of the tutorial's model on
   a batch of 28x28 images: forward in training mode (dropout on), cross-entropy, backward
   (without the images' own gradient, which neither side computes), update. The PyTorch
@@ -64,7 +68,7 @@ from ._parallel import (
 from ._torch import import_torch
 from .grids import affine_grid, affine_grid_backward
 from .layers import cross_entropy
-from .models import MNIST_MEAN, MNIST_STD, build_model
+from .models import MNIST_MEAN, MNIST_STD, PAPER_FILTERS, PAPER_POOL_FROM, build_model
 from .optim import SGD
 from .sampling import (
     grid_sample,
@@ -79,6 +83,9 @@ SAMPLER_SIZES = ((256, 1, 60, 60), (64, 32, 32, 32))
 QUICK_SAMPLER_SIZES = ((4, 1, 8, 8), (2, 3, 6, 5))
 TRAIN_BATCH, QUICK_TRAIN_BATCH = 64, 4
 INPUT_SIZE = (28, 28)
+# (arch, input side, transformer output side or None) of the paper-model rows
+PAPER_CASES = (("paper-cnn", 42, None), ("paper-stcnn", 42, None), ("paper-stcnn", 42, 28),
+               ("paper-cnn", 60, None), ("paper-stcnn", 60, None), ("paper-stcnn", 60, 28))
 LR, MOMENTUM = 0.01, 0.9
 THETA_NOISE = 0.1
 SEED = 0
@@ -337,15 +344,58 @@ def _torch_net(torch, arch: str):
     return Net(arch == "stn")
 
 
-def _train_inputs(batch: int):
+def _torch_paper_net(torch, arch: str, size: int, st_size: int | None):
+    """``paper-cnn`` / ``paper-stcnn`` of :mod:`stn_numpy.models` in PyTorch."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    def after(side, kernel):
+        return (side - kernel + 1) // 2
+
+    c1, c2 = PAPER_FILTERS
+    out = st_size or size
+    h = after(after(out, 9), 7)
+
+    class PaperNet(nn.Module):
+        def __init__(self, with_st: bool):
+            super().__init__()
+            self.classifier = nn.Sequential(
+                nn.Conv2d(1, c1, 9), nn.MaxPool2d(2), nn.ReLU(),
+                nn.Conv2d(c1, c2, 7), nn.MaxPool2d(2), nn.ReLU(),
+                nn.Flatten(), nn.Linear(c2 * h * h, 10))
+            self.localization = None
+            if with_st:
+                pool_first = size >= PAPER_POOL_FROM
+                side = size // 2 if pool_first else size
+                hl = after(after(side, 5), 5)
+                self.localization = nn.Sequential(
+                    *([nn.MaxPool2d(2)] if pool_first else []),
+                    nn.Conv2d(1, 20, 5), nn.MaxPool2d(2), nn.ReLU(),
+                    nn.Conv2d(20, 20, 5), nn.MaxPool2d(2), nn.ReLU(),
+                    nn.Flatten(), nn.Linear(20 * hl * hl, 20), nn.ReLU(), nn.Linear(20, 6))
+                self.localization[-1].weight.data.zero_()
+                self.localization[-1].bias.data.copy_(torch.tensor([1.0, 0, 0, 0, 1, 0]))
+
+        def forward(self, x):
+            if self.localization is not None:
+                theta = self.localization((x - MNIST_MEAN) / MNIST_STD).view(-1, 2, 3)
+                grid = F.affine_grid(theta, [x.shape[0], 1, out, out], align_corners=False)
+                x = F.grid_sample(x, grid, align_corners=False)
+            return self.classifier((x - MNIST_MEAN) / MNIST_STD)
+
+    return PaperNet(arch == "paper-stcnn")
+
+
+def _train_inputs(batch: int, size=INPUT_SIZE):
     rng = np.random.default_rng(SEED)
-    x = rng.random((batch, 1) + INPUT_SIZE, dtype=np.float32)
+    x = rng.random((batch, 1) + tuple(size), dtype=np.float32)
     y = rng.integers(0, 10, size=batch)
     return x, y
 
 
-def _ours_train_step(arch: str, x, y):
-    model = build_model(arch, input_size=INPUT_SIZE, seed=SEED, dtype=np.float32)
+def _ours_train_step(arch: str, x, y, st_size=None):
+    model = build_model(arch, input_size=x.shape[2:], seed=SEED, dtype=np.float32,
+                        st_size=st_size)
     optimizer = SGD(model.params, lr=LR, momentum=MOMENTUM)
 
     def step():
@@ -356,11 +406,14 @@ def _ours_train_step(arch: str, x, y):
     return step
 
 
-def _torch_train_step(torch, arch: str, x, y):
+def _torch_train_step(torch, arch: str, x, y, st_size=None):
     import torch.nn.functional as F
 
     torch.manual_seed(SEED)
-    net = _torch_net(torch, arch).train()
+    if arch.startswith("paper-"):
+        net = _torch_paper_net(torch, arch, x.shape[2], st_size).train()
+    else:
+        net = _torch_net(torch, arch).train()
     optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
     x_t, y_t = torch.from_numpy(x), torch.from_numpy(y)
 
@@ -379,6 +432,12 @@ def _train_rows(torch, batch: int, timing) -> list[dict]:
         theirs = None if torch is None else _torch_train_step(torch, arch, x, y)
         name = f"train step {arch} N={batch} {INPUT_SIZE[0]}x{INPUT_SIZE[1]}"
         rows.append(_row(name, _ours_train_step(arch, x, y), theirs, timing))
+    for arch, size, st_size in PAPER_CASES:
+        x, y = _train_inputs(batch, (size, size))
+        theirs = None if torch is None else _torch_train_step(torch, arch, x, y, st_size)
+        st = f" st{st_size}" if st_size else ""
+        name = f"train step {arch}{st} N={batch} {size}x{size}"
+        rows.append(_row(name, _ours_train_step(arch, x, y, st_size), theirs, timing))
     return rows
 
 

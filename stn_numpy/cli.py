@@ -1,7 +1,9 @@
-"""The ``stn-numpy`` command: a thin front end over train, evaluate, bench and verify.
+"""The ``stn-numpy`` command: a thin front end over train, evaluate, experiment, bench and
+verify.
 
     stn-numpy train [--model stn] [--dataset mnist] [--epochs 10] ... [--out runs/NAME]
-    stn-numpy evaluate runs/NAME/checkpoint.npz [--dataset mnist]
+    stn-numpy evaluate runs/NAME/checkpoint.npz [--dataset mnist | --data FILE.npz]
+    stn-numpy experiment [--config full] [--out runs/experiment] [--runs DIR]
     stn-numpy bench
     stn-numpy verify [--tol 1e-10] [--export golden.npz | --check golden.npz]
 """
@@ -44,7 +46,8 @@ def _add_train(sub):
     p = sub.add_parser("train", help="train a model (default: stn on MNIST)",
                        formatter_class=_HelpFormatter)
     p.add_argument("--model", choices=ARCHITECTURES, default=d.model,
-                   help="stn: transformer + classifier; cnn: the classifier alone")
+                   help="stn: transformer + classifier; cnn: the classifier alone; "
+                        "paper-stcnn / paper-cnn: the paper's distorted-MNIST pair")
     p.add_argument("--dataset", choices=sorted(DATASETS), default=d.dataset,
                    help="MNIST or one of the paper's distorted variants")
     p.add_argument("--epochs", type=parse_positive_int, default=None,
@@ -69,6 +72,11 @@ def _add_train(sub):
                    help="use the first N test images")
     p.add_argument("--transform", choices=sorted(TRANSFORMS), default=d.transform,
                    help="the transformer's grid generator")
+    p.add_argument("--st-size", type=parse_positive_int, default=None,
+                   help="side of the transformer's output, on which the classifier runs "
+                        "(default: the input's)")
+    p.add_argument("--loc-lr-scale", type=float, default=d.loc_lr_scale,
+                   help="the localisation net learns at --lr times this")
     p.add_argument("--mode", choices=MODES, default=d.mode, help="the sampling kernel")
     p.add_argument("--padding-mode", choices=PADDING_MODES, default=d.padding_mode,
                    help="what the sampler reads outside the image")
@@ -111,24 +119,70 @@ def _run_train(args, parser) -> int:
 def _add_evaluate(sub) -> None:
     from .data import DATASETS
 
-    p = sub.add_parser("evaluate", help="print the test accuracy of a checkpoint")
+    p = sub.add_parser("evaluate", help="print the test accuracy of a checkpoint and, for "
+                       "a spatial transformer, what it does to the distortion")
     p.add_argument("checkpoint")
-    p.add_argument("--dataset", choices=sorted(DATASETS), default=None,
-                   help="default: the dataset the model was trained on")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--dataset", choices=sorted(DATASETS), default=None,
+                        help="default: the dataset the model was trained on")
+    source.add_argument("--data", metavar="FILE.npz", default=None,
+                        help="a test set made elsewhere: x (N, H, W) float in [0, 1], "
+                             "y (N,) integer labels 0-9")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--test-limit", type=parse_positive_int, default=None)
 
 
 def _run_evaluate(args) -> int:
     from .checkpoint import load_checkpoint, model_from_params
+    from .data import load_npz
+    from .measures import format_measures, transformer_measures
     from .train import evaluate, load_split
 
     params, _, meta = load_checkpoint(args.checkpoint)
     model = model_from_params(meta["model"], params, source=args.checkpoint)
-    dataset = args.dataset or meta["train"]["dataset"]
-    X, y = load_split(dataset, "test", args.data_dir, args.test_limit)
+    measures = {}
+    if args.data is not None:
+        X, y = load_npz(args.data, tuple(model.config["input_size"]))
+        X, y, name = X[:args.test_limit], y[:args.test_limit], args.data
+    else:
+        name = args.dataset or meta["train"]["dataset"]
+        X, y, distortion = load_split(name, "test", args.data_dir, args.test_limit,
+                                      return_params=True)
     loss, acc = evaluate(model, X, y)
-    print(f"{dataset} test: accuracy {100 * acc:.2f}% ({len(y)} images), loss {loss:.4f}")
+    print(f"{name} test: accuracy {100 * acc:.2f}% ({len(y)} images), loss {loss:.4f}")
+    if args.data is None and len(y) > 1:
+        measures = transformer_measures(model, X, distortion, name)
+    for line in format_measures(measures):
+        print(line)
+    return 0
+
+
+def _add_experiment(sub) -> None:
+    from .experiment import CONFIGS, DEFAULT_OUT, DEFAULT_RUNS
+
+    p = sub.add_parser("experiment", help="the paper's CNN vs ST-CNN table on distorted "
+                       "MNIST, with the transformer's measures and figures (resumable)",
+                       formatter_class=_HelpFormatter)
+    p.add_argument("--config", choices=sorted(CONFIGS), default="full",
+                   help="full: the budgeted experiment; tiny: a smoke test of every run")
+    p.add_argument("--out", default=DEFAULT_OUT, help="folder for results.md and figures")
+    p.add_argument("--runs", default=None,
+                   help=f"folder for the runs' checkpoints (default: {DEFAULT_RUNS}/<config>)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with the MNIST .gz files (else $STN_NUMPY_DATA, else data/mnist)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _run_experiment(args) -> int:
+    from .experiment import run_experiment
+    from .train import TrainingDiverged
+
+    try:
+        run_experiment(args.config, out=args.out, runs=args.runs, data_dir=args.data_dir,
+                       progress=not args.no_progress)
+    except TrainingDiverged as e:
+        print(f"stn-numpy experiment: stopped: {e}", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -138,6 +192,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     train_parser = _add_train(sub)
     _add_evaluate(sub)
+    _add_experiment(sub)
     sub.add_parser("bench", help="time ours against PyTorch (args: see `stn-numpy bench -h`)",
                    add_help=False)
     sub.add_parser("verify", help="parity with PyTorch or golden vectors "
@@ -162,6 +217,8 @@ def main(argv=None) -> int:
             set_num_threads(args.threads)
         if args.command == "train":
             return _run_train(args, train_parser)
+        if args.command == "experiment":
+            return _run_experiment(args)
         return _run_evaluate(args)
     except handled as e:
         print(f"stn-numpy {command}: error: {_describe_error(e)}", file=sys.stderr)

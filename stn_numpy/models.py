@@ -1,4 +1,5 @@
-"""The named architectures: ``stn`` and ``cnn`` of the PyTorch spatial transformer tutorial.
+"""The named architectures: ``stn`` and ``cnn`` of the PyTorch spatial transformer tutorial,
+and ``paper-stcnn`` and ``paper-cnn`` of the paper's distorted-MNIST experiments.
 
 Both share one classifier (the tutorial's)::
 
@@ -12,7 +13,26 @@ Both share one classifier (the tutorial's)::
 
 where ``P`` is the number of transform parameters (6 for affine). Flattened sizes follow
 from the input size, so 28x28 (MNIST), 42x42 (RTS) and 60x60 (translated, cluttered) all
-work. Images enter in ``[0, 1]``; the model normalises with the MNIST mean and standard
+work.
+
+``paper-cnn`` and ``paper-stcnn`` follow Jaderberg et al. (2015), Appendix A.1, with
+fewer filters than the paper's (which are not stated per layer there), so that the
+experiment of :mod:`stn_numpy.experiment` fits a small CPU budget. The classifier::
+
+    conv 16@9x9 -> maxpool 2 -> relu -> conv 32@7x7 -> maxpool 2 -> relu -> flatten -> fc ->10
+
+and the localisation net of ``paper-stcnn``::
+
+    [maxpool 2] -> conv 20@5x5 -> maxpool 2 -> relu -> conv 20@5x5 -> maxpool 2 -> relu
+    -> flatten -> fc ->20 -> relu -> fc 20->P
+
+The paper feeds its localisation net a 2x max-pooled copy of the input; that leading pool
+is used for inputs of at least ``PAPER_POOL_FROM`` pixels a side (RTS's 42x42, TC's 60x60),
+since a pooled 28x28 image is too small for two 5x5 convolutions with pooling. The
+transformer's output size ``st_size`` may differ from the input's: the classifier then
+runs on the smaller image, as the paper does for RTS and TC.
+
+Images enter in ``[0, 1]``; the model normalises with the MNIST mean and standard
 deviation itself. The transformer samples the raw image, so ``"zeros"`` padding is black
 background, and the localisation net and classifier see normalised values.
 """
@@ -45,13 +65,19 @@ from .layers import (
 from .sampling import MODES, PADDING_MODES
 from .transformer import TRANSFORMS, SpatialTransformer, identity_parameters
 
-__all__ = ["ARCHITECTURES", "MIN_INPUT_SIZE", "Model", "Normalize", "build_model"]
+__all__ = ["ARCHITECTURES", "MIN_INPUT_SIZE", "MIN_ST_SIZE", "Model", "Normalize", "build_model"]
 
-ARCHITECTURES = ("stn", "cnn")
+ARCHITECTURES = ("stn", "cnn", "paper-stcnn", "paper-cnn")
 # The smallest side whose feature maps stay at least 1 x 1: the classifier needs 16
 # (conv 5x5 -> 12, pool -> 6, conv 5x5 -> 2, pool -> 1), the localisation net 18
-# (conv 7x7 -> 12, pool -> 6, conv 5x5 -> 2, pool -> 1).
-MIN_INPUT_SIZE = {"cnn": 16, "stn": 18}
+# (conv 7x7 -> 12, pool -> 6, conv 5x5 -> 2, pool -> 1). The paper's classifier needs 24
+# (conv 9x9 -> 16, pool -> 8, conv 7x7 -> 2, pool -> 1), its localisation net 16
+# (conv 5x5 -> 12, pool -> 6, conv 5x5 -> 2, pool -> 1), 32 when it pools first.
+MIN_INPUT_SIZE = {"cnn": 16, "stn": 18, "paper-cnn": 24, "paper-stcnn": 24}
+# The transformer's output feeds the classifier, so it needs the classifier's minimum.
+MIN_ST_SIZE = {"stn": 16, "paper-stcnn": 24}
+PAPER_POOL_FROM = 32
+PAPER_FILTERS = (16, 32)
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 _PIXELS_PER_BATCH = 1 << 19
 
@@ -104,6 +130,42 @@ def _localization(H: int, W: int, n_params: int, rng, dtype) -> Sequential:
         Flatten(), Linear(10 * h * w, 32, rng, dtype), ReLU(),
         Linear(32, n_params, rng, dtype),
     )
+
+
+def _paper_classifier(H: int, W: int, rng, dtype) -> Sequential:
+    c1, c2 = PAPER_FILTERS
+    h = _after_conv_pool(_after_conv_pool(H, 9), 7)
+    w = _after_conv_pool(_after_conv_pool(W, 9), 7)
+    return Sequential(
+        Normalize(),
+        Conv2d(1, c1, 9, rng, dtype), MaxPool2d(2), ReLU(),
+        Conv2d(c1, c2, 7, rng, dtype), MaxPool2d(2), ReLU(),
+        Flatten(), Linear(c2 * h * w, 10, rng, dtype),
+    )
+
+
+def _paper_localization(H: int, W: int, n_params: int, rng, dtype) -> Sequential:
+    pool_first = min(H, W) >= PAPER_POOL_FROM
+    if pool_first:
+        H, W = H // 2, W // 2
+    h = _after_conv_pool(_after_conv_pool(H, 5), 5)
+    w = _after_conv_pool(_after_conv_pool(W, 5), 5)
+    return Sequential(
+        Normalize(), *([MaxPool2d(2)] if pool_first else []),
+        Conv2d(1, 20, 5, rng, dtype), MaxPool2d(2), ReLU(),
+        Conv2d(20, 20, 5, rng, dtype), MaxPool2d(2), ReLU(),
+        Flatten(), Linear(20 * h * w, 20, rng, dtype), ReLU(),
+        Linear(20, n_params, rng, dtype),
+    )
+
+
+# arch -> (classifier, localisation net or None)
+_BUILDERS = {
+    "stn": (_classifier, _localization),
+    "cnn": (_classifier, None),
+    "paper-stcnn": (_paper_classifier, _paper_localization),
+    "paper-cnn": (_paper_classifier, None),
+}
 
 
 class Model:
@@ -209,12 +271,15 @@ class Model:
 
 def build_model(arch: str = "stn", input_size=(28, 28), transform: str = "affine",
                 mode: str = "bilinear", padding_mode: str = "zeros", align_corners=False,
-                seed: int = 0, dtype=np.float32) -> Model:
-    """Build ``stn`` or ``cnn`` for ``input_size = (H, W)``, initialised from ``seed``.
+                seed: int = 0, dtype=np.float32, st_size=None) -> Model:
+    """Build a model of ``ARCHITECTURES`` for ``input_size = (H, W)``, seeded by ``seed``.
 
     ``transform``, ``mode``, ``padding_mode`` and ``align_corners`` configure the
-    transformer of ``stn`` (see :class:`~stn_numpy.transformer.SpatialTransformer`).
-    Dropout masks come from the same seeded generator, so one seed fixes the whole run.
+    transformer of ``stn`` and ``paper-stcnn`` (see
+    :class:`~stn_numpy.transformer.SpatialTransformer`); ``st_size`` (an int or a pair
+    ``(H_o, W_o)``, None for the input's size) is the size of the transformer's output, on
+    which the classifier then runs. Dropout masks come from the same seeded generator, so
+    one seed fixes the whole run.
 
     Every argument is checked first, for ``cnn`` too (which ignores the transformer's),
     so a configuration that could not be rebuilt never reaches a checkpoint.
@@ -224,7 +289,9 @@ def build_model(arch: str = "stn", input_size=(28, 28), transform: str = "affine
     ValueError
         Unknown ``arch``, ``transform``, ``mode``, ``padding_mode``, a non-bool
         ``align_corners``; ``input_size`` not a pair or below ``MIN_INPUT_SIZE[arch]``
-        (16 for ``cnn``, 18 for ``stn``); ``seed`` not an int >= 0.
+        (16 for ``cnn``, 18 for ``stn``, 24 for the paper's models); ``seed`` not an int
+        >= 0; ``st_size`` below ``MIN_ST_SIZE[arch]`` or given for a model without
+        transformer.
     TypeError
         ``input_size`` not of ints; ``dtype`` not float32 or float64.
     """
@@ -237,17 +304,40 @@ def build_model(arch: str = "stn", input_size=(28, 28), transform: str = "affine
     if np.dtype(dtype) not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
     seed = check_int("seed", seed)
+    make_classifier, make_localization = _BUILDERS[arch]
+    Ho, Wo = _check_st_size(st_size, arch, (H, W), make_localization is not None)
     rng = np.random.default_rng(seed)
     config = {"arch": arch, "input_size": [H, W], "transform": transform, "mode": mode,
               "padding_mode": padding_mode, "align_corners": bool(align_corners),
-              "seed": seed, "dtype": np.dtype(dtype).name}
-    classifier = _classifier(H, W, rng, dtype)
-    if arch == "cnn":
+              "seed": seed, "dtype": np.dtype(dtype).name,
+              "st_size": None if st_size is None else [Ho, Wo]}
+    classifier = make_classifier(Ho, Wo, rng, dtype)
+    if make_localization is None:
         return Model(classifier, config)
     n_params = identity_parameters(transform).size
-    stn = SpatialTransformer(_localization(H, W, n_params, rng, dtype), transform,
-                             mode=mode, padding_mode=padding_mode, align_corners=align_corners)
+    stn = SpatialTransformer(make_localization(H, W, n_params, rng, dtype), transform,
+                             out_size=(Ho, Wo), mode=mode, padding_mode=padding_mode,
+                             align_corners=align_corners)
     return Model(Sequential(stn, *classifier), config)
+
+
+def _check_st_size(st_size, arch: str, input_size, has_transformer: bool) -> tuple[int, int]:
+    if st_size is None:
+        return input_size
+    if not has_transformer:
+        raise ValueError(f"st_size needs a model with a spatial transformer; "
+                         f"arch={arch!r} has none")
+    pair = (st_size, st_size) if isinstance(st_size, (int, np.integer)) else st_size
+    try:
+        Ho, Wo = (operator.index(s) for s in pair)
+    except (TypeError, ValueError):
+        raise TypeError(f"st_size must be an int or a pair (H_o, W_o) of ints, "
+                        f"got {st_size!r}") from None
+    minimum = MIN_ST_SIZE[arch]
+    if Ho < minimum or Wo < minimum:
+        raise ValueError(f"st_size must be at least {minimum}x{minimum} for arch={arch!r}, "
+                         f"got {(Ho, Wo)}")
+    return Ho, Wo
 
 
 def _check_input_size(input_size, arch: str) -> tuple[int, int]:

@@ -29,7 +29,8 @@ class _Optimizer:
     _hyper: tuple[str, ...] = ()
     _buffers: tuple[str, ...] = ()
 
-    def __init__(self, params: dict[str, np.ndarray], lr: float, weight_decay: float) -> None:
+    def __init__(self, params: dict[str, np.ndarray], lr: float, weight_decay: float,
+                 lr_scale: dict[str, float] | None = None) -> None:
         if not isinstance(params, dict) or not params:
             raise ValueError("params must be a non-empty dict name -> parameter array")
         for name, p in params.items():
@@ -41,6 +42,7 @@ class _Optimizer:
         self.params = dict(params)
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
+        self.lr_scale = _check_lr_scale(lr_scale, self.params)
         self.step_count = 0
 
     def step(self, grads: dict[str, np.ndarray]) -> None:
@@ -58,9 +60,9 @@ class _Optimizer:
             g = grads[name]
             if self.weight_decay != 0.0:
                 g = g + self.weight_decay * p
-            self._update(name, p, g)
+            self._update(name, p, g, self.lr * self.lr_scale.get(name, 1.0))
 
-    def _update(self, name: str, p: np.ndarray, g: np.ndarray) -> None:
+    def _update(self, name: str, p: np.ndarray, g: np.ndarray, lr: float) -> None:
         raise NotImplementedError
 
     def _check_grads(self, grads) -> None:
@@ -130,6 +132,19 @@ class _Optimizer:
             setattr(self, buffer, values)
 
 
+def _check_lr_scale(lr_scale, params: dict) -> dict[str, float]:
+    if lr_scale is None:
+        return {}
+    if not isinstance(lr_scale, dict):
+        raise TypeError(f"lr_scale must be a dict name -> factor, got {type(lr_scale).__name__}")
+    unknown = sorted(set(lr_scale) - set(params))
+    if unknown:
+        raise ValueError(f"lr_scale names parameters that are not in params: {unknown}")
+    for name, factor in lr_scale.items():
+        _check_nonnegative(f"lr_scale[{name!r}]", factor)
+    return {name: float(factor) for name, factor in lr_scale.items()}
+
+
 def _check_nonnegative(name: str, value) -> None:
     if not (isinstance(value, (int, float, np.floating, np.integer)) and value >= 0):
         raise ValueError(f"{name} must be a number >= 0, got {value!r}")
@@ -152,19 +167,22 @@ class SGD(_Optimizer):
     lr : float >= 0
     momentum : float >= 0
     weight_decay : float >= 0
+    lr_scale : dict[str, float], optional
+        Per-parameter factors on ``lr`` (1 for the names not listed), e.g. a smaller rate
+        for a localisation net than for the classifier.
     """
 
     _hyper = ("lr", "momentum", "weight_decay")
     _buffers = ("momentum_buffer",)
 
     def __init__(self, params: dict[str, np.ndarray], lr: float = 0.01, momentum: float = 0.0,
-                 weight_decay: float = 0.0) -> None:
-        super().__init__(params, lr, weight_decay)
+                 weight_decay: float = 0.0, lr_scale: dict[str, float] | None = None) -> None:
+        super().__init__(params, lr, weight_decay, lr_scale)
         _check_nonnegative("momentum", momentum)
         self.momentum = float(momentum)
         self.momentum_buffer: dict[str, np.ndarray] = {}
 
-    def _update(self, name: str, p: np.ndarray, g: np.ndarray) -> None:
+    def _update(self, name: str, p: np.ndarray, g: np.ndarray, lr: float) -> None:
         if self.momentum != 0.0:
             buf = self.momentum_buffer.get(name)
             if buf is None:
@@ -173,7 +191,7 @@ class SGD(_Optimizer):
                 buf *= self.momentum
                 buf += g
             g = buf
-        p -= self.lr * g
+        p -= lr * g
 
 
 class Adam(_Optimizer):
@@ -200,6 +218,8 @@ class Adam(_Optimizer):
     betas : (float, float), each in [0, 1)
     eps : float >= 0
     weight_decay : float >= 0
+    lr_scale : dict[str, float], optional
+        Per-parameter factors on ``lr``, as for :class:`SGD`.
     """
 
     _hyper = ("lr", "beta1", "beta2", "eps", "weight_decay")
@@ -207,8 +227,8 @@ class Adam(_Optimizer):
 
     def __init__(self, params: dict[str, np.ndarray], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0) -> None:
-        super().__init__(params, lr, weight_decay)
+                 weight_decay: float = 0.0, lr_scale: dict[str, float] | None = None) -> None:
+        super().__init__(params, lr, weight_decay, lr_scale)
         try:
             beta1, beta2 = (float(b) for b in betas)
         except (TypeError, ValueError):
@@ -222,7 +242,7 @@ class Adam(_Optimizer):
         self.exp_avg_sq: dict[str, np.ndarray] = {}
         self._scratch: dict[str, np.ndarray] = {}  # not state: overwritten every step
 
-    def _update(self, name: str, p: np.ndarray, g: np.ndarray) -> None:
+    def _update(self, name: str, p: np.ndarray, g: np.ndarray, lr: float) -> None:
         m = self.exp_avg.setdefault(name, np.zeros_like(p))
         v = self.exp_avg_sq.setdefault(name, np.zeros_like(p))
         # One kept scratch array per parameter instead of a fresh temporary per operation;
@@ -238,7 +258,7 @@ class Adam(_Optimizer):
         v *= self.beta2
         v += tmp
         t = self.step_count
-        step_size = self.lr / (1.0 - self.beta1 ** t)
+        step_size = lr / (1.0 - self.beta1 ** t)
         np.sqrt(v, out=tmp)
         tmp /= math.sqrt(1.0 - self.beta2 ** t)
         tmp += self.eps

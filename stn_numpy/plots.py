@@ -12,7 +12,7 @@ import numpy as np
 
 from ._io import atomic_write
 
-__all__ = ["plot_curves", "plot_transforms"]
+__all__ = ["plot_curves", "plot_recovered", "plot_snapshots", "plot_transforms"]
 
 
 def _save(fig, path) -> None:
@@ -69,4 +69,75 @@ def plot_transforms(model, X: np.ndarray, path) -> None:
             axes[row, i].set_axis_off()
     axes[0, 0].set_title("input U", loc="left", fontsize=9)
     axes[1, 0].set_title("transformed V", loc="left", fontsize=9)
+    _save(fig, path)
+
+
+def plot_snapshots(X: np.ndarray, images: np.ndarray, epochs, path, title=None) -> None:
+    """Test digits (top row) and the transformer's output for them after each epoch.
+
+    Parameters
+    ----------
+    X : ndarray, shape (n, 1, H, W), float in [0, 1]
+        The inputs, one column each.
+    images : ndarray, shape (E, n, H_o, W_o)
+        The transformer's outputs after each of ``E`` epochs.
+    epochs : sequence of int, length E
+        The epoch of each row, shown at its left.
+    path : str or Path
+        The image file to write.
+    title : str, optional
+    """
+    from matplotlib.figure import Figure
+
+    n_rows, n = len(images) + 1, len(X)
+    fig = Figure(figsize=(0.9 * n + 0.8, 0.9 * n_rows + 0.4), layout="constrained")
+    axes = fig.subplots(n_rows, n, squeeze=False)
+    for i in range(n):
+        axes[0, i].imshow(X[i, 0], cmap="gray", vmin=0, vmax=1)
+        for e in range(len(images)):
+            axes[e + 1, i].imshow(images[e, i], cmap="gray", vmin=0, vmax=1)
+    for r, label in enumerate(["input"] + [f"epoch {e}" for e in epochs]):
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r, 0].set_ylabel(label, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    _save(fig, path)
+
+
+_RECOVERED_LABELS = {"rotation": ("applied angle (deg)", "recovered angle (deg)"),
+                     "scale": ("applied scale", "window side (digit frames)"),
+                     "translation": ("applied offset (px)", "window centre (px)")}
+
+
+def plot_recovered(measures: dict, path, title=None) -> None:
+    """Recovered against applied distortion, one panel per measure, with the fitted line.
+
+    Parameters
+    ----------
+    measures : dict
+        ``name -> {"applied", "recovered", "slope", "intercept", "r2", ...}`` as
+        :func:`stn_numpy.measures.transformer_measures` returns them (``"rotation"``,
+        ``"scale"``, ``"translation"``).
+    path : str or Path
+        The image file to write.
+    title : str, optional
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3.6 * len(measures), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(measures), squeeze=False)[0]
+    for ax, (name, m) in zip(axes, measures.items(), strict=True):
+        x, y = np.ravel(m["applied"]), np.ravel(m["recovered"])
+        ax.scatter(x, y, s=3, alpha=0.3)
+        line = np.array([x.min(), x.max()])
+        ax.plot(line, m["slope"] * line + m["intercept"], "r-",
+                label=f"slope {m['slope']:+.2f}, R² {m['r2']:.2f}")
+        xlabel, ylabel = _RECOVERED_LABELS.get(name, ("applied", "recovered"))
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
     _save(fig, path)

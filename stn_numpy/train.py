@@ -46,6 +46,7 @@ OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("cosine", "constant")
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3}
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
+LOCALIZATION_PREFIX = "0.localization."  # parameter names of the transformer's net
 # Everything a run writes into its folder (all of it atomically).
 RUN_FILES = ("checkpoint.npz", "metrics.csv", "metrics.json", "curves.png", "transforms.png")
 _DATA_SEED = 20150605  # distortions are fixed per dataset, whatever the training seed
@@ -70,6 +71,8 @@ class TrainConfig:
     train_limit: int | None = None
     test_limit: int | None = None
     transform: str = "affine"
+    st_size: int | None = None  # None: the transformer's output has the input's size
+    loc_lr_scale: float = 1.0  # the localisation net learns at lr * loc_lr_scale
     mode: str = "bilinear"
     padding_mode: str = "zeros"
     align_corners: bool = False
@@ -84,13 +87,15 @@ class TrainConfig:
         check_positive_int("epochs", self.epochs)
         check_positive_int("batch_size", self.batch_size)
         check_int("seed", self.seed)
-        for name in ("train_limit", "test_limit"):
+        for name in ("train_limit", "test_limit", "st_size"):
             if getattr(self, name) is not None:
                 check_positive_int(name, getattr(self, name))
         if self.lr is None:
             self.lr = DEFAULT_LR[self.optimizer]
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.loc_lr_scale > 0:
+            raise ValueError(f"loc_lr_scale must be > 0, got {self.loc_lr_scale}")
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -107,22 +112,38 @@ class TrainingDiverged(RuntimeError):
 # --------------------------------------------------------------------------------------
 
 
-def load_split(name: str = "mnist", split: str = "test", data_dir=None, limit=None):
+def load_split(name: str = "mnist", split: str = "test", data_dir=None, limit=None,
+               return_params: bool = False, whole_split: bool = True):
     """One split of a dataset: images in ``[0, 1]``, float32 ``(N, 1, H, W)``, int64 labels.
 
     Distorted variants (``rot``, ``rts``, ``proj``, ``elastic``, ``t``, ``tc``, see
     :mod:`stn_numpy.data.distort`) are generated from the whole MNIST split with a fixed
     seed and only then cut to the first ``limit`` images, so an image is the same whatever
-    the limit and whichever command loads it.
+    the limit and whichever command loads it. ``whole_split=False`` distorts only the first
+    ``limit`` digits instead: much faster for a few hundred images, but other images.
+
+    With ``return_params=True`` returns ``(X, y, params)``: the distortion's parameters
+    per image (see :mod:`stn_numpy.data.distort`), cut like ``X``, plus ``"digits"``, the
+    undistorted MNIST digits ``(N, 28, 28)`` in ``[0, 1]``.
     """
     check_choice("dataset", name, DATASETS)
     check_choice("split", split, ("train", "test"))
     if limit is not None:
         check_positive_int("limit", limit)
     images, labels = load_mnist(split, data_dir)
+    if not whole_split:
+        images, labels = images[:limit], labels[:limit]
     offset = 0 if split == "train" else 1
-    X = DATASETS[name](images, np.random.default_rng(_DATA_SEED + offset))[:limit]
-    return X[:, None].astype(np.float32, copy=False), labels[:limit].astype(np.int64)
+    X, params = DATASETS[name](images, np.random.default_rng(_DATA_SEED + offset),
+                               return_params=True)
+    # A copy, not a view, so that the whole split's images can be freed (TC's are 0.9 GB).
+    X = X[:limit, None].astype(np.float32, copy=limit is not None)
+    y = labels[:limit].astype(np.int64)
+    if not return_params:
+        return X, y
+    params = {k: v[:limit] for k, v in params.items()}
+    params["digits"] = images[:limit].astype(np.float32) / 255
+    return X, y, params
 
 
 def load_dataset(name: str = "mnist", data_dir=None, train_limit=None, test_limit=None):
@@ -156,9 +177,12 @@ def learning_rate(cfg: TrainConfig, epoch: int) -> float:
 
 
 def _make_optimizer(cfg: TrainConfig, params: dict):
+    lr_scale = {name: cfg.loc_lr_scale for name in params
+                if name.startswith(LOCALIZATION_PREFIX)}
     if cfg.optimizer == "sgd":
-        return SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                   lr_scale=lr_scale)
+    return Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, lr_scale=lr_scale)
 
 
 def _dropout_layers(layer):
@@ -216,7 +240,7 @@ def _write_metrics(out: Path, history: list[dict]) -> None:
 
 
 def train(config: TrainConfig | None = None, resume: bool = False, data=None, log=print,
-          overwrite: bool = False):
+          overwrite: bool = False, on_epoch=None):
     """Train a model; returns ``(model, history)``.
 
     Parameters
@@ -237,6 +261,9 @@ def train(config: TrainConfig | None = None, resume: bool = False, data=None, lo
         ``(X_train, y_train, X_test, y_test)`` to use instead of :func:`load_dataset`.
     log : callable
         Receives one line of text per epoch.
+    on_epoch : callable, optional
+        ``on_epoch(model, row)`` after each epoch's checkpoint is written, ``row`` being
+        that epoch's metrics (the experiment records the transformer's progress with it).
 
     Raises
     ------
@@ -290,7 +317,7 @@ def train(config: TrainConfig | None = None, resume: bool = False, data=None, lo
     input_size = X_train.shape[2:]
     if saved is None:
         model = build_model(cfg.model, input_size, cfg.transform, cfg.mode, cfg.padding_mode,
-                            cfg.align_corners, seed=cfg.seed)
+                            cfg.align_corners, seed=cfg.seed, st_size=cfg.st_size)
     else:
         model = model_from_params(saved[2]["model"], saved[0], source=str(ckpt_path))
     optimizer = _make_optimizer(cfg, model.params)
@@ -372,6 +399,8 @@ def train(config: TrainConfig | None = None, resume: bool = False, data=None, lo
                 "threads": threads}
         save_checkpoint(ckpt_path, model.params, optimizer.state_dict(), meta)
         _write_metrics(out, history)
+        if on_epoch is not None:
+            on_epoch(model, row)
         log(f"epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
             f"acc {row['train_acc']:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f} "
             f"| {row['seconds']:.1f}s")

@@ -322,3 +322,80 @@ def test_rotate_matches_scipy():
         images / 255, 30, axes=(1, 2), reshape=False, order=1, mode="grid-constant"
     )
     np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_returned_angles_reproduce_rotate():
+    images = blobs()
+    out, params = rotate(images, np.random.default_rng(3), return_params=True)
+    np.testing.assert_array_equal(out, rotate(images, np.random.default_rng(3)))
+    assert set(params) == {"angle"} and np.abs(params["angle"]).max() <= 90
+    for image, angle, warped in zip(images / 255, params["angle"], out, strict=True):
+        expected = ndimage.rotate(image, angle, reshape=False, order=1, mode="grid-constant")
+        np.testing.assert_allclose(warped, expected, atol=1e-6)
+
+
+def test_returned_rts_parameters_reproduce_the_image():
+    # scipy's affine_transform takes the inverse map in (row, col) pixel indices:
+    # input = M (output - c_out) + c_in with (x, y)_in = R(a)^T ((x, y)_out - t) / s.
+    images = blobs(6)
+    out, params = rts(images, np.random.default_rng(4), return_params=True)
+    np.testing.assert_array_equal(out, rts(images, np.random.default_rng(4)))
+    c_in, c_out = 13.5, 20.5
+    for i, warped in enumerate(out):
+        a, s, t = np.deg2rad(params["angle"][i]), params["scale"][i], params["translation"][i]
+        inv_xy = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) / s
+        M = inv_xy[::-1, ::-1]  # (x, y) -> (row, col)
+        offset = c_in - M @ (np.array([c_out, c_out]) + t[::-1])
+        expected = ndimage.affine_transform(images[i] / 255, M, offset, output_shape=(42, 42),
+                                            order=1, mode="grid-constant")
+        np.testing.assert_allclose(warped, expected, atol=1e-6)
+
+
+def test_returned_corners_bound_the_projected_frame():
+    # An all-white input lands exactly on the quadrilateral of the returned corners: pixel
+    # centres a pixel inside it are white, a pixel outside black.
+    from matplotlib.path import Path
+
+    ones = np.ones((5, 28, 28))
+    out, params = projective(ones, np.random.default_rng(5), sigma=0.1, return_params=True)
+    assert params["corners"].shape == (5, 4, 2)
+    rows, cols = np.mgrid[0:28, 0:28]
+    centres = np.stack([cols.ravel() - 13.5, rows.ravel() - 13.5], axis=1)
+    for warped, corners in zip(out, params["corners"], strict=True):
+        quad = Path(corners)
+        inner = quad.contains_points(centres, radius=-2.0) & quad.contains_points(centres)
+        outer = ~(quad.contains_points(centres, radius=2.0) | quad.contains_points(centres))
+        assert inner.sum() > 300 and outer.sum() > 10
+        np.testing.assert_allclose(warped.ravel()[inner], 1, atol=1e-5)
+        np.testing.assert_allclose(warped.ravel()[outer], 0, atol=1e-6)
+
+
+def test_returned_control_points_reproduce_elastic():
+    images = blobs(4)
+    out, params = elastic(images, np.random.default_rng(6), return_params=True)
+    scale, moved = params["scale"], params["control_points"]
+    assert moved.shape == (4, 16, 2)
+    eps = moved - distort.tps_lattice((4, 4))
+    np.testing.assert_allclose(out, elastic(images, FixedRng(scale, eps)), atol=1e-6)
+
+
+@pytest.mark.parametrize("n_clutter", [0, 6])
+def test_returned_box_holds_the_digit(n_clutter):
+    images = blobs(5)
+    out, params = translate_clutter(images, np.random.default_rng(7), n_clutter=n_clutter,
+                                    return_params=True)
+    for image, (top, left, h, w), canvas in zip(images / 255, params["box"], out, strict=True):
+        assert (h, w) == (28, 28)
+        inside = canvas[top:top + h, left:left + w]
+        assert np.all(inside >= np.minimum(image, 1) - 1e-6)  # clutter only adds ink
+        if n_clutter == 0:
+            np.testing.assert_allclose(inside, image, atol=1e-6)
+            assert canvas.sum() == pytest.approx(inside.sum(), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_params_leave_the_images_unchanged(name):
+    images = blobs(4)
+    out, params = DATASETS[name](images, np.random.default_rng(8), return_params=True)
+    np.testing.assert_array_equal(out, DATASETS[name](images, np.random.default_rng(8)))
+    assert all(len(v) == 4 for v in params.values())

@@ -9,6 +9,30 @@ from stn_numpy.models import build_model
 from stn_numpy.transformer import TRANSFORMS
 
 
+def central_differences(loss_of, flat, picks, h=1e-6):
+    """dL/dflat[i] for each i in picks, by central differences, restoring every entry."""
+    num = np.empty(len(picks))
+    for j, i in enumerate(picks):
+        old = flat[i]
+        flat[i] = old + h
+        plus = loss_of()
+        flat[i] = old - h
+        minus = loss_of()
+        flat[i] = old
+        num[j] = (plus - minus) / (2 * h)
+    return num
+
+
+def check_parameter_gradients(model, grads, loss_of, rng, n_picks):
+    """Compare ``grads`` with central differences on ``n_picks`` random entries of each
+    parameter tensor."""
+    for name, p in model.params.items():
+        flat = p.reshape(-1)
+        picks = rng.choice(flat.size, size=min(n_picks, flat.size), replace=False)
+        num = central_differences(loss_of, flat, picks)
+        assert rel_error(grads[name].reshape(-1)[picks], num) < 1e-5, name
+
+
 @pytest.mark.parametrize("arch", ["stn", "cnn"])
 @pytest.mark.parametrize("size", [(28, 28), (42, 42), (60, 60)])
 def test_builds_for_input_sizes(arch, size):
@@ -46,19 +70,7 @@ def test_whole_stn_model_gradients_match_finite_differences():
     assert rel_error(dX, numerical_gradient(loss_of, X.copy())) < 1e-5
     grads = {k: v.copy() for k, v in model.grads.items()}
     assert len(grads) == 16
-    for name, p in model.params.items():
-        flat = p.reshape(-1)
-        picks = rng.choice(flat.size, size=min(12, flat.size), replace=False)
-        num = np.empty(len(picks))
-        for j, i in enumerate(picks):
-            old = flat[i]
-            flat[i] = old + 1e-6
-            plus = loss_of()
-            flat[i] = old - 1e-6
-            minus = loss_of()
-            flat[i] = old
-            num[j] = (plus - minus) / 2e-6
-        assert rel_error(grads[name].reshape(-1)[picks], num) < 1e-5, name
+    check_parameter_gradients(model, grads, loss_of, rng, 12)
 
 
 def test_predict_accepts_any_float_and_checks_shape():
@@ -187,3 +199,66 @@ def test_backward_without_input_grad_gives_the_same_parameter_gradients(arch, rn
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         np.testing.assert_array_equal(grads[0][name], grads[1][name], err_msg=name)
+
+
+@pytest.mark.parametrize("size, st_size, pooled", [(28, None, False), (42, 28, True),
+                                                   (60, 28, True), (60, None, True)])
+def test_paper_models_shapes(size, st_size, pooled):
+    X = np.random.default_rng(0).random((2, size, size))
+    cnn = build_model("paper-cnn", (size, size))
+    assert cnn.predict(X).shape == (2, 10)
+    st = build_model("paper-stcnn", (size, size), st_size=st_size)
+    assert st.predict(X).shape == (2, 10)
+    side = st_size or size
+    V = st.transform(X)
+    assert V.shape == (2, 1, side, side)
+    if st_size is None:
+        np.testing.assert_allclose(V[:, 0], X, atol=1e-5)
+    loc = st.transformer.localization
+    assert (type(loc[1]).__name__ == "MaxPool2d") == pooled
+    # The classifier's first conv has 9x9 kernels, the second 7x7, as in the paper.
+    convs = [p.shape for k, p in st.params.items() if k.endswith("weight") and p.ndim == 4]
+    assert [c[-1] for c in convs] == [5, 5, 9, 7]
+
+
+@pytest.mark.parametrize("transform, n_params", [("affine", 6), ("projective", 8),
+                                                 ("tps", 32)])
+def test_paper_stcnn_heads(transform, n_params):
+    model = build_model("paper-stcnn", transform=transform)
+    assert model.transformer.localization[-1].out_features == n_params
+    X = np.random.default_rng(1).random((2, 28, 28))
+    np.testing.assert_allclose(model.transform(X)[:, 0], X, atol=1e-5)
+
+
+def test_st_size_checks():
+    with pytest.raises(ValueError, match="st_size needs a model with a spatial transformer"):
+        build_model("paper-cnn", (42, 42), st_size=28)
+    with pytest.raises(ValueError, match="st_size must be at least 24x24"):
+        build_model("paper-stcnn", (42, 42), st_size=20)
+    with pytest.raises(TypeError, match="st_size must be an int or a pair"):
+        build_model("paper-stcnn", (42, 42), st_size=28.5)
+    with pytest.raises(ValueError, match="input_size must be at least 24x24"):
+        build_model("paper-cnn", (20, 20))
+    assert build_model("stn", (42, 42), st_size=(20, 30)).transform(
+        np.zeros((1, 42, 42))).shape == (1, 1, 20, 30)
+
+
+def test_paper_stcnn_gradients_with_a_smaller_output():
+    """Loss w.r.t. the input and every parameter, float64, a 32x32 input (the localisation
+    net pools it first) sampled to 24x24: every path of the architecture."""
+    rng = np.random.default_rng(4)
+    model = build_model("paper-stcnn", (32, 32), seed=2, dtype=np.float64, st_size=24)
+    head = model.transformer.localization[-1].params
+    head["weight"][...] = 0.05 * rng.standard_normal(head["weight"].shape)
+    X = rng.random((2, 1, 32, 32))
+    y = np.array([1, 8])
+
+    def loss_of(x=X):
+        return cross_entropy(model.forward(x, train=True), y)[0]
+
+    dX = model.backward(cross_entropy(model.forward(X, train=True), y)[1])
+    picks = rng.choice(X.size, size=40, replace=False)
+    num = central_differences(loss_of, X.reshape(-1), picks)
+    assert rel_error(dX.reshape(-1)[picks], num) < 1e-5
+    check_parameter_gradients(model, {k: v.copy() for k, v in model.grads.items()}, loss_of,
+                              rng, 8)

@@ -236,3 +236,25 @@ def test_adam_in_place_update_rounds_as_the_written_formula(dtype):
         ref -= lr / (1.0 - beta1 ** t) * (m / denom)
         np.testing.assert_array_equal(p, ref)
     assert "_scratch" not in " ".join(opt.state_dict())
+
+
+@pytest.mark.parametrize("cls", [SGD, Adam])
+def test_lr_scale_equals_a_separate_optimizer_at_the_scaled_rate(cls):
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal(5), rng.standard_normal((2, 3))
+    together = {"a": a.copy(), "b": b.copy()}
+    alone_a, alone_b = {"a": a.copy()}, {"b": b.copy()}
+    kw = {"momentum": 0.9} if cls is SGD else {}
+    opt = cls(together, lr=0.1, lr_scale={"a": 0.25}, **kw)
+    opt_a, opt_b = cls(alone_a, lr=0.025, **kw), cls(alone_b, lr=0.1, **kw)
+    for _ in range(3):
+        ga, gb = rng.standard_normal(5), rng.standard_normal((2, 3))
+        opt.step({"a": ga, "b": gb})
+        opt_a.step({"a": ga})
+        opt_b.step({"b": gb})
+    np.testing.assert_array_equal(together["a"], alone_a["a"])
+    np.testing.assert_array_equal(together["b"], alone_b["b"])
+    with pytest.raises(ValueError, match="not in params"):
+        cls({"a": a.copy()}, lr_scale={"c": 1.0})
+    with pytest.raises(ValueError, match=r"lr_scale\['a'\] must be a number >= 0"):
+        cls({"a": a.copy()}, lr_scale={"a": -1.0})

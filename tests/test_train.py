@@ -355,3 +355,14 @@ def test_data_dir_that_is_a_file_exits_2(tmp_path, capsys, monkeypatch):
     assert main(["evaluate", str(ckpt), "--data-dir", str(a_file)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("stn-numpy evaluate: error: ") and str(a_file) in err
+
+
+def test_loc_lr_scale_reaches_only_the_localisation_net():
+    model = build_model("paper-stcnn", (42, 42), st_size=28)
+    cfg = TrainConfig(model="paper-stcnn", loc_lr_scale=0.25)
+    cfg.validate()
+    opt = train_module._make_optimizer(cfg, model.params)
+    assert set(opt.lr_scale) == {k for k in model.params if k.startswith("0.localization.")}
+    assert set(opt.lr_scale.values()) == {0.25} and len(opt.lr_scale) == 8
+    with pytest.raises(ValueError, match="loc_lr_scale must be > 0"):
+        TrainConfig(loc_lr_scale=0).validate()

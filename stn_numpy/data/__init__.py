@@ -19,6 +19,7 @@ from .mnist import (
     read_idx,
     resolve_root,
 )
+from .npz import load_npz
 
 __all__ = [
     "DATASETS",
@@ -27,6 +28,7 @@ __all__ = [
     "DatasetNotFoundError",
     "elastic",
     "load_mnist",
+    "load_npz",
     "output_size",
     "projective",
     "read_idx",

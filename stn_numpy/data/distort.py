@@ -15,7 +15,11 @@ tc         TC: T plus six 6 x 6 crops of other digits as clutter   60 x 60
 
 Every function takes images of shape (N, H, W), uint8 (0 to 255) or floating (0 to 1), and a
 ``numpy.random.Generator`` from which it draws each image's parameters, so a seed fixes the
-dataset; it returns a new float32 array in [0, 1]. The input is never modified.
+dataset; it returns a new float32 array in [0, 1]. The input is never modified. With
+``return_params=True`` it returns ``(images, params)`` instead, ``params`` a dict of arrays
+holding what was drawn for each image (the angle, scale, translation, corners, control
+points or box; see each function), from which the distortion can be measured and undone.
+The same generator gives the same images either way.
 
 The warps are inverse maps, as in the paper's sampler: each output (target) pixel
 (x_t, y_t) takes the value of the input (source) image at the point (x_s, y_s) it maps to,
@@ -50,7 +54,7 @@ _CHUNK_PIXELS = 1 << 16
 _ELASTIC_LATTICE = (4, 4)
 
 
-def to_unit(images, rng=None):
+def to_unit(images, rng=None, return_params=False):
     """MNIST unchanged, pixels scaled to [0, 1].
 
     Parameters
@@ -59,6 +63,8 @@ def to_unit(images, rng=None):
         Shape (N, H, W), uint8 (0 to 255) or floating (0 to 1).
     rng : numpy.random.Generator or None
         Unused; accepted so that every ``DATASETS`` entry is called the same way.
+    return_params : bool
+        Also return the (empty) dict of parameters.
 
     Returns
     -------
@@ -66,10 +72,10 @@ def to_unit(images, rng=None):
         float32, shape (N, H, W), in [0, 1].
     """
     images, unit = _check_images(images)
-    return np.multiply(images, unit, dtype=np.float32)
+    return _maybe_params(np.multiply(images, unit, dtype=np.float32), {}, return_params)
 
 
-def rotate(images, rng, max_angle=90.0):
+def rotate(images, rng, max_angle=90.0, return_params=False):
     """R: rotate each digit about the image centre by an angle drawn uniformly in
     [-max_angle, max_angle] degrees (the paper uses 90).
 
@@ -84,6 +90,8 @@ def rotate(images, rng, max_angle=90.0):
         Source of the angles.
     max_angle : float
         Largest rotation, in degrees.
+    return_params : bool
+        Also return ``{"angle": (N,)}``, each image's angle in degrees.
 
     Returns
     -------
@@ -92,11 +100,13 @@ def rotate(images, rng, max_angle=90.0):
     """
     images, unit = _check_images(images)
     n, h, w = images.shape
-    angle = np.deg2rad(rng.uniform(-max_angle, max_angle, size=n))
-    return _warp(images, _similarity(angle, np.ones(n), np.zeros((n, 2))), (h, w), unit)
+    degrees = rng.uniform(-max_angle, max_angle, size=n)
+    angle = np.deg2rad(degrees)
+    out = _warp(images, _similarity(angle, np.ones(n), np.zeros((n, 2))), (h, w), unit)
+    return _maybe_params(out, {"angle": degrees}, return_params)
 
 
-def rts(images, rng, max_angle=45.0, scale=(0.7, 1.2), canvas=42):
+def rts(images, rng, max_angle=45.0, scale=(0.7, 1.2), canvas=42, return_params=False):
     """RTS: rotate, scale and translate each digit into a larger canvas.
 
     Paper (Appendix A.1): rotation uniform in +-45 degrees, scale uniform in 0.7 to 1.2, the
@@ -118,6 +128,9 @@ def rts(images, rng, max_angle=45.0, scale=(0.7, 1.2), canvas=42):
         Range of the scale factor s.
     canvas : int
         Side of the square output.
+    return_params : bool
+        Also return ``{"angle": (N,), "scale": (N,), "translation": (N, 2)}``: degrees,
+        the factor s, and (t_x, t_y) in pixels from the canvas centre.
 
     Returns
     -------
@@ -128,14 +141,15 @@ def rts(images, rng, max_angle=45.0, scale=(0.7, 1.2), canvas=42):
     _check_range(scale, "scale")
     n, h, w = images.shape
     canvas = check_int("canvas", canvas, 1)
-    angle = np.deg2rad(rng.uniform(-max_angle, max_angle, size=n))
+    degrees = rng.uniform(-max_angle, max_angle, size=n)
     s = rng.uniform(scale[0], scale[1], size=n)
     reach = np.maximum(canvas - s[:, None] * np.array([w, h]), 0) / 2
     t = rng.uniform(-reach, reach)
-    return _warp(images, _similarity(angle, s, t), (canvas, canvas), unit)
+    out = _warp(images, _similarity(np.deg2rad(degrees), s, t), (canvas, canvas), unit)
+    return _maybe_params(out, {"angle": degrees, "scale": s, "translation": t}, return_params)
 
 
-def projective(images, rng, sigma=0.1, scale=(0.75, 1.0)):
+def projective(images, rng, sigma=0.1, scale=(0.75, 1.0), return_params=False):
     """P: a random projective transformation.
 
     Paper (Appendix A.1): scale the digit randomly between 0.75 and 1.0, and stretch each
@@ -156,6 +170,10 @@ def projective(images, rng, sigma=0.1, scale=(0.75, 1.0)):
         Standard deviation of the corner displacement, in half-widths.
     scale : (float, float)
         Range of the scale factor s.
+    return_params : bool
+        Also return ``{"scale": (N,), "corners": (N, 4, 2)}``: s, and where the input's
+        corners (top-left, top-right, bottom-right, bottom-left) land, (x, y) in pixels
+        from the image centre.
 
     Returns
     -------
@@ -169,10 +187,11 @@ def projective(images, rng, sigma=0.1, scale=(0.75, 1.0)):
     corners = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * half
     s = rng.uniform(scale[0], scale[1], size=n)
     moved = s[:, None, None] * corners + half * rng.normal(0.0, sigma, size=(n, 4, 2))
-    return _warp(images, _homography(moved, corners), (h, w), unit)
+    out = _warp(images, _homography(moved, corners), (h, w), unit)
+    return _maybe_params(out, {"scale": s, "corners": moved}, return_params)
 
 
-def elastic(images, rng, sigma=0.1, scale=(0.75, 1.0)):
+def elastic(images, rng, sigma=0.1, scale=(0.75, 1.0), return_params=False):
     """E: scale the digit, then warp it with a thin-plate spline through randomly moved
     control points.
 
@@ -210,6 +229,9 @@ def elastic(images, rng, sigma=0.1, scale=(0.75, 1.0)):
         half-widths (half-heights for y).
     scale : (float, float)
         Range of the scale factor s.
+    return_params : bool
+        Also return ``{"scale": (N,), "control_points": (N, 16, 2)}``: s, and the moved
+        control points ``c_k + eps_k`` in normalised coordinates.
 
     Returns
     -------
@@ -229,10 +251,12 @@ def elastic(images, rng, sigma=0.1, scale=(0.75, 1.0)):
     def source_grid(start, stop):
         return tps_grid(theta[start:stop], (stop - start, 1, h, w), lattice=_ELASTIC_LATTICE)
 
-    return _resample(images, source_grid, (h, w), unit)
+    out = _resample(images, source_grid, (h, w), unit)
+    return _maybe_params(out, {"scale": s, "control_points": moved}, return_params)
 
 
-def translate_clutter(images, rng, canvas=60, n_clutter=6, patch=6, clutter_images=None):
+def translate_clutter(images, rng, canvas=60, n_clutter=6, patch=6, clutter_images=None,
+                      return_params=False):
     """T / TC: place each digit at a random location in a larger canvas, among clutter.
 
     Paper (Appendix A.1): the digit goes at a random location in a 60 x 60 black canvas, and
@@ -258,6 +282,9 @@ def translate_clutter(images, rng, canvas=60, n_clutter=6, patch=6, clutter_imag
     clutter_images : numpy.ndarray or None
         Images to crop patches from, shape (M, H', W'), uint8 or floating like ``images``;
         None takes them from ``images`` itself (other digits than the one placed).
+    return_params : bool
+        Also return ``{"box": (N, 4)}``, the digit's box in the canvas as
+        (top, left, height, width) in pixels.
 
     Returns
     -------
@@ -302,15 +329,18 @@ def translate_clutter(images, rng, canvas=60, n_clutter=6, patch=6, clutter_imag
             crop_r, crop_c = crop[k, c, 0] + patch_rows, crop[k, c, 1] + patch_cols
             place_r, place_c = place[k, c, 0] + patch_rows, place[k, c, 1] + patch_cols
             out[k, place_r, place_c] += source[pick[k, c], crop_r, crop_c] * source_unit
-    return np.clip(out, 0.0, 1.0, out=out)
+    np.clip(out, 0.0, 1.0, out=out)
+    box = np.concatenate([corner, np.broadcast_to([h, w], (n, 2))], axis=1)
+    return _maybe_params(out, {"box": box}, return_params)
 
 
-def translate(images, rng, canvas=60):
+def translate(images, rng, canvas=60, return_params=False):
     """T: each digit at a random location in a larger canvas, no clutter.
 
     ``translate_clutter`` with ``n_clutter=0``; see there.
     """
-    return translate_clutter(images, rng, canvas=canvas, n_clutter=0)
+    return translate_clutter(images, rng, canvas=canvas, n_clutter=0,
+                             return_params=return_params)
 
 
 DATASETS = {
@@ -339,6 +369,10 @@ def output_size(name):
     if name not in _OUTPUT_SIZES:
         raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
     return _OUTPUT_SIZES[name]
+
+
+def _maybe_params(out, params, return_params):
+    return (out, params) if return_params else out
 
 
 def _check_images(images, name="images"):

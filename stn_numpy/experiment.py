@@ -1,0 +1,392 @@
+"""The paper's distorted-MNIST experiment: CNN against ST-CNN, measured and pictured.
+
+Jaderberg et al. (2015), Sec. 4.1 and Table 1: the same classifier with and without a
+spatial transformer in front, trained on rotated (R), rotated-translated-scaled (RTS),
+projective (P), elastic (E) and translated-cluttered (TC) MNIST. ``run_experiment`` trains
+``paper-cnn`` and ``paper-stcnn`` (affine head) on each, the projective and TPS heads too
+on P and E, and two seeds on RTS and TC. After every finished run it writes:
+
+* ``<runs>/<run>/`` -- the run folder of :func:`stn_numpy.train.train` (checkpoint, metrics)
+  plus ``progress.json`` (per-epoch test error and transformer measures),
+  ``snapshots.npz`` (the transformer's outputs for fixed test digits after every epoch)
+  and ``result.json``, whose presence marks the run finished: a later call skips it, and
+  an interrupted run continues from its last checkpoint;
+* ``<out>/results.md`` -- the test errors beside the paper's Table 1, the measures of
+  :mod:`stn_numpy.measures`, the settings and wall time of every run, and the figures
+  ``<out>/<run>-snapshots.png`` (digits as the transformer saw them, epoch by epoch) and
+  ``<out>/<run>-recovered.png`` (recovered against applied distortion).
+
+``results.md`` names files only relative to ``<out>``, so the folder can be committed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ._io import atomic_write, remove_stale_temporaries
+from .checkpoint import load_checkpoint, model_from_params
+from .measures import transformer_measures
+from .train import TrainConfig, load_split, train
+
+__all__ = ["CONFIGS", "DEFAULT_OUT", "DEFAULT_RUNS", "PAPER_ERRORS", "ExperimentConfig",
+           "experiment_runs", "run_experiment", "write_results"]
+
+DEFAULT_OUT = "runs/experiment"
+DEFAULT_RUNS = "runs/experiment/runs"
+
+# Table 1 of the paper, test error in %: (dataset, model) -> error.
+PAPER_ERRORS = {
+    ("rot", "CNN"): 1.2, ("rts", "CNN"): 0.8, ("proj", "CNN"): 1.5, ("elastic", "CNN"): 1.4,
+    ("rot", "ST-CNN Aff"): 0.7, ("rts", "ST-CNN Aff"): 0.5, ("proj", "ST-CNN Aff"): 0.8,
+    ("elastic", "ST-CNN Aff"): 1.2,
+    ("rot", "ST-CNN Proj"): 0.8, ("rts", "ST-CNN Proj"): 0.6, ("proj", "ST-CNN Proj"): 0.8,
+    ("elastic", "ST-CNN Proj"): 1.3,
+    ("rot", "ST-CNN TPS"): 0.7, ("rts", "ST-CNN TPS"): 0.5, ("proj", "ST-CNN TPS"): 0.8,
+    ("elastic", "ST-CNN TPS"): 1.1,
+    ("tc", "CNN"): 3.5, ("tc", "ST-CNN Aff"): 1.7,
+}
+COLUMNS = (("rot", "R"), ("rts", "RTS"), ("proj", "P"), ("elastic", "E"), ("tc", "TC"))
+ROWS = ("CNN", "ST-CNN Aff", "ST-CNN Proj", "ST-CNN TPS")
+HEAD_NAMES = {"affine": "Aff", "projective": "Proj", "tps": "TPS"}
+# The transformer's output side per dataset (None: the input's). RTS (42x42) and TC
+# (60x60) are sampled down to a digit's 28x28, where the classifier then runs.
+ST_SIZES = {"rts": 28, "tc": 28}
+N_SNAPSHOT = 8  # test digits whose transformed images are kept after every epoch
+N_PROGRESS = 1000  # test images measured after every epoch (the final measures use all)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """The budget and recipe shared by every run of the experiment."""
+
+    train_limit: int | None
+    test_limit: int | None
+    epochs: int
+    seeds: tuple[int, ...]  # for rts and tc; the other datasets use the first
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9  # SGD only
+    loc_lr_scale: float = 1.0
+    lr_schedule: str = "cosine"
+    whole_split: bool = True  # False: distort only the images used (see load_split)
+
+
+CONFIGS = {
+    "full": ExperimentConfig(train_limit=30000, test_limit=None, epochs=10, seeds=(0, 1)),
+    "tiny": ExperimentConfig(train_limit=256, test_limit=128, epochs=1, seeds=(0, 1),
+                             whole_split=False),
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    dataset: str
+    arch: str
+    transform: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        head = f"-{self.transform}" if self.arch == "paper-stcnn" else ""
+        return f"{self.dataset}-{self.arch}{head}-seed{self.seed}"
+
+    @property
+    def row(self) -> str:
+        return "CNN" if self.arch == "paper-cnn" else f"ST-CNN {HEAD_NAMES[self.transform]}"
+
+
+def experiment_runs(config: ExperimentConfig) -> list[Run]:
+    """Every run of the experiment, grouped by dataset (each dataset is loaded once)."""
+    runs = []
+    for dataset, _ in COLUMNS:
+        seeds = config.seeds if dataset in ("rts", "tc") else config.seeds[:1]
+        heads = ("affine", "projective", "tps") if dataset in ("proj", "elastic") else ("affine",)
+        for seed in seeds:
+            runs.append(Run(dataset, "paper-cnn", "affine", seed))
+            runs.extend(Run(dataset, "paper-stcnn", head, seed) for head in heads)
+    return runs
+
+
+def _train_config(config: ExperimentConfig, run: Run, folder: Path, data_dir,
+                  progress: bool) -> TrainConfig:
+    return TrainConfig(
+        model=run.arch, dataset=run.dataset, epochs=config.epochs,
+        batch_size=config.batch_size, optimizer=config.optimizer, lr=config.lr,
+        momentum=config.momentum, lr_schedule=config.lr_schedule, seed=run.seed,
+        out=str(folder), data_dir=data_dir, train_limit=config.train_limit,
+        test_limit=config.test_limit, transform=run.transform,
+        st_size=ST_SIZES.get(run.dataset) if run.arch == "paper-stcnn" else None,
+        loc_lr_scale=config.loc_lr_scale, progress=progress)
+
+
+def _summary(measures: dict) -> dict:
+    """The measures without their per-image arrays (what result.json keeps)."""
+    return {name: {k: v for k, v in m.items() if not isinstance(v, np.ndarray)}
+            for name, m in measures.items()}
+
+
+def _write_json(path: Path, value) -> None:
+    text = json.dumps(value, indent=2, allow_nan=False) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _read_json(path: Path, default):
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+class _Recorder:
+    """Keeps, after every epoch, the transformer's outputs for fixed test digits and its
+    measures on the first test images; resumes from what an interrupted run left."""
+
+    def __init__(self, folder: Path, X, params: dict, dataset: str, start_epoch: int):
+        self.folder, self.dataset = folder, dataset
+        self.X = X[:N_PROGRESS]
+        self.params = {k: v[:N_PROGRESS] for k, v in params.items()}
+        self.progress = [r for r in _read_json(folder / "progress.json", [])
+                         if r["epoch"] <= start_epoch]
+        self.epochs, self.images = [], []
+        path = folder / "snapshots.npz"
+        if path.is_file():
+            with np.load(path) as f:
+                keep = f["epochs"] <= start_epoch
+                self.epochs, self.images = list(f["epochs"][keep]), list(f["images"][keep])
+
+    def __call__(self, model, row: dict) -> None:
+        entry = {"epoch": row["epoch"], "test_error": 100 * (1 - row["test_acc"])}
+        if model.transformer is not None:
+            if len(self.X) > 1:
+                entry.update(_summary(transformer_measures(model, self.X, self.params,
+                                                           self.dataset)))
+            self.epochs.append(row["epoch"])
+            self.images.append(model.transform(self.X[:N_SNAPSHOT])[:, 0])
+            epochs, images = np.array(self.epochs), np.stack(self.images)
+            atomic_write(self.folder / "snapshots.npz",
+                         lambda f: np.savez(f, epochs=epochs, images=images))
+        self.progress.append(entry)
+        _write_json(self.folder / "progress.json", self.progress)
+
+
+def _run_one(config: ExperimentConfig, run: Run, folder: Path, data, test_params, out: Path,
+             data_dir, progress: bool, log) -> dict:
+    cfg = _train_config(config, run, folder, data_dir, progress)
+    remove_stale_temporaries(folder, ("progress.json", "snapshots.npz", "result.json"))
+    remove_stale_temporaries(out, ("results.md", f"{run.name}-snapshots.png",
+                                   f"{run.name}-recovered.png"))
+    ckpt = folder / "checkpoint.npz"
+    start_epoch = 0
+    if ckpt.is_file():
+        params, _, meta = load_checkpoint(ckpt)
+        start_epoch = meta["epoch"]
+    recorder = _Recorder(folder, data[2], test_params, run.dataset, start_epoch)
+    if start_epoch >= config.epochs:
+        model = model_from_params(meta["model"], params, source=str(ckpt))
+        history = meta["history"]
+    else:
+        model, history = train(cfg, resume=start_epoch > 0, data=data, log=log,
+                               overwrite=True, on_epoch=recorder)
+    X_test = data[2]
+    measures = transformer_measures(model, X_test, test_params, run.dataset)
+    result = {"run": run.name, "dataset": run.dataset, "arch": run.arch,
+              "transform": run.transform if run.arch == "paper-stcnn" else None,
+              "seed": run.seed, "st_size": cfg.st_size, "row": run.row,
+              "train_images": len(data[0]), "test_images": len(X_test),
+              "epochs": len(history), "test_error": 100 * (1 - history[-1]["test_acc"]),
+              "seconds": round(sum(r["seconds"] for r in history), 1),
+              "measures": _summary(measures), "progress": recorder.progress,
+              "config": asdict(config)}
+    from .plots import plot_recovered, plot_snapshots
+
+    if recorder.images:
+        plot_snapshots(X_test[:N_SNAPSHOT], np.stack(recorder.images), recorder.epochs,
+                       out / f"{run.name}-snapshots.png", title=run.name)
+    scatter = {k: m for k, m in measures.items() if "applied" in m}
+    if scatter:
+        plot_recovered(scatter, out / f"{run.name}-recovered.png", title=run.name)
+    _write_json(folder / "result.json", result)
+    return json.loads(json.dumps(result))  # as a later call reads it back
+
+
+def run_experiment(config="full", out=DEFAULT_OUT, runs=None, data_dir=None, progress=True,
+                   log=print) -> list[dict]:
+    """Train every run of the experiment not yet finished, then write ``results.md``.
+
+    Parameters
+    ----------
+    config : str or ExperimentConfig
+        A key of ``CONFIGS`` (``"full"``: the budgeted experiment; ``"tiny"``: a smoke test
+        of every run on a few hundred images) or a config.
+    out : str or Path
+        Folder for ``results.md`` and the figures.
+    runs : str or Path or None
+        Folder for the run folders; ``DEFAULT_RUNS/<config>`` when None (a custom config:
+        ``DEFAULT_RUNS/custom``).
+    data_dir, progress, log
+        As for :func:`stn_numpy.train.train`.
+
+    Returns
+    -------
+    list of dict
+        The result of every run (``result.json``), in the order of :func:`experiment_runs`.
+
+    Raises
+    ------
+    ValueError
+        A finished run in ``runs`` was made with another config.
+    """
+    name = config if isinstance(config, str) else "custom"
+    if isinstance(config, str):
+        if config not in CONFIGS:
+            raise ValueError(f"config must be one of {sorted(CONFIGS)}, got {config!r}")
+        config = CONFIGS[config]
+    out = Path(out)
+    runs = Path(runs) if runs is not None else Path(DEFAULT_RUNS) / name
+    out.mkdir(parents=True, exist_ok=True)
+    results, data, loaded = [], None, None
+    for run in experiment_runs(config):
+        folder = runs / run.name
+        done = _read_json(folder / "result.json", None)
+        if done is not None:
+            if done["config"] != json.loads(json.dumps(asdict(config))):
+                raise ValueError(f"{folder} was finished with another config "
+                                 f"({done['config']}); choose another --runs folder")
+            log(f"{run.name}: finished earlier, kept")
+            results.append(done)
+            continue
+        if loaded != run.dataset:
+            data = None  # free the previous dataset first
+            X_tr, y_tr = load_split(run.dataset, "train", data_dir, config.train_limit,
+                                    whole_split=config.whole_split)
+            X_te, y_te, test_params = load_split(run.dataset, "test", data_dir,
+                                                 config.test_limit, return_params=True,
+                                                 whole_split=config.whole_split)
+            data, loaded = (X_tr, y_tr, X_te, y_te), run.dataset
+        log(f"{run.name}: training")
+        folder.mkdir(parents=True, exist_ok=True)
+        results.append(_run_one(config, run, folder, data, test_params, out, data_dir,
+                                progress, log))
+        write_results(results, config, out)
+        log(f"{run.name}: test error {results[-1]['test_error']:.2f}%")
+    write_results(results, config, out)
+    return results
+
+
+# --------------------------------------------------------------------------------------
+# results.md
+# --------------------------------------------------------------------------------------
+
+
+def _cell(errors: list[float], paper: float | None) -> str:
+    if not errors:
+        text = "-"
+    elif len(errors) == 1:
+        text = f"{errors[0]:.2f}"
+    else:
+        text = f"{np.mean(errors):.2f} ± {np.std(errors, ddof=1):.2f}"
+    return text if paper is None else f"{text} ({paper})"
+
+
+def _measure_text(name: str, m: dict) -> str:
+    if name == "ink_inside":
+        return f"ink inside window: mean {m['mean']:.3f}, min {m['min']:.3f}"
+    return f"{name}: slope {m['slope']:+.3f}, R² {m['r2']:.3f}"
+
+
+def _headline(row: dict) -> str:
+    if "rotation" in row:
+        return f"{row['rotation']['slope']:+.2f}"
+    if "ink_inside" in row:
+        return f"{row['ink_inside']['mean']:.2f}"
+    return "-"
+
+
+def write_results(results: list[dict], config: ExperimentConfig, out) -> None:
+    """Write ``<out>/results.md`` from the runs' results (finished ones only)."""
+    out = Path(out)
+    n_seeds = len(config.seeds)
+    train_images = sorted({r["train_images"] for r in results}) or [config.train_limit]
+    test_images = sorted({r["test_images"] for r in results}) or [config.test_limit]
+    lines = [
+        "# CNN against ST-CNN on distorted MNIST",
+        "",
+        "Test error (%) of this project's runs, the paper's Table 1 in brackets "
+        "(Jaderberg et al. 2015, trained about 640 epochs on the full set). Rows are the "
+        "classifier alone (`paper-cnn`) and with a spatial transformer (`paper-stcnn`) of the "
+        f"given head. RTS and TC: mean ± standard deviation over {n_seeds} seeds.",
+        "",
+        "| model | " + " | ".join(label for _, label in COLUMNS) + " |",
+        "|---|" + "---|" * len(COLUMNS),
+    ]
+    for row in ROWS:
+        cells = []
+        for dataset, _ in COLUMNS:
+            errors = [r["test_error"] for r in results
+                      if r["row"] == row and r["dataset"] == dataset]
+            paper = PAPER_ERRORS.get((dataset, row))
+            cells.append(_cell(errors, paper) if errors or paper is None else f"- ({paper})")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Settings",
+        "",
+        f"* training images per dataset: {', '.join(map(str, train_images))}; test images: "
+        f"{', '.join(map(str, test_images))}",
+        f"* epochs: {config.epochs}; batch size {config.batch_size}; {config.optimizer}"
+        + (f" (momentum {config.momentum})" if config.optimizer == "sgd" else "")
+        + f", lr {config.lr}, {config.lr_schedule} schedule; localisation net at "
+        f"{config.loc_lr_scale} x lr",
+        f"* seeds: {', '.join(map(str, config.seeds))} on RTS and TC, "
+        f"{config.seeds[0]} elsewhere",
+        "* transformer output: "
+        + ", ".join(f"{d} {s}x{s}" for d, s in ST_SIZES.items())
+        + ", the input's size elsewhere",
+        "",
+        "## What the transformer does",
+        "",
+        "Measured on the test set (see `stn_numpy/measures.py`): on R and RTS the rotation "
+        "the predicted affine transform applies against the applied rotation (slope -1 "
+        "undoes it exactly, 0 not at all), on RTS also the window's scale and its centre "
+        "against the digit's (slope > 0 and R² near 1: it follows the digit), on TC the "
+        "fraction of the digit's ink inside the transformer's window.",
+        "",
+        "| run | measures |",
+        "|---|---|",
+    ]
+    for r in results:
+        if r["measures"]:
+            text = "; ".join(_measure_text(k, m) for k, m in r["measures"].items())
+            lines.append(f"| {r['run']} | {text} |")
+    curves = [r for r in results
+              if any(set(row) - {"epoch", "test_error"} for row in r.get("progress", []))]
+    if curves:
+        lines += ["", "### Epoch by epoch", "",
+                  f"The same measures on the first {min(N_PROGRESS, *test_images)} test images "
+                  "after each epoch "
+                  "(rotation slope; for TC the mean ink inside the window), and the test "
+                  "error (%):", "", "| run | epoch: measure, error |", "|---|---|"]
+        for r in curves:
+            cells = [f"{row['epoch']}: {_headline(row)}, {row['test_error']:.1f}"
+                     for row in r["progress"]]
+            lines.append(f"| {r['run']} | " + "; ".join(cells) + " |")
+    lines += ["", "## Runs", "",
+              "| run | epochs | test error % | wall time (s) |", "|---|---|---|---|"]
+    lines += [f"| {r['run']} | {r['epochs']} | {r['test_error']:.2f} | {r['seconds']:.0f} |"
+              for r in results]
+    total = sum(r["seconds"] for r in results)
+    lines += ["", f"Total training time: {total / 3600:.2f} h ({math.ceil(total)} s).", "",
+              "## Figures", ""]
+    for r in results:
+        for kind, caption in (("snapshots", "test digits (top) and the transformer's output "
+                               "after each epoch"),
+                              ("recovered", "recovered against applied distortion")):
+            if (out / f"{r['run']}-{kind}.png").is_file():
+                lines += [f"{r['run']}: {caption}", "",
+                          f"![{r['run']} {kind}]({r['run']}-{kind}.png)", ""]
+    text = "\n".join(lines).rstrip() + "\n"
+    atomic_write(out / "results.md", lambda f: f.write(text.encode()))
+

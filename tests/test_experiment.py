@@ -1,0 +1,62 @@
+"""Tests for stn_numpy.experiment: the run list, the results table, and a tiny experiment
+end to end on real MNIST (every model kind, one epoch on a few hundred images)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from stn_numpy.cli import main
+from stn_numpy.experiment import COLUMNS, CONFIGS, ROWS, experiment_runs, run_experiment
+
+
+def test_every_model_kind_and_two_seeds_where_asked():
+    runs = experiment_runs(CONFIGS["full"])
+    kinds = {(r.dataset, r.row) for r in runs}
+    for dataset, _ in COLUMNS:
+        assert (dataset, "CNN") in kinds and (dataset, "ST-CNN Aff") in kinds
+    for dataset in ("proj", "elastic"):
+        assert (dataset, "ST-CNN Proj") in kinds and (dataset, "ST-CNN TPS") in kinds
+    for dataset in ("rts", "tc"):
+        assert len({r.seed for r in runs if r.dataset == dataset}) >= 2
+    assert len({r.name for r in runs}) == len(runs)
+
+
+@pytest.mark.slow
+def test_tiny_experiment_end_to_end(tmp_path, mnist_dir, capsys):
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    lines = []
+    results = run_experiment("tiny", out=out, runs=runs, data_dir=mnist_dir, progress=False,
+                             log=lines.append)
+    assert len(results) == len(experiment_runs(CONFIGS["tiny"])) == 18
+    text = (out / "results.md").read_text()
+    assert str(tmp_path) not in text
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    header = "| model | " + " | ".join(label for _, label in COLUMNS) + " |"
+    start = table.index(header)
+    rows = table[start + 1:start + 1 + len(ROWS)]
+    assert [r.split(" | ")[0][2:] for r in rows] == list(ROWS)
+    assert all(r.count(" | ") == len(COLUMNS) for r in rows)
+    assert "(1.2)" in rows[0] and "(1.7)" in rows[1]  # the paper's numbers beside ours
+    for r in results:
+        assert 0 <= r["test_error"] <= 100 and r["epochs"] == 1
+        folder = runs / r["run"]
+        assert json.loads((folder / "result.json").read_text())["run"] == r["run"]
+        if r["arch"] == "paper-stcnn":
+            with np.load(folder / "snapshots.npz") as f:
+                assert f["images"].shape[:2] == (1, 8)
+            assert (out / f"{r['run']}-snapshots.png").is_file()
+    assert set(results[1]["measures"]) == {"rotation"}
+    assert "| rot-paper-stcnn-affine-seed0 | 1: " in text  # the epoch-by-epoch curve
+    assert (out / f"{results[1]['run']}-recovered.png").is_file()
+    # evaluate prints the transformer's measures for an ST model.
+    rot_st = runs / results[1]["run"] / "checkpoint.npz"
+    assert main(["evaluate", str(rot_st), "--data-dir", mnist_dir, "--test-limit", "50"]) == 0
+    assert "rotation: recovered vs applied slope" in capsys.readouterr().out
+    # Finished runs are kept and skipped.
+    lines.clear()
+    again = run_experiment("tiny", out=out, runs=runs, data_dir=mnist_dir, progress=False,
+                           log=lines.append)
+    assert again == results and all("finished earlier" in line for line in lines)
+    with pytest.raises(ValueError, match="another config"):
+        run_experiment(CONFIGS["full"], out=out, runs=runs, data_dir=mnist_dir)
