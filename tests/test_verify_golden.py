@@ -211,6 +211,21 @@ def _tweak(golden, tmp_path, change):
      "affine_grid/align_corners=True/theta: is in the manifest but has no array"),
     (lambda m, a: m.update(format="something-else"), "format: is 'something-else'"),
     (lambda m, a: m.update(format_version=1), "format_version: is 1, this reader knows 2"),
+    # Values and shapes that would make the forward allocate far more than the file holds,
+    # or raise inside this package's own functions, are format errors too.
+    (lambda m, a: a.__setitem__("affine_grid/align_corners=True/size",
+                                np.array([2, 3, 100000, 100000])),
+     r"affine_grid/align_corners=True/size: is \[2, 3, 100000, 100000\], expected \[2, C"),
+    (lambda m, a: [(a.__setitem__(f"attention_grid/align_corners=True/{n}", np.zeros((2, 4))),
+                    m["arrays"][f"attention_grid/align_corners=True/{n}"].update(shape=[2, 4]))
+                   for n in ("theta", "dtheta")],
+     r"attention_grid/align_corners=True/theta: shape \(2, 4\), expected \(2, 3\)"),
+    (lambda m, a: [c.update(lattice="ab") for c in m["cases"] if c["kind"] == "tps_grid"],
+     r"tps_grid/align_corners=True: lattice: lattice\[0\] must be an int >= 2, got 'a'"),
+    (lambda m, a: [(a.__setitem__(f"spatial_transformer/{n}", np.zeros(5)),
+                    m["arrays"][f"spatial_transformer/{n}"].update(shape=[5]))
+                   for n in ("localization.3.bias", "dlocalization.3.bias")],
+     r"spatial_transformer/localization.3.bias: shape \(5,\), expected \(6,\)"),
 ])
 def test_load_golden_checks_every_field(golden, tmp_path, change, message):
     path = _tweak(golden, tmp_path, change)

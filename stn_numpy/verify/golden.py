@@ -61,6 +61,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._checks import check_int_pair
 from .._io import atomic_write
 from ..gradcheck import rel_error
 from ..grids import (
@@ -444,9 +445,51 @@ def _check_shapes(path, case, shapes):
         need("V", U[:2] + grid[1:3])
         need("dU", U)
         need("dgrid", grid)
-    elif case["kind"] != "spatial_transformer":
+    elif case["kind"] == "spatial_transformer":
+        U = shapes["U"]
+        if len(U) != 4:
+            _fail(path, f"{key}/U", f"shape {U}, expected (N, C, H, W)")
+        N, C, H, W = U
+        for name in ("dV", "V", "dU"):
+            need(name, U)
+        need("theta", (N, 2, 3))
+        need("loss", ())
+        for name, expected in zip(_STN_PARAMS, ((8, C * H * W), (8,), (6, 8), (6,)),
+                                  strict=True):
+            need(name, expected)
+            need("d" + name, expected)
+    else:
+        grid = shapes["grid"]
+        if len(grid) != 4 or grid[3] != 2:
+            _fail(path, f"{key}/grid", f"shape {grid}, expected (N, H_out, W_out, 2)")
+        N = grid[0]
+        if case["kind"] == "tps_grid":
+            try:
+                rows, cols = check_int_pair("lattice", case.get("lattice"), 2)
+            except ValueError as exc:
+                _fail(path, f"{key}: lattice", str(exc))
+            theta = (N, rows * cols, 2)
+        else:
+            theta = {"affine_grid": (N, 2, 3), "attention_grid": (N, 3),
+                     "projective_grid": (N, 8)}[case["kind"]]
+        need("theta", theta)
         need("size", (4,))
-        need("dtheta", shapes["theta"])
+        need("dgrid", grid)
+        need("dtheta", theta)
+
+
+def _check_sizes(path, case, arrays):
+    """A grid case's ``size`` is the ``(N, C, H_out, W_out)`` its grid has.
+
+    Read from the values, not the headers: a size that disagreed could make the forward
+    allocate far more than the file holds.
+    """
+    key = case["key"]
+    size, grid = arrays[f"{key}/size"], arrays[f"{key}/grid"]
+    N, Ho, Wo = grid.shape[:3]
+    if size[0] != N or size[1] < 0 or size[2] != Ho or size[3] != Wo:
+        _fail(path, f"{key}/size", f"is {size.tolist()}, expected [{N}, C >= 0, {Ho}, {Wo}] "
+              f"(the grid's shape)")
 
 
 def load_golden(path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -456,7 +499,8 @@ def load_golden(path) -> tuple[dict, dict[str, np.ndarray]]:
     to its array. Raises :class:`GoldenFormatError` (a ``ValueError`` naming the file and
     the field) for a file of another format or version, a missing or mistyped field, an
     array whose dtype or shape differs from the manifest's or from its case's other
-    arrays, a header declaring more bytes than its entry holds, or a non-finite input;
+    arrays (a grid case's ``size`` values included), a header declaring more bytes than
+    its entry holds, or a non-finite input;
     ``OSError`` if it cannot be read.
     """
     try:
@@ -509,6 +553,8 @@ def load_golden(path) -> tuple[dict, dict[str, np.ndarray]]:
         for name in case["inputs"]:
             if not np.isfinite(arrays[f"{case['key']}/{name}"]).all():
                 _fail(path, f"{case['key']}/{name}", "input holds NaN or inf")
+        if case["kind"] in _GRID_TRANSFORMS:
+            _check_sizes(path, case, arrays)
     return manifest, arrays
 
 
