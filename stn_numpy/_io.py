@@ -27,13 +27,16 @@ def atomic_write(path, write) -> None:
     """
     path = Path(path)
     tmp = _temp_name(path)
-    fd = _create(tmp)
+    fd = _create(tmp, path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise _naming(exc, path) from exc
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -51,7 +54,7 @@ def check_writable(path) -> None:
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
     tmp = _temp_name(path)
-    os.close(_create(tmp))
+    os.close(_create(tmp, path))
     os.unlink(tmp)
 
 
@@ -78,8 +81,20 @@ def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
 
 
-def _create(tmp: Path) -> int:
-    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+def _create(tmp: Path, path: Path) -> int:
+    try:
+        return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                       0o666)
+    except OSError as exc:
+        raise _naming(exc, path) from exc
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """``exc`` naming ``path``, which the user gave, instead of the temporary file.
+
+    ``OSError(errno, ...)`` picks the subclass (``FileNotFoundError``, ...) from the errno.
+    """
+    return OSError(exc.errno, exc.strerror, str(path))
 
 
 def _fsync_dir(folder: Path) -> None:
