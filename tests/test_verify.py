@@ -339,7 +339,12 @@ def test_main_errors_exit_2(tmp_path, user_module, monkeypatch, capsys):
     assert main(["verify"]) == 2
     assert "PyTorch not installed: pip install torch==2.13.0" in capsys.readouterr().err
     assert main(["verify", "--check", str(tmp_path / "missing.npz")]) == 2
-    assert "No such file" in capsys.readouterr().err
+    # One line, prefixed as every command's errors, naming the path the user gave.
+    assert capsys.readouterr().err == (f"stn-numpy verify: error: {tmp_path / 'missing.npz'}: "
+                                       "No such file or directory\n")
+    assert main(["verify", "--export", str(tmp_path / "no" / "g.npz")]) == 2
+    assert capsys.readouterr().err == (f"stn-numpy verify: error: {tmp_path / 'no' / 'g.npz'}: "
+                                       "No such file or directory\n")
     assert main(["verify", "--other", "no_colon"]) == 2
     assert "must be one of torch, scipy, jax, opencv, skimage or look like" in (
         capsys.readouterr().err)

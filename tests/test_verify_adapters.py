@@ -69,7 +69,8 @@ def test_missing_library_names_the_extra(name, monkeypatch, capsys):
         parity_matrix(name)
     assert main(["verify", "--against", name]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {ADAPTERS[name].pip_name} not installed: pip install ")
+    assert err.startswith(f"stn-numpy verify: error: {ADAPTERS[name].pip_name} not installed: "
+                          "pip install ")
 
 
 def test_main_against_a_library(capsys):

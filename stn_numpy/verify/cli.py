@@ -69,8 +69,7 @@ def _run(args: argparse.Namespace) -> int:
             title = f"stn_numpy vs {against} ({args.dtype}, seed {args.seed})"
     except (TorchNotInstalledError, LibraryNotInstalledError, GoldenFormatError, OSError,
             _CallableSpecError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc)
     print(title)
     print(format_table(results))
     return 0 if all(r.passed for r in results) else 1
@@ -85,10 +84,19 @@ def _atlas(target: str) -> int:
         try:
             write_atlas(target)
         except ValueError as exc:  # the file lacks the markers that delimit the atlas
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return _error(exc)
         print(f"wrote the conventions atlas into {target}")
     return 0
+
+
+def _error(exc: Exception) -> int:
+    """Report ``exc`` in one line, as every ``stn-numpy`` command does; exit code 2."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        text = f"{exc.filename}: {exc.strerror or exc}"
+    else:
+        text = str(exc)
+    print(f"stn-numpy verify: error: {text}", file=sys.stderr)
+    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
