@@ -378,6 +378,14 @@ def test_main_user_callable_that_raises_fails_each_row_with_its_message(
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("seed", ["-1", "1.5", "x"])
+def test_main_rejects_a_seed_that_is_not_a_non_negative_int(seed, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["verify", "--export", "never-written.npz", f"--seed={seed}"])
+    assert exc.value.code == 2
+    assert "--seed: expected a non-negative integer, got" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("tol", ["0", "-1e-5", "nan", "tiny"])
 def test_main_rejects_a_tolerance_that_is_not_positive(tol, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -7,6 +7,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from .._checks import parse_non_negative_int
 from .._torch import TorchNotInstalledError, import_torch
 from .adapters import ADAPTERS, LibraryNotInstalledError
 from .golden import GoldenFormatError, check_against_golden, export_golden
@@ -40,7 +41,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "float64, 1e-5 for float32; --check: the file's)")
     parser.add_argument("--dtype", choices=("float64", "float32"), default="float64",
                         help="dtype of the comparison or export (--check uses the file's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the inputs (default 0)")
+    parser.add_argument("--seed", type=parse_non_negative_int, default=0,
+                        help="seed of the inputs (default 0)")
     parser.set_defaults(func=_run)
     return parser
 
