@@ -1,14 +1,20 @@
-"""Atomic file writes: a reader sees the old file or the complete new one, never a part."""
+"""Atomic file writes (a reader sees the old file or the complete new one, never a part),
+and the checked reading of a ``.npy`` member's header, so that no file we read can make us
+allocate more than it holds.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import glob
+import math
 import os
 import re
 import secrets
 from pathlib import Path
+
+import numpy as np
 
 
 def atomic_write(path, write) -> None:
@@ -75,6 +81,30 @@ def remove_stale_temporaries(folder, names) -> list[Path]:
                     path.unlink()
                     removed.append(path)
     return removed
+
+
+def read_npy_header(z, info) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """``(shape, fortran_order, dtype)`` of the ``.npy`` member ``info`` of the open zip ``z``.
+
+    Reads only the header. Raises ``ValueError`` if the member is not a ``.npy`` array,
+    holds Python objects, or declares more bytes (``prod(shape) * itemsize``) than the
+    member stores, so a forged header cannot make the reader allocate terabytes.
+    """
+    with z.open(info) as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read(f)
+        except (ValueError, OSError, SyntaxError, EOFError) as exc:
+            raise ValueError(f"not a .npy array ({exc})") from None
+    if dtype.hasobject:
+        raise ValueError("holds Python objects")
+    declared = math.prod(shape) * dtype.itemsize
+    if declared > info.file_size:
+        raise ValueError(f"declares a {dtype} array of shape {shape} ({declared} bytes) but "
+                         f"stores {info.file_size} bytes")
+    return tuple(shape), fortran, dtype
 
 
 def _temp_name(path: Path) -> Path:
