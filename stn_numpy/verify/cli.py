@@ -125,7 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "verify", help="parity table vs PyTorch, another library or a callable; golden "
                        "vectors; the conventions atlas",
         description="Compare forward and both gradients on all 18 mode x padding_mode x "
-                    "align_corners combinations."))
+                    "align_corners combinations.",
+        epilog="exit status: 0 every case passed (or a file was written), 1 some case "
+               "failed, 2 an error before comparing (a missing library, a malformed golden "
+               "file, a bad argument or path)"))
     args = parser.parse_args(argv)
     return args.func(args)
 
