@@ -211,6 +211,11 @@ def _tweak(golden, tmp_path, change):
      "affine_grid/align_corners=True/theta: is in the manifest but has no array"),
     (lambda m, a: m.update(format="something-else"), "format: is 'something-else'"),
     (lambda m, a: m.update(format_version=1), "format_version: is 1, this reader knows 2"),
+    (lambda m, a: m["cases"][102].pop("align_corners"),
+     r"cases\[102\] \(affine_grid/align_corners=True\): align_corners must be true or false, "
+     r"got None"),
+    (lambda m, a: m["cases"][110].update(mode="nearest"),
+     r"cases\[110\] \(spatial_transformer\): settings .*'mode': 'nearest'.*, expected"),
     # Values and shapes that would make the forward allocate far more than the file holds,
     # or raise inside this package's own functions, are format errors too.
     (lambda m, a: a.__setitem__("affine_grid/align_corners=True/size",

@@ -420,6 +420,16 @@ def _check_manifest(path, manifest):
                                               case.get("align_corners")) not in COMBOS:
             _fail(path, f"cases[{i}] ({case['key']})", "unknown mode, padding_mode or "
                   "align_corners")
+        if not isinstance(case.get("align_corners"), bool):
+            _fail(path, f"cases[{i}] ({case['key']})", f"align_corners must be true or false, "
+                  f"got {case.get('align_corners')!r}")
+        # The layer's settings are fixed (see the module docstring); a file claiming others
+        # would be checked against outputs computed with these.
+        layer = {"transform": "affine", "mode": "bilinear", "padding_mode": "zeros",
+                 "align_corners": False}
+        got = {k: case.get(k) for k in layer}
+        if case["kind"] == "spatial_transformer" and got != layer:
+            _fail(path, f"cases[{i}] ({case['key']})", f"settings {got}, expected {layer}")
 
 
 def _check_shapes(path, case, shapes):
