@@ -83,14 +83,23 @@ def check_int_pair(name: str, value, minimum: int) -> tuple[int, int]:
 
 def parse_positive_int(text: str) -> int:
     """``type=`` for command-line options that take a count: an int >= 1."""
+    return _parse_int(text, 1, "a positive integer")
+
+
+def parse_non_negative_int(text: str) -> int:
+    """``type=`` for command-line options that take a seed: an int >= 0."""
+    return _parse_int(text, 0, "a non-negative integer")
+
+
+def _parse_int(text: str, minimum: int, what: str) -> int:
     import argparse
 
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
     return value
 
 

@@ -1,14 +1,20 @@
-"""Atomic file writes: a reader sees the old file or the complete new one, never a part."""
+"""Atomic file writes (a reader sees the old file or the complete new one, never a part),
+and the checked reading of a ``.npy`` member's header, so that no file we read can make us
+allocate more than it holds.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import glob
+import math
 import os
 import re
 import secrets
 from pathlib import Path
+
+import numpy as np
 
 
 def atomic_write(path, write) -> None:
@@ -27,13 +33,16 @@ def atomic_write(path, write) -> None:
     """
     path = Path(path)
     tmp = _temp_name(path)
-    fd = _create(tmp)
+    fd = _create(tmp, path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise _naming(exc, path) from exc
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -51,7 +60,7 @@ def check_writable(path) -> None:
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
     tmp = _temp_name(path)
-    os.close(_create(tmp))
+    os.close(_create(tmp, path))
     os.unlink(tmp)
 
 
@@ -74,12 +83,48 @@ def remove_stale_temporaries(folder, names) -> list[Path]:
     return removed
 
 
+def read_npy_header(z, info) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """``(shape, fortran_order, dtype)`` of the ``.npy`` member ``info`` of the open zip ``z``.
+
+    Reads only the header. Raises ``ValueError`` if the member is not a ``.npy`` array,
+    holds Python objects, or declares more bytes (``prod(shape) * itemsize``) than the
+    member stores, so a forged header cannot make the reader allocate terabytes.
+    """
+    with z.open(info) as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read(f)
+        except (ValueError, OSError, SyntaxError, EOFError) as exc:
+            raise ValueError(f"not a .npy array ({exc})") from None
+    if dtype.hasobject:
+        raise ValueError("holds Python objects")
+    declared = math.prod(shape) * dtype.itemsize
+    if declared > info.file_size:
+        raise ValueError(f"declares a {dtype} array of shape {shape} ({declared} bytes) but "
+                         f"stores {info.file_size} bytes")
+    return tuple(shape), fortran, dtype
+
+
 def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
 
 
-def _create(tmp: Path) -> int:
-    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+def _create(tmp: Path, path: Path) -> int:
+    try:
+        return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                       0o666)
+    except OSError as exc:
+        raise _naming(exc, path) from exc
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """``exc`` naming ``path``, which the user gave, instead of the temporary file.
+
+    ``OSError(errno, ...)`` picks the subclass (``FileNotFoundError``, ...) from the errno.
+    """
+    return OSError(exc.errno, exc.strerror, str(path))
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_write
+from ._io import atomic_write, read_npy_header
 from .models import Model, build_model
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "atomic_write"]
@@ -108,15 +108,10 @@ def _check_member_sizes(path: Path) -> None:
             if info.file_size > ratio * on_disk:
                 raise ValueError(f"field {name!r} claims {info.file_size} bytes, more than "
                                  f"the {on_disk}-byte file can hold")
-            with zf.open(info) as f:
-                version = np.lib.format.read_magic(f)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
-                shape, _, dtype = read_header(f)
-            declared = math.prod(shape) * dtype.itemsize
-            if dtype.hasobject or declared > info.file_size:
-                raise ValueError(f"field {name!r} declares a {dtype} array of shape {shape} "
-                                 f"({declared} bytes) but stores {info.file_size} bytes")
+            try:
+                read_npy_header(zf, info)
+            except ValueError as exc:
+                raise ValueError(f"field {name!r} {exc}") from None
 
 
 def _check_meta(path: Path, meta: dict, require) -> None:

@@ -126,8 +126,8 @@ def _sample(U, grid, mode, padding_mode, align_corners, dV):
         np.add.at(dU_t, (nn[inside], yy[inside], xx[inside]), weighted[inside])
 
     if mode == "nearest":
-        xr = np.rint(x).astype(np.int64)  # round half to even, as PyTorch
-        yr = np.rint(y).astype(np.int64)
+        xr = _index(np.rint(x), W)  # round half to even, as PyTorch
+        yr = _index(np.rint(y), H)
         V_t = read(yr, xr)
         if dV is None:
             return V_t.transpose(0, 3, 1, 2), None
@@ -142,8 +142,8 @@ def _sample(U, grid, mode, padding_mode, align_corners, dV):
     y0 = np.floor(y)
     x1 = x0 + 1
     y1 = y0 + 1
-    ix0, ix1 = x0.astype(np.int64), x1.astype(np.int64)
-    iy0, iy1 = y0.astype(np.int64), y1.astype(np.int64)
+    ix0, ix1 = _index(x0, W), _index(x1, W)
+    iy0, iy1 = _index(y0, H), _index(y1, H)
 
     Ia = read(iy0, ix0)  # top-left
     Ib = read(iy1, ix0)  # bottom-left
@@ -176,6 +176,15 @@ def _sample(U, grid, mode, padding_mode, align_corners, dV):
     dgrid[..., 0] = (dV_t * dV_dx).sum(axis=-1) * dpad_x * dx_dxs
     dgrid[..., 1] = (dV_t * dV_dy).sum(axis=-1) * dpad_y * dy_dys
     return V_t.transpose(0, 3, 1, 2), (np.ascontiguousarray(dU_t.transpose(0, 3, 1, 2)), dgrid)
+
+
+def _index(v, size):
+    """Integer pixel indices of the whole numbers ``v``, those outside kept outside.
+
+    Clipped to ``[-1, size]`` first: every index there or beyond reads 0 anyway, and a
+    coordinate such as 1e30 (possible with zeros padding) does not fit an int64.
+    """
+    return np.clip(v, -1, size).astype(np.int64)
 
 
 def _unnormalize(coord, size, align_corners):

@@ -58,9 +58,20 @@ def test_failure_keeps_the_old_file_and_leaves_no_temp(tmp_path, error):
 def test_failed_rename_leaves_no_temp(tmp_path):
     target = tmp_path / "a_folder"
     target.mkdir()
-    with pytest.raises(OSError):
+    with pytest.raises(IsADirectoryError) as exc:
         atomic_write(target, lambda f: f.write(b"x"))
     assert os.listdir(tmp_path) == ["a_folder"] and os.listdir(target) == []
+    # The error names the path the caller gave, not the temporary file.
+    assert exc.value.filename == str(target) and exc.value.filename2 is None
+
+
+def test_a_missing_folder_is_reported_by_the_target_path(tmp_path):
+    target = tmp_path / "missing" / "out.bin"
+    for call in (lambda: atomic_write(target, lambda f: f.write(b"x")),
+                 lambda: check_writable(target)):
+        with pytest.raises(FileNotFoundError) as exc:
+            call()
+        assert exc.value.filename == str(target)
 
 
 def test_directory_fsync_is_best_effort(tmp_path, monkeypatch):

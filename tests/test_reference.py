@@ -1,6 +1,7 @@
 """Tests for stn_numpy.reference: the plain sampler against the fast one, and on its own."""
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -97,3 +98,23 @@ def test_rejects_bicubic_and_bad_dV(rng):
         reference.grid_sample_backward(np.ones((1, 1, 4, 4)), U, grid)
     with pytest.raises(TypeError, match="dV"):
         reference.grid_sample_backward(np.ones((1, 1, 3, 3), np.float32), U, grid)
+
+
+@pytest.mark.parametrize("mode,padding_mode,align_corners", COMBOS)
+@pytest.mark.parametrize("dtype, far", [(np.float64, 1e300), (np.float32, 1e30)])
+def test_far_coordinates_agree_with_the_fast_sampler_without_warnings(
+        rng, mode, padding_mode, align_corners, dtype, far):
+    # Pixel coordinates this far out do not fit an int64; the indices must still come out
+    # outside the image (zeros) or on its edge (border, reflection), silently.
+    U = rng.standard_normal((1, 2, 4, 5)).astype(dtype)
+    grid = np.array([[[[far, 0.1], [-far, -far], [0.2, far], [0.3, -0.4]]]], dtype=dtype)
+    dV = rng.standard_normal((1, 2, 1, 4)).astype(dtype)
+    args = mode, padding_mode, align_corners
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        V = reference.grid_sample(U, grid, *args)
+        dU, dgrid = reference.grid_sample_backward(dV, U, grid, *args)
+    np.testing.assert_allclose(V, grid_sample(U, grid, *args), rtol=0, atol=1e-6)
+    fast_dU, fast_dgrid = grid_sample_backward(dV, U, grid, *args)
+    np.testing.assert_allclose(dU, fast_dU, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(dgrid, fast_dgrid, rtol=0, atol=1e-6)

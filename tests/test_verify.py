@@ -339,7 +339,12 @@ def test_main_errors_exit_2(tmp_path, user_module, monkeypatch, capsys):
     assert main(["verify"]) == 2
     assert "PyTorch not installed: pip install torch==2.13.0" in capsys.readouterr().err
     assert main(["verify", "--check", str(tmp_path / "missing.npz")]) == 2
-    assert "No such file" in capsys.readouterr().err
+    # One line, prefixed as every command's errors, naming the path the user gave.
+    assert capsys.readouterr().err == (f"stn-numpy verify: error: {tmp_path / 'missing.npz'}: "
+                                       "No such file or directory\n")
+    assert main(["verify", "--export", str(tmp_path / "no" / "g.npz")]) == 2
+    assert capsys.readouterr().err == (f"stn-numpy verify: error: {tmp_path / 'no' / 'g.npz'}: "
+                                       "No such file or directory\n")
     assert main(["verify", "--other", "no_colon"]) == 2
     assert "must be one of torch, scipy, jax, opencv, skimage or look like" in (
         capsys.readouterr().err)
@@ -371,6 +376,14 @@ def test_main_user_callable_that_raises_fails_each_row_with_its_message(
     golden = export_golden(tmp_path / "g.npz")
     assert main(["verify", "--check", str(golden), "--against", f"{user_module}:{name}"]) == 1
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("seed", ["-1", "1.5", "x"])
+def test_main_rejects_a_seed_that_is_not_a_non_negative_int(seed, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["verify", "--export", "never-written.npz", f"--seed={seed}"])
+    assert exc.value.code == 2
+    assert "--seed: expected a non-negative integer, got" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("tol", ["0", "-1e-5", "nan", "tiny"])

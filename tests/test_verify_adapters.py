@@ -69,7 +69,8 @@ def test_missing_library_names_the_extra(name, monkeypatch, capsys):
         parity_matrix(name)
     assert main(["verify", "--against", name]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {ADAPTERS[name].pip_name} not installed: pip install ")
+    assert err.startswith(f"stn-numpy verify: error: {ADAPTERS[name].pip_name} not installed: "
+                          "pip install ")
 
 
 def test_main_against_a_library(capsys):
@@ -123,3 +124,19 @@ def test_committed_atlas_is_current():
         return re.sub(r"\((\w+) [^)]*\)", r"(\1)", text)
 
     assert unversioned(committed) == unversioned(atlas.build_atlas())
+
+
+# JAX is left out: it compiles once per shape and setting, 18 s here for the edge cases.
+@pytest.mark.parametrize("name", ["scipy", "opencv", "skimage"])
+def test_every_adapter_gets_through_the_golden_edge_cases(name, tmp_path):
+    # One-pixel axes, coordinates 1e6 pixels out, ties: a library that hangs or crashes
+    # on one of them must show N/A or FAIL for that row, never stop the check.
+    need(name)
+    from stn_numpy.verify import check_against_golden, export_golden
+
+    rows = check_against_golden(export_golden(tmp_path / "golden.npz"), name)
+    assert len(rows) == 18 + 84 and any(r.case.startswith("edge/width_1/") for r in rows)
+    if name == "opencv":
+        assert {r.case for r in rows if r.status == "N/A"} == {
+            "edge/height_1/bicubic/reflection/align_corners=True",
+            "edge/width_1/bicubic/reflection/align_corners=True"}

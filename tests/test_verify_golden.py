@@ -211,6 +211,26 @@ def _tweak(golden, tmp_path, change):
      "affine_grid/align_corners=True/theta: is in the manifest but has no array"),
     (lambda m, a: m.update(format="something-else"), "format: is 'something-else'"),
     (lambda m, a: m.update(format_version=1), "format_version: is 1, this reader knows 2"),
+    (lambda m, a: m["cases"][102].pop("align_corners"),
+     r"cases\[102\] \(affine_grid/align_corners=True\): align_corners must be true or false, "
+     r"got None"),
+    (lambda m, a: m["cases"][110].update(mode="nearest"),
+     r"cases\[110\] \(spatial_transformer\): settings .*'mode': 'nearest'.*, expected"),
+    # Values and shapes that would make the forward allocate far more than the file holds,
+    # or raise inside this package's own functions, are format errors too.
+    (lambda m, a: a.__setitem__("affine_grid/align_corners=True/size",
+                                np.array([2, 3, 100000, 100000])),
+     r"affine_grid/align_corners=True/size: is \[2, 3, 100000, 100000\], expected \[2, C"),
+    (lambda m, a: [(a.__setitem__(f"attention_grid/align_corners=True/{n}", np.zeros((2, 4))),
+                    m["arrays"][f"attention_grid/align_corners=True/{n}"].update(shape=[2, 4]))
+                   for n in ("theta", "dtheta")],
+     r"attention_grid/align_corners=True/theta: shape \(2, 4\), expected \(2, 3\)"),
+    (lambda m, a: [c.update(lattice="ab") for c in m["cases"] if c["kind"] == "tps_grid"],
+     r"tps_grid/align_corners=True: lattice: lattice\[0\] must be an int >= 2, got 'a'"),
+    (lambda m, a: [(a.__setitem__(f"spatial_transformer/{n}", np.zeros(5)),
+                    m["arrays"][f"spatial_transformer/{n}"].update(shape=[5]))
+                   for n in ("localization.3.bias", "dlocalization.3.bias")],
+     r"spatial_transformer/localization.3.bias: shape \(5,\), expected \(6,\)"),
 ])
 def test_load_golden_checks_every_field(golden, tmp_path, change, message):
     path = _tweak(golden, tmp_path, change)
@@ -232,8 +252,9 @@ def test_a_header_declaring_terabytes_is_refused_before_reading(golden, tmp_path
                 dst.writestr(info.filename, header.getvalue() + b"\0" * 64)
             else:
                 dst.writestr(info, src.read(info))
-    with pytest.raises(GoldenFormatError, match=rf"{key}.npy: header declares 48000000000000 "
-                                                 r"bytes in a \d+-byte entry"):
+    with pytest.raises(GoldenFormatError, match=rf"{key}.npy: declares a float64 array of "
+                                                 r"shape \(2, 3, 1000000, 1000000\) "
+                                                 r"\(48000000000000 bytes\) but stores \d+"):
         load_golden(path)
 
 

@@ -18,6 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 
+from stn_numpy._io import atomic_write  # noqa: E402
+
 OUT = Path(__file__).resolve().parent / "architecture.png"
 
 
@@ -73,7 +75,8 @@ def draw(path: Path = OUT) -> Path:
     arrow(ax, (4.6, 0.7), (0.9, 0.7), r"$\partial L/\partial U$ = sampler path + localisation path",
           dashed=True, color=grad, offset=(0, -0.32))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    # Atomic, as every file this project writes: a kill mid-write keeps the old figure.
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     return path
 

@@ -212,6 +212,11 @@ def opencv_sample(U, grid, align_corners, *, interpolation, border):
     ``"BORDER_REFLECT"``; the border value is 0.
     """
     cv2 = _require("cv2", "opencv-python-headless")
+    if interpolation == "INTER_CUBIC" and border == "BORDER_REFLECT_101" and min(U.shape[2:]) == 1:
+        # Measured with opencv 5.0.0: remap never returns (reflecting a 4-tap stencil about
+        # the centre of a single pixel does not terminate).
+        raise Unsupported("cv2.remap with INTER_CUBIC and BORDER_REFLECT_101 does not "
+                          "return on an image 1 pixel high or wide")
     x, y = _pixel_grid(grid, *U.shape[2:], align_corners)
     flags, border_mode = getattr(cv2, interpolation), getattr(cv2, border)
     return _per_image(lambda img, xi, yi: cv2.remap(

@@ -7,6 +7,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from .._checks import parse_non_negative_int
 from .._torch import TorchNotInstalledError, import_torch
 from .adapters import ADAPTERS, LibraryNotInstalledError
 from .golden import GoldenFormatError, check_against_golden, export_golden
@@ -40,7 +41,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "float64, 1e-5 for float32; --check: the file's)")
     parser.add_argument("--dtype", choices=("float64", "float32"), default="float64",
                         help="dtype of the comparison or export (--check uses the file's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the inputs (default 0)")
+    parser.add_argument("--seed", type=parse_non_negative_int, default=0,
+                        help="seed of the inputs (default 0)")
     parser.set_defaults(func=_run)
     return parser
 
@@ -69,8 +71,7 @@ def _run(args: argparse.Namespace) -> int:
             title = f"stn_numpy vs {against} ({args.dtype}, seed {args.seed})"
     except (TorchNotInstalledError, LibraryNotInstalledError, GoldenFormatError, OSError,
             _CallableSpecError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc)
     print(title)
     print(format_table(results))
     return 0 if all(r.passed for r in results) else 1
@@ -85,10 +86,19 @@ def _atlas(target: str) -> int:
         try:
             write_atlas(target)
         except ValueError as exc:  # the file lacks the markers that delimit the atlas
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return _error(exc)
         print(f"wrote the conventions atlas into {target}")
     return 0
+
+
+def _error(exc: Exception) -> int:
+    """Report ``exc`` in one line, as every ``stn-numpy`` command does; exit code 2."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        text = f"{exc.filename}: {exc.strerror or exc}"
+    else:
+        text = str(exc)
+    print(f"stn-numpy verify: error: {text}", file=sys.stderr)
+    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -115,7 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "verify", help="parity table vs PyTorch, another library or a callable; golden "
                        "vectors; the conventions atlas",
         description="Compare forward and both gradients on all 18 mode x padding_mode x "
-                    "align_corners combinations."))
+                    "align_corners combinations.",
+        epilog="exit status: 0 every case passed (or a file was written), 1 some case "
+               "failed, 2 an error before comparing (a missing library, a malformed golden "
+               "file, a bad argument or path)"))
     args = parser.parse_args(argv)
     return args.func(args)
 

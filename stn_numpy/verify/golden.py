@@ -61,7 +61,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .._io import atomic_write
+from .._checks import check_int_pair
+from .._io import atomic_write, read_npy_header
 from ..gradcheck import rel_error
 from ..grids import (
     affine_grid,
@@ -375,20 +376,13 @@ def _fail(path, field, message):
 
 def _read_header(z: zipfile.ZipFile, member: str, path):
     """``(shape, dtype)`` from a member's ``.npy`` header, its declared size checked."""
-    info = z.getinfo(member)
-    with z.open(info) as f:
-        try:
-            version = np.lib.format.read_magic(f)
-            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0)
-            shape, fortran, dtype = read(f)
-        except (ValueError, OSError, SyntaxError, EOFError) as exc:
-            _fail(path, member, f"not a .npy array ({exc})")
-    if dtype.hasobject:
-        _fail(path, member, "holds Python objects")
+    try:
+        shape, fortran, dtype = read_npy_header(z, z.getinfo(member))
+    except ValueError as exc:
+        _fail(path, member, str(exc))
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes > min(MAX_BYTES, info.file_size):
-        _fail(path, member, f"header declares {nbytes} bytes in a {info.file_size}-byte entry")
+    if nbytes > MAX_BYTES:
+        _fail(path, member, f"header declares {nbytes} bytes, more than {MAX_BYTES}")
     if fortran:
         _fail(path, member, "is Fortran-ordered, expected C order")
     return tuple(shape), dtype
@@ -426,6 +420,16 @@ def _check_manifest(path, manifest):
                                               case.get("align_corners")) not in COMBOS:
             _fail(path, f"cases[{i}] ({case['key']})", "unknown mode, padding_mode or "
                   "align_corners")
+        if not isinstance(case.get("align_corners"), bool):
+            _fail(path, f"cases[{i}] ({case['key']})", f"align_corners must be true or false, "
+                  f"got {case.get('align_corners')!r}")
+        # The layer's settings are fixed (see the module docstring); a file claiming others
+        # would be checked against outputs computed with these.
+        layer = {"transform": "affine", "mode": "bilinear", "padding_mode": "zeros",
+                 "align_corners": False}
+        got = {k: case.get(k) for k in layer}
+        if case["kind"] == "spatial_transformer" and got != layer:
+            _fail(path, f"cases[{i}] ({case['key']})", f"settings {got}, expected {layer}")
 
 
 def _check_shapes(path, case, shapes):
@@ -444,9 +448,51 @@ def _check_shapes(path, case, shapes):
         need("V", U[:2] + grid[1:3])
         need("dU", U)
         need("dgrid", grid)
-    elif case["kind"] != "spatial_transformer":
+    elif case["kind"] == "spatial_transformer":
+        U = shapes["U"]
+        if len(U) != 4:
+            _fail(path, f"{key}/U", f"shape {U}, expected (N, C, H, W)")
+        N, C, H, W = U
+        for name in ("dV", "V", "dU"):
+            need(name, U)
+        need("theta", (N, 2, 3))
+        need("loss", ())
+        for name, expected in zip(_STN_PARAMS, ((8, C * H * W), (8,), (6, 8), (6,)),
+                                  strict=True):
+            need(name, expected)
+            need("d" + name, expected)
+    else:
+        grid = shapes["grid"]
+        if len(grid) != 4 or grid[3] != 2:
+            _fail(path, f"{key}/grid", f"shape {grid}, expected (N, H_out, W_out, 2)")
+        N = grid[0]
+        if case["kind"] == "tps_grid":
+            try:
+                rows, cols = check_int_pair("lattice", case.get("lattice"), 2)
+            except ValueError as exc:
+                _fail(path, f"{key}: lattice", str(exc))
+            theta = (N, rows * cols, 2)
+        else:
+            theta = {"affine_grid": (N, 2, 3), "attention_grid": (N, 3),
+                     "projective_grid": (N, 8)}[case["kind"]]
+        need("theta", theta)
         need("size", (4,))
-        need("dtheta", shapes["theta"])
+        need("dgrid", grid)
+        need("dtheta", theta)
+
+
+def _check_sizes(path, case, arrays):
+    """A grid case's ``size`` is the ``(N, C, H_out, W_out)`` its grid has.
+
+    Read from the values, not the headers: a size that disagreed could make the forward
+    allocate far more than the file holds.
+    """
+    key = case["key"]
+    size, grid = arrays[f"{key}/size"], arrays[f"{key}/grid"]
+    N, Ho, Wo = grid.shape[:3]
+    if size[0] != N or size[1] < 0 or size[2] != Ho or size[3] != Wo:
+        _fail(path, f"{key}/size", f"is {size.tolist()}, expected [{N}, C >= 0, {Ho}, {Wo}] "
+              f"(the grid's shape)")
 
 
 def load_golden(path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -456,7 +502,8 @@ def load_golden(path) -> tuple[dict, dict[str, np.ndarray]]:
     to its array. Raises :class:`GoldenFormatError` (a ``ValueError`` naming the file and
     the field) for a file of another format or version, a missing or mistyped field, an
     array whose dtype or shape differs from the manifest's or from its case's other
-    arrays, a header declaring more bytes than its entry holds, or a non-finite input;
+    arrays (a grid case's ``size`` values included), a header declaring more bytes than
+    its entry holds, or a non-finite input;
     ``OSError`` if it cannot be read.
     """
     try:
@@ -509,6 +556,8 @@ def load_golden(path) -> tuple[dict, dict[str, np.ndarray]]:
         for name in case["inputs"]:
             if not np.isfinite(arrays[f"{case['key']}/{name}"]).all():
                 _fail(path, f"{case['key']}/{name}", "input holds NaN or inf")
+        if case["kind"] in _GRID_TRANSFORMS:
+            _check_sizes(path, case, arrays)
     return manifest, arrays
 
 
