@@ -140,3 +140,12 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def describe_error(e: Exception) -> str:
+    """One line for a command's error message: ``PATH: reason`` for an OS error that names
+    its path (``SRC -> DST`` for a rename), else the exception's own text."""
+    if isinstance(e, OSError) and e.filename is not None:
+        paths = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+        return f"{paths}: {e.strerror or e}"
+    return str(e)

@@ -5,7 +5,8 @@ verify.
     stn-numpy evaluate runs/NAME/checkpoint.npz [--dataset mnist | --data FILE.npz]
     stn-numpy experiment [--config full] [--out runs/experiment] [--runs DIR]
     stn-numpy bench
-    stn-numpy verify [--tol 1e-10] [--export golden.npz | --check golden.npz]
+    stn-numpy verify [--against torch|scipy|jax|opencv|skimage|MODULE:FUNCTION]
+                     [--export golden.npz | --check golden.npz | --atlas [README.md]]
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from dataclasses import fields
 
 from ._checks import parse_positive_int
+from ._io import describe_error
 from ._parallel import add_threads_option, keep_freed_memory, set_num_threads
 
 __all__ = ["main"]
@@ -195,8 +197,8 @@ def main(argv=None) -> int:
     _add_experiment(sub)
     sub.add_parser("bench", help="time ours against PyTorch (args: see `stn-numpy bench -h`)",
                    add_help=False)
-    sub.add_parser("verify", help="parity with PyTorch or golden vectors "
-                   "(args: see `stn-numpy verify -h`)", add_help=False)
+    sub.add_parser("verify", help="parity with PyTorch, another library or golden vectors; "
+                   "the atlas (args: see `stn-numpy verify -h`)", add_help=False)
     argv = sys.argv[1:] if argv is None else list(argv)
     # The command line owns its process, so it may tune the allocator (see _parallel).
     keep_freed_memory()
@@ -221,15 +223,8 @@ def main(argv=None) -> int:
             return _run_experiment(args)
         return _run_evaluate(args)
     except handled as e:
-        print(f"stn-numpy {command}: error: {_describe_error(e)}", file=sys.stderr)
+        print(f"stn-numpy {command}: error: {describe_error(e)}", file=sys.stderr)
         return 2
-
-
-def _describe_error(e: Exception) -> str:
-    if isinstance(e, OSError) and e.filename is not None:
-        paths = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
-        return f"{paths}: {e.strerror or e}"
-    return str(e)
 
 
 if __name__ == "__main__":

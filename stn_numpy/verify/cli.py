@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from .._checks import parse_non_negative_int
+from .._io import describe_error
 from .._torch import TorchNotInstalledError, import_torch
 from .adapters import ADAPTERS, LibraryNotInstalledError
 from .golden import GoldenFormatError, check_against_golden, export_golden
@@ -93,11 +94,7 @@ def _atlas(target: str) -> int:
 
 def _error(exc: Exception) -> int:
     """Report ``exc`` in one line, as every ``stn-numpy`` command does; exit code 2."""
-    if isinstance(exc, OSError) and exc.filename is not None:
-        text = f"{exc.filename}: {exc.strerror or exc}"
-    else:
-        text = str(exc)
-    print(f"stn-numpy verify: error: {text}", file=sys.stderr)
+    print(f"stn-numpy verify: error: {describe_error(exc)}", file=sys.stderr)
     return 2
 
 
