@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ._checks import parse_positive_int
 
 __all__ = ["get_num_threads", "set_num_threads", "parallel_map", "add_threads_option",
-           "keep_freed_memory", "freed_memory_kept"]
+           "usable_cores", "keep_freed_memory", "freed_memory_kept"]
 
 ENV_VAR = "STN_NUMPY_NUM_THREADS"
 _lock = threading.Lock()
@@ -32,7 +32,8 @@ _pool_size = 0
 _memory_kept = False
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask where the platform has one)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on every platform
@@ -58,7 +59,7 @@ def get_num_threads() -> int:
     """The number of worker threads the sampler, layers and optimizers use."""
     if _requested is not None:
         return _requested
-    return _from_env() or _usable_cores()
+    return _from_env() or usable_cores()
 
 
 def set_num_threads(n: int | None) -> None:

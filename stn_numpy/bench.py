@@ -64,6 +64,7 @@ from ._parallel import (
     get_num_threads,
     keep_freed_memory,
     set_num_threads,
+    usable_cores,
 )
 from ._torch import import_torch
 from .grids import affine_grid, affine_grid_backward
@@ -171,10 +172,7 @@ def _busy_cores(seconds: float = 0.25) -> float | None:
 def environment() -> dict:
     """Versions, BLAS, cores, current and average load, and the BLAS environment variables."""
     torch = import_torch(required=False)
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on every platform
-        usable = os.cpu_count()
+    usable = usable_cores()
     try:
         load = [round(v, 2) for v in os.getloadavg()]
     except (AttributeError, OSError):

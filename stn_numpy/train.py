@@ -32,6 +32,7 @@ import numpy as np
 
 from ._checks import NonFiniteError, check_choice, check_int, check_positive_int
 from ._io import check_writable, remove_stale_temporaries
+from ._parallel import usable_cores
 from .checkpoint import atomic_write, load_checkpoint, model_from_params, save_checkpoint
 from .data import DATASETS, load_mnist
 from .layers import Dropout, Sequential, cross_entropy
@@ -218,9 +219,7 @@ def blas_threads() -> int:
         value = os.environ.get(name, "").strip()
         if value.isdigit() and int(value) > 0:
             return int(value)
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    return usable_cores()
 
 
 def _diverged(what: str, cfg: TrainConfig, ckpt_path: Path, epoch: int) -> TrainingDiverged:

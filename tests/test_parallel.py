@@ -17,7 +17,7 @@ def default_threads(monkeypatch):
 
 
 def test_worker_count_precedence(monkeypatch):
-    assert _parallel.get_num_threads() == _parallel._usable_cores()
+    assert _parallel.get_num_threads() == _parallel.usable_cores()
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert _parallel.get_num_threads() == 3
     monkeypatch.setenv(_parallel.ENV_VAR, "5")
