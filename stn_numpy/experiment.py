@@ -11,6 +11,8 @@ on P and E, and two seeds on RTS and TC. After every finished run it writes:
   ``snapshots.npz`` (the transformer's outputs for fixed test digits after every epoch)
   and ``result.json``, whose presence marks the run finished: a later call skips it, and
   an interrupted run continues from its last checkpoint;
+* ``<out>/results.json`` -- every run's ``result.json`` and the config, the numbers
+  themselves (:func:`read_results` reads them back);
 * ``<out>/results.md`` -- the test errors beside the paper's Table 1, the measures of
   :mod:`stn_numpy.measures`, the settings and wall time of every run, and the figures
   ``<out>/<run>-snapshots.png`` (digits as the transformer saw them, epoch by epoch) and
@@ -34,7 +36,7 @@ from .measures import transformer_measures
 from .train import TrainConfig, load_split, train
 
 __all__ = ["CONFIGS", "DEFAULT_OUT", "DEFAULT_RUNS", "PAPER_ERRORS", "ExperimentConfig",
-           "experiment_runs", "run_experiment", "write_results"]
+           "experiment_runs", "read_results", "run_experiment", "write_results"]
 
 DEFAULT_OUT = "runs/experiment"
 DEFAULT_RUNS = "runs/experiment/runs"
@@ -176,7 +178,7 @@ def _run_one(config: ExperimentConfig, run: Run, folder: Path, data, test_params
              data_dir, progress: bool, log) -> dict:
     cfg = _train_config(config, run, folder, data_dir, progress)
     remove_stale_temporaries(folder, ("progress.json", "snapshots.npz", "result.json"))
-    remove_stale_temporaries(out, ("results.md", f"{run.name}-snapshots.png",
+    remove_stale_temporaries(out, ("results.json", "results.md", f"{run.name}-snapshots.png",
                                    f"{run.name}-recovered.png"))
     ckpt = folder / "checkpoint.npz"
     start_epoch = 0
@@ -305,9 +307,21 @@ def _headline(row: dict) -> str:
     return "-"
 
 
+def read_results(out) -> tuple[list[dict], ExperimentConfig]:
+    """The runs' results and the config that :func:`write_results` stored in ``<out>``."""
+    stored = json.loads((Path(out) / "results.json").read_text())
+    config = stored["config"]
+    return stored["results"], ExperimentConfig(**{**config, "seeds": tuple(config["seeds"])})
+
+
 def write_results(results: list[dict], config: ExperimentConfig, out) -> None:
-    """Write ``<out>/results.md`` from the runs' results (finished ones only)."""
+    """Write ``<out>/results.json`` and ``<out>/results.md`` from the finished runs' results.
+
+    ``results.json`` holds ``{"config": the config as a dict, "results": results}``, the
+    results exactly as given (each run's ``result.json``).
+    """
     out = Path(out)
+    _write_json(out / "results.json", {"config": asdict(config), "results": results})
     n_seeds = len(config.seeds)
     train_images = sorted({r["train_images"] for r in results}) or [config.train_limit]
     test_images = sorted({r["test_images"] for r in results}) or [config.test_limit]

@@ -1,13 +1,45 @@
-"""Tests for stn_numpy.experiment: the run list, the results table, and a tiny experiment
+"""Tests for stn_numpy.experiment: the run list, the results files, and a tiny experiment
 end to end on real MNIST (every model kind, one epoch on a few hundred images)."""
 
 import json
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
 
 from stn_numpy.cli import main
-from stn_numpy.experiment import COLUMNS, CONFIGS, ROWS, experiment_runs, run_experiment
+from stn_numpy.experiment import (
+    COLUMNS,
+    CONFIGS,
+    ROWS,
+    experiment_runs,
+    read_results,
+    run_experiment,
+    write_results,
+)
+
+SMALL = replace(CONFIGS["tiny"], epochs=3)
+
+
+def fake_results(config):
+    """Result dicts shaped as the runs write them, with made-up numbers, for every run."""
+    results = []
+    for i, run in enumerate(experiment_runs(config)):
+        measures = {}
+        if run.arch == "paper-stcnn" and run.dataset in ("rot", "rts"):
+            measures["rotation"] = {"slope": -0.05 * (i % 3), "intercept": 0.0, "r2": 0.1,
+                                    "n": 100}
+        if run.arch == "paper-stcnn" and run.dataset == "tc":
+            measures["ink_inside"] = {"mean": 0.9, "min": 0.5}
+        progress = [{"epoch": e, "test_error": 10.0 / e + i, **measures}
+                    for e in range(1, config.epochs + 1)]
+        results.append({"run": run.name, "dataset": run.dataset, "arch": run.arch,
+                        "transform": run.transform, "seed": run.seed, "st_size": None,
+                        "row": run.row, "train_images": 256, "test_images": 128,
+                        "epochs": config.epochs, "test_error": 1.0 + i / 10,
+                        "seconds": 10.0 + i, "measures": measures, "progress": progress,
+                        "config": json.loads(json.dumps(asdict(config)))})
+    return results
 
 
 def test_every_model_kind_and_two_seeds_where_asked():
@@ -22,6 +54,14 @@ def test_every_model_kind_and_two_seeds_where_asked():
     assert len({r.name for r in runs}) == len(runs)
 
 
+def test_results_json_holds_the_results_as_given_and_reads_back(tmp_path):
+    results = fake_results(SMALL)
+    write_results(results, SMALL, tmp_path)
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert stored == {"config": json.loads(json.dumps(asdict(SMALL))), "results": results}
+    assert read_results(tmp_path) == (results, SMALL)
+
+
 @pytest.mark.slow
 def test_tiny_experiment_end_to_end(tmp_path, mnist_dir, capsys):
     out, runs = tmp_path / "out", tmp_path / "runs"
@@ -31,6 +71,7 @@ def test_tiny_experiment_end_to_end(tmp_path, mnist_dir, capsys):
     assert len(results) == len(experiment_runs(CONFIGS["tiny"])) == 18
     text = (out / "results.md").read_text()
     assert str(tmp_path) not in text
+    assert read_results(out) == (results, CONFIGS["tiny"])
     table = [line for line in text.splitlines() if line.startswith("| ")]
     header = "| model | " + " | ".join(label for _, label in COLUMNS) + " |"
     start = table.index(header)
