@@ -16,7 +16,8 @@ on P and E, and two seeds on RTS and TC. After every finished run it writes:
 * ``<out>/results.md`` -- the test errors beside the paper's Table 1, the measures of
   :mod:`stn_numpy.measures`, the settings and wall time of every run, and the figures
   ``<out>/<run>-snapshots.png`` (digits as the transformer saw them, epoch by epoch) and
-  ``<out>/<run>-recovered.png`` (recovered against applied distortion).
+  ``<out>/<run>-recovered.png`` (recovered against applied distortion), and
+  ``<out>/epochs.png`` (every run's test error and transformer measure against epoch).
 
 ``results.md`` names files only relative to ``<out>``, so the folder can be committed.
 """
@@ -178,8 +179,8 @@ def _run_one(config: ExperimentConfig, run: Run, folder: Path, data, test_params
              data_dir, progress: bool, log) -> dict:
     cfg = _train_config(config, run, folder, data_dir, progress)
     remove_stale_temporaries(folder, ("progress.json", "snapshots.npz", "result.json"))
-    remove_stale_temporaries(out, ("results.json", "results.md", f"{run.name}-snapshots.png",
-                                   f"{run.name}-recovered.png"))
+    remove_stale_temporaries(out, ("results.json", "results.md", "epochs.png",
+                                   f"{run.name}-snapshots.png", f"{run.name}-recovered.png"))
     ckpt = folder / "checkpoint.npz"
     start_epoch = 0
     if ckpt.is_file():
@@ -299,12 +300,55 @@ def _measure_text(name: str, m: dict) -> str:
     return f"{name}: slope {m['slope']:+.3f}, R² {m['r2']:.3f}"
 
 
+# The one measure that the epoch-by-epoch table and figure follow, the first of these a
+# run has: (measure, its number, text format, axis label, reference lines (value, label)).
+_HEADLINES = (
+    ("rotation", "slope", "+.2f", "rotation slope, recovered vs applied",
+     ((0.0, "none undone (0)"), (-0.8, "target (-0.8)"), (-1.0, "all undone (-1)"))),
+    ("ink_inside", "mean", ".2f", "ink inside the window (mean)", ((1.0, "all inside"),)),
+)
+EPOCHS_CAPTION = ("test error and the transformer's measure (rotation slope on R and RTS, "
+                  "ink inside the window on TC) after each epoch")
+
+
 def _headline(row: dict) -> str:
-    if "rotation" in row:
-        return f"{row['rotation']['slope']:+.2f}"
-    if "ink_inside" in row:
-        return f"{row['ink_inside']['mean']:.2f}"
+    for name, key, fmt, *_ in _HEADLINES:
+        if name in row:
+            return format(row[name][key], fmt)
     return "-"
+
+
+def _curve(result: dict, headline, seeds: list[int]):
+    """A run's test error and headline measure (NaN where not measured) after each epoch."""
+    from .plots import Curve
+
+    progress, measure = result["progress"], None
+    if headline and any(headline[0] in row for row in progress):
+        name, key = headline[:2]
+        measure = [row[name][key] if name in row else math.nan for row in progress]
+    return Curve(f"{result['row']}, seed {result['seed']}", ROWS.index(result["row"]),
+                 seeds.index(result["seed"]), [row["epoch"] for row in progress],
+                 [row["test_error"] for row in progress], measure)
+
+
+def _plot_epochs(results: list[dict], path: Path) -> bool:
+    """Draw ``path``: each dataset's runs epoch by epoch; False (nothing drawn) without
+    per-epoch data."""
+    from .plots import plot_epochs
+
+    seeds = sorted({r["seed"] for r in results})
+    columns = []
+    for dataset, label in COLUMNS:
+        runs = [r for r in results if r["dataset"] == dataset and r.get("progress")]
+        rows = [row for r in runs for row in r["progress"]]
+        headline = next((h for h in _HEADLINES if any(h[0] in row for row in rows)), None)
+        curves = [_curve(r, headline, seeds) for r in runs]
+        if curves:
+            columns.append((f"{label} ({dataset})", curves, headline and headline[3],
+                            headline[4] if headline else ()))
+    if columns:
+        plot_epochs(columns, path, title="test error and transformer measure after each epoch")
+    return bool(columns)
 
 
 def read_results(out) -> tuple[list[dict], ExperimentConfig]:
@@ -322,6 +366,7 @@ def write_results(results: list[dict], config: ExperimentConfig, out) -> None:
     """
     out = Path(out)
     _write_json(out / "results.json", {"config": asdict(config), "results": results})
+    drew_epochs = _plot_epochs(results, out / "epochs.png")
     n_seeds = len(config.seeds)
     train_images = sorted({r["train_images"] for r in results}) or [config.train_limit]
     test_images = sorted({r["test_images"] for r in results}) or [config.test_limit]
@@ -394,6 +439,8 @@ def write_results(results: list[dict], config: ExperimentConfig, out) -> None:
     total = sum(r["seconds"] for r in results)
     lines += ["", f"Total training time: {total / 3600:.2f} h ({math.ceil(total)} s).", "",
               "## Figures", ""]
+    if drew_epochs:
+        lines += [f"All runs: {EPOCHS_CAPTION}", "", "![epoch by epoch](epochs.png)", ""]
     for r in results:
         for kind, caption in (("snapshots", "test digits (top) and the transformer's output "
                                "after each epoch"),

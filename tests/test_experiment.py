@@ -7,6 +7,7 @@ from dataclasses import asdict, replace
 import numpy as np
 import pytest
 
+from stn_numpy import plots
 from stn_numpy.cli import main
 from stn_numpy.experiment import (
     COLUMNS,
@@ -62,6 +63,35 @@ def test_results_json_holds_the_results_as_given_and_reads_back(tmp_path):
     assert read_results(tmp_path) == (results, SMALL)
 
 
+def test_epochs_figure_follows_each_runs_measure(tmp_path, monkeypatch):
+    results = fake_results(SMALL)
+    write_results(results, SMALL, tmp_path)
+    assert (tmp_path / "epochs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![epoch by epoch](epochs.png)" in (tmp_path / "results.md").read_text()
+    drawn = []
+    monkeypatch.setattr(plots, "plot_epochs", lambda columns, path, title: drawn.extend(columns))
+    write_results(results, SMALL, tmp_path)
+    columns = {title: (curves, label) for title, curves, label, _ in drawn}
+    assert list(columns) == [f"{label} ({dataset})" for dataset, label in COLUMNS]
+    rot_st = next(r for r in results if r["run"] == "rot-paper-stcnn-affine-seed0")
+    curves, label = columns["R (rot)"]
+    assert label.startswith("rotation slope") and [c.label for c in curves] == [
+        "CNN, seed 0", "ST-CNN Aff, seed 0"]
+    assert curves[0].measure is None
+    assert curves[1].measure == [row["rotation"]["slope"] for row in rot_st["progress"]]
+    assert curves[1].errors == [row["test_error"] for row in rot_st["progress"]]
+    assert columns["TC (tc)"][1].startswith("ink inside")
+    assert {c.style for c in columns["TC (tc)"][0]} == {0, 1}  # the two seeds
+    assert columns["P (proj)"][1] is None
+
+
+def test_no_epochs_figure_without_per_epoch_data(tmp_path):
+    results = [{**r, "progress": []} for r in fake_results(SMALL)]
+    write_results(results, SMALL, tmp_path)
+    assert not (tmp_path / "epochs.png").exists()
+    assert "epochs.png" not in (tmp_path / "results.md").read_text()
+
+
 @pytest.mark.slow
 def test_tiny_experiment_end_to_end(tmp_path, mnist_dir, capsys):
     out, runs = tmp_path / "out", tmp_path / "runs"
@@ -72,6 +102,7 @@ def test_tiny_experiment_end_to_end(tmp_path, mnist_dir, capsys):
     text = (out / "results.md").read_text()
     assert str(tmp_path) not in text
     assert read_results(out) == (results, CONFIGS["tiny"])
+    assert (out / "epochs.png").is_file()
     table = [line for line in text.splitlines() if line.startswith("| ")]
     header = "| model | " + " | ".join(label for _, label in COLUMNS) + " |"
     start = table.index(header)
