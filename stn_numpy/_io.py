@@ -1,5 +1,6 @@
 """Atomic file writes (a reader sees the old file or the complete new one, never a part),
-and the checked reading of a ``.npy`` member's header, so that no file we read can make us
+the generated blocks of a text file (between two marker lines, rewritten in place), and the
+checked reading of a ``.npy`` member's header, so that no file we read can make us
 allocate more than it holds.
 """
 
@@ -81,6 +82,40 @@ def remove_stale_temporaries(folder, names) -> list[Path]:
                     path.unlink()
                     removed.append(path)
     return removed
+
+
+def read_marked(path, start, end) -> str:
+    """The text of the file ``path`` between its ``start`` and ``end`` marker lines.
+
+    The newline after ``start`` is not part of it, so ``read_marked`` returns exactly what
+    :func:`replace_marked` wrote. Raises ``ValueError`` naming ``path`` unless the file has
+    one ``start`` before one ``end``.
+    """
+    return _marked_parts(Path(path), start, end)[1]
+
+
+def replace_marked(path, start, end, body: str) -> Path:
+    """Replace the text of ``path`` between its ``start`` and ``end`` markers with ``body``.
+
+    Everything outside the markers is kept byte for byte; the file is rewritten atomically,
+    so a block generated from the code (a table in a README) can be regenerated at will.
+    Raises ``ValueError`` naming ``path`` unless it has one ``start`` before one ``end``.
+    """
+    path = Path(path)
+    head, _, tail = _marked_parts(path, start, end)
+    new = f"{head}{start}\n{body}{end}{tail}"
+    atomic_write(path, lambda f: f.write(new.encode("utf-8")))
+    return path
+
+
+def _marked_parts(path: Path, start: str, end: str) -> tuple[str, str, str]:
+    """``(before start, between the markers, after end)`` of the text of ``path``."""
+    text = path.read_text(encoding="utf-8")
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"{path}: needs one {start!r} line before one {end!r} line")
+    head, rest = text.split(start)
+    body, tail = rest.split(end)
+    return head, body.removeprefix("\n"), tail
 
 
 def read_npy_header(z, info) -> tuple[tuple[int, ...], bool, np.dtype]:

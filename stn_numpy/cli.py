@@ -3,7 +3,7 @@ verify.
 
     stn-numpy train [--model stn] [--dataset mnist] [--epochs 10] ... [--out runs/NAME]
     stn-numpy evaluate runs/NAME/checkpoint.npz [--dataset mnist | --data FILE.npz]
-    stn-numpy experiment [--config full] [--out runs/experiment] [--runs DIR]
+    stn-numpy experiment [--config full] [--out runs/experiment] [--runs DIR] [--readme README.md]
     stn-numpy bench
     stn-numpy verify [--against torch|scipy|jax|opencv|skimage|MODULE:FUNCTION]
                      [--export golden.npz | --check golden.npz | --atlas [README.md]]
@@ -172,19 +172,28 @@ def _add_experiment(sub) -> None:
                    help=f"folder for the runs' checkpoints (default: {DEFAULT_RUNS}/<config>)")
     p.add_argument("--data-dir", default=None,
                    help="folder with the MNIST .gz files (else $STN_NUMPY_DATA, else data/mnist)")
+    p.add_argument("--readme", metavar="MARKDOWN", default=None,
+                   help="after the runs, rewrite the results block of this file (between "
+                        "<!-- experiment:start --> and <!-- experiment:end -->)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
 def _run_experiment(args) -> int:
-    from .experiment import run_experiment
+    from ._io import read_marked
+    from .experiment import CONFIGS, README_END, README_START, run_experiment, update_readme
     from .train import TrainingDiverged
 
+    if args.readme is not None:  # missing markers show now, not after hours of training
+        read_marked(args.readme, README_START, README_END)
     try:
-        run_experiment(args.config, out=args.out, runs=args.runs, data_dir=args.data_dir,
-                       progress=not args.no_progress)
+        results = run_experiment(args.config, out=args.out, runs=args.runs,
+                                 data_dir=args.data_dir, progress=not args.no_progress)
     except TrainingDiverged as e:
         print(f"stn-numpy experiment: stopped: {e}", file=sys.stderr)
         return 3
+    if args.readme is not None:
+        update_readme(args.readme, results, CONFIGS[args.config], args.out)
+        print(f"wrote the experiment's results into {args.readme}")
     return 0
 
 

@@ -11,30 +11,39 @@ on P and E, and two seeds on RTS and TC. After every finished run it writes:
   ``snapshots.npz`` (the transformer's outputs for fixed test digits after every epoch)
   and ``result.json``, whose presence marks the run finished: a later call skips it, and
   an interrupted run continues from its last checkpoint;
+* ``<out>/results.json`` -- every run's ``result.json`` and the config, the numbers
+  themselves (:func:`read_results` reads them back);
 * ``<out>/results.md`` -- the test errors beside the paper's Table 1, the measures of
   :mod:`stn_numpy.measures`, the settings and wall time of every run, and the figures
   ``<out>/<run>-snapshots.png`` (digits as the transformer saw them, epoch by epoch) and
-  ``<out>/<run>-recovered.png`` (recovered against applied distortion).
+  ``<out>/<run>-recovered.png`` (recovered against applied distortion), and
+  ``<out>/epochs.png`` (every run's test error and transformer measure against epoch).
 
 ``results.md`` names files only relative to ``<out>``, so the folder can be committed.
+:func:`readme_block` gives the README's account of the same results (the tables, the
+settings and the main figures, linked relative to the README), and :func:`update_readme`
+writes it between the README's ``README_START`` and ``README_END`` markers, so that every
+number there comes from the runs (``stn-numpy experiment --readme README.md``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_write, remove_stale_temporaries
+from ._io import atomic_write, remove_stale_temporaries, replace_marked
 from .checkpoint import load_checkpoint, model_from_params
 from .measures import transformer_measures
 from .train import TrainConfig, load_split, train
 
-__all__ = ["CONFIGS", "DEFAULT_OUT", "DEFAULT_RUNS", "PAPER_ERRORS", "ExperimentConfig",
-           "experiment_runs", "run_experiment", "write_results"]
+__all__ = ["CONFIGS", "DEFAULT_OUT", "DEFAULT_RUNS", "PAPER_ERRORS", "README_END",
+           "README_START", "ExperimentConfig", "experiment_runs", "read_results",
+           "readme_block", "run_experiment", "update_readme", "write_results"]
 
 DEFAULT_OUT = "runs/experiment"
 DEFAULT_RUNS = "runs/experiment/runs"
@@ -176,8 +185,8 @@ def _run_one(config: ExperimentConfig, run: Run, folder: Path, data, test_params
              data_dir, progress: bool, log) -> dict:
     cfg = _train_config(config, run, folder, data_dir, progress)
     remove_stale_temporaries(folder, ("progress.json", "snapshots.npz", "result.json"))
-    remove_stale_temporaries(out, ("results.md", f"{run.name}-snapshots.png",
-                                   f"{run.name}-recovered.png"))
+    remove_stale_temporaries(out, ("results.json", "results.md", "epochs.png",
+                                   f"{run.name}-snapshots.png", f"{run.name}-recovered.png"))
     ckpt = folder / "checkpoint.npz"
     start_epoch = 0
     if ckpt.is_file():
@@ -297,73 +306,80 @@ def _measure_text(name: str, m: dict) -> str:
     return f"{name}: slope {m['slope']:+.3f}, R² {m['r2']:.3f}"
 
 
+# The one measure that the epoch-by-epoch table and figure follow, the first of these a
+# run has: (measure, its number, text format, axis label, reference lines (value, label)).
+_HEADLINES = (
+    ("rotation", "slope", "+.2f", "rotation slope, recovered vs applied",
+     ((0.0, "none undone (0)"), (-0.8, "target (-0.8)"), (-1.0, "all undone (-1)"))),
+    ("ink_inside", "mean", ".2f", "ink inside the window (mean)", ((1.0, "all inside"),)),
+)
+EPOCHS_CAPTION = ("test error and the transformer's measure (rotation slope on R and RTS, "
+                  "ink inside the window on TC) after each epoch")
+
+
 def _headline(row: dict) -> str:
-    if "rotation" in row:
-        return f"{row['rotation']['slope']:+.2f}"
-    if "ink_inside" in row:
-        return f"{row['ink_inside']['mean']:.2f}"
+    for name, key, fmt, *_ in _HEADLINES:
+        if name in row:
+            return format(row[name][key], fmt)
     return "-"
 
 
+def _curve(result: dict, headline, seeds: list[int]):
+    """A run's test error and headline measure (NaN where not measured) after each epoch."""
+    from .plots import Curve
+
+    progress, measure = result["progress"], None
+    if headline and any(headline[0] in row for row in progress):
+        name, key = headline[:2]
+        measure = [row[name][key] if name in row else math.nan for row in progress]
+    return Curve(f"{result['row']}, seed {result['seed']}", ROWS.index(result["row"]),
+                 seeds.index(result["seed"]), [row["epoch"] for row in progress],
+                 [row["test_error"] for row in progress], measure)
+
+
+def _plot_epochs(results: list[dict], path: Path) -> bool:
+    """Draw ``path``: each dataset's runs epoch by epoch; False (nothing drawn) without
+    per-epoch data."""
+    from .plots import plot_epochs
+
+    seeds = sorted({r["seed"] for r in results})
+    columns = []
+    for dataset, label in COLUMNS:
+        runs = [r for r in results if r["dataset"] == dataset and r.get("progress")]
+        rows = [row for r in runs for row in r["progress"]]
+        headline = next((h for h in _HEADLINES if any(h[0] in row for row in rows)), None)
+        curves = [_curve(r, headline, seeds) for r in runs]
+        if curves:
+            columns.append((f"{label} ({dataset})", curves, headline and headline[3],
+                            headline[4] if headline else ()))
+    if columns:
+        plot_epochs(columns, path, title="test error and transformer measure after each epoch")
+    return bool(columns)
+
+
+def read_results(out) -> tuple[list[dict], ExperimentConfig]:
+    """The runs' results and the config that :func:`write_results` stored in ``<out>``."""
+    stored = json.loads((Path(out) / "results.json").read_text())
+    config = stored["config"]
+    return stored["results"], ExperimentConfig(**{**config, "seeds": tuple(config["seeds"])})
+
+
 def write_results(results: list[dict], config: ExperimentConfig, out) -> None:
-    """Write ``<out>/results.md`` from the runs' results (finished ones only)."""
+    """Write ``<out>/results.json`` and ``<out>/results.md`` from the finished runs' results.
+
+    ``results.json`` holds ``{"config": the config as a dict, "results": results}``, the
+    results exactly as given (each run's ``result.json``).
+    """
     out = Path(out)
-    n_seeds = len(config.seeds)
-    train_images = sorted({r["train_images"] for r in results}) or [config.train_limit]
-    test_images = sorted({r["test_images"] for r in results}) or [config.test_limit]
-    lines = [
-        "# CNN against ST-CNN on distorted MNIST",
-        "",
-        "Test error (%) of this project's runs, the paper's Table 1 in brackets "
-        "(Jaderberg et al. 2015, trained about 640 epochs on the full set). Rows are the "
-        "classifier alone (`paper-cnn`) and with a spatial transformer (`paper-stcnn`) of the "
-        f"given head. RTS and TC: mean ± standard deviation over {n_seeds} seeds.",
-        "",
-        "| model | " + " | ".join(label for _, label in COLUMNS) + " |",
-        "|---|" + "---|" * len(COLUMNS),
-    ]
-    for row in ROWS:
-        cells = []
-        for dataset, _ in COLUMNS:
-            errors = [r["test_error"] for r in results
-                      if r["row"] == row and r["dataset"] == dataset]
-            paper = PAPER_ERRORS.get((dataset, row))
-            cells.append(_cell(errors, paper) if errors or paper is None else f"- ({paper})")
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "## Settings",
-        "",
-        f"* training images per dataset: {', '.join(map(str, train_images))}; test images: "
-        f"{', '.join(map(str, test_images))}",
-        f"* epochs: {config.epochs}; batch size {config.batch_size}; {config.optimizer}"
-        + (f" (momentum {config.momentum})" if config.optimizer == "sgd" else "")
-        + f", lr {config.lr}, {config.lr_schedule} schedule; localisation net at "
-        f"{config.loc_lr_scale} x lr",
-        f"* seeds: {', '.join(map(str, config.seeds))} on RTS and TC, "
-        f"{config.seeds[0]} elsewhere",
-        "* transformer output: "
-        + ", ".join(f"{d} {s}x{s}" for d, s in ST_SIZES.items())
-        + ", the input's size elsewhere",
-        "",
-        "## What the transformer does",
-        "",
-        "Measured on the test set (see `stn_numpy/measures.py`): on R and RTS the rotation "
-        "the predicted affine transform applies against the applied rotation (slope -1 "
-        "undoes it exactly, 0 not at all), on RTS also the window's scale and its centre "
-        "against the digit's (slope > 0 and R² near 1: it follows the digit), on TC the "
-        "fraction of the digit's ink inside the transformer's window.",
-        "",
-        "| run | measures |",
-        "|---|---|",
-    ]
-    for r in results:
-        if r["measures"]:
-            text = "; ".join(_measure_text(k, m) for k, m in r["measures"].items())
-            lines.append(f"| {r['run']} | {text} |")
+    _write_json(out / "results.json", {"config": asdict(config), "results": results})
+    drew_epochs = _plot_epochs(results, out / "epochs.png")
+    lines = ["# CNN against ST-CNN on distorted MNIST", "", *_error_table(results, config),
+             "", "## Settings", "", *(f"* {item}" for item in _settings(results, config)),
+             "", "## What the transformer does", "", *_measures_table(results)]
     curves = [r for r in results
               if any(set(row) - {"epoch", "test_error"} for row in r.get("progress", []))]
     if curves:
+        test_images = _image_counts(results, config)[1]
         lines += ["", "### Epoch by epoch", "",
                   f"The same measures on the first {min(N_PROGRESS, *test_images)} test images "
                   "after each epoch "
@@ -377,16 +393,162 @@ def write_results(results: list[dict], config: ExperimentConfig, out) -> None:
               "| run | epochs | test error % | wall time (s) |", "|---|---|---|---|"]
     lines += [f"| {r['run']} | {r['epochs']} | {r['test_error']:.2f} | {r['seconds']:.0f} |"
               for r in results]
-    total = sum(r["seconds"] for r in results)
-    lines += ["", f"Total training time: {total / 3600:.2f} h ({math.ceil(total)} s).", "",
-              "## Figures", ""]
+    lines += ["", _total_time(results), "", "## Figures", ""]
+    if drew_epochs:
+        lines += _epochs_figure(out, out)
     for r in results:
-        for kind, caption in (("snapshots", "test digits (top) and the transformer's output "
-                               "after each epoch"),
-                              ("recovered", "recovered against applied distortion")):
-            if (out / f"{r['run']}-{kind}.png").is_file():
-                lines += [f"{r['run']}: {caption}", "",
-                          f"![{r['run']} {kind}]({r['run']}-{kind}.png)", ""]
+        lines += _run_figures(out, r["run"], out)
     text = "\n".join(lines).rstrip() + "\n"
     atomic_write(out / "results.md", lambda f: f.write(text.encode()))
 
+
+def _image_counts(results: list[dict], config: ExperimentConfig) -> tuple[list, list]:
+    """The training and test set sizes the runs used (the config's limits before any)."""
+    return (sorted({r["train_images"] for r in results}) or [config.train_limit],
+            sorted({r["test_images"] for r in results}) or [config.test_limit])
+
+
+def _error_table(results: list[dict], config: ExperimentConfig) -> list[str]:
+    """The test errors beside the paper's Table 1, with the sentence that explains them."""
+    lines = [
+        "Test error (%) of this project's runs, the paper's Table 1 in brackets "
+        "(Jaderberg et al. 2015, trained about 640 epochs on the full set). Rows are the "
+        "classifier alone (`paper-cnn`) and with a spatial transformer (`paper-stcnn`) of the "
+        f"given head. RTS and TC: mean ± standard deviation over {len(config.seeds)} seeds.",
+        "",
+        "| model | " + " | ".join(label for _, label in COLUMNS) + " |",
+        "|---|" + "---|" * len(COLUMNS),
+    ]
+    for row in ROWS:
+        cells = []
+        for dataset, _ in COLUMNS:
+            errors = [r["test_error"] for r in results
+                      if r["row"] == row and r["dataset"] == dataset]
+            paper = PAPER_ERRORS.get((dataset, row))
+            cells.append(_cell(errors, paper) if errors or paper is None else f"- ({paper})")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _settings(results: list[dict], config: ExperimentConfig) -> list[str]:
+    """The budget and recipe, one item per line of results.md."""
+    train_images, test_images = _image_counts(results, config)
+    return [
+        f"training images per dataset: {', '.join(map(str, train_images))}; test images: "
+        f"{', '.join(map(str, test_images))}",
+        f"epochs: {config.epochs}; batch size {config.batch_size}; {config.optimizer}"
+        + (f" (momentum {config.momentum})" if config.optimizer == "sgd" else "")
+        + f", lr {config.lr}, {config.lr_schedule} schedule; localisation net at "
+        f"{config.loc_lr_scale} x lr",
+        f"seeds: {', '.join(map(str, config.seeds))} on RTS and TC, "
+        f"{config.seeds[0]} elsewhere",
+        "transformer output: " + ", ".join(f"{d} {s}x{s}" for d, s in ST_SIZES.items())
+        + ", the input's size elsewhere",
+    ]
+
+
+def _measures_table(results: list[dict]) -> list[str]:
+    """What each ST run's transformer does to the distortion, one row per run."""
+    lines = [
+        "Measured on the test set (see `stn_numpy/measures.py`): on R and RTS the rotation "
+        "the predicted affine transform applies against the applied rotation (slope -1 "
+        "undoes it exactly, 0 not at all), on RTS also the window's scale and its centre "
+        "against the digit's (slope > 0 and R² near 1: it follows the digit), on TC the "
+        "fraction of the digit's ink inside the transformer's window.",
+        "",
+        "| run | measures |",
+        "|---|---|",
+    ]
+    for r in results:
+        if r["measures"]:
+            text = "; ".join(_measure_text(k, m) for k, m in r["measures"].items())
+            lines.append(f"| {r['run']} | {text} |")
+    return lines
+
+
+def _total_time(results: list[dict]) -> str:
+    total = sum(r["seconds"] for r in results)
+    return f"Total training time: {total / 3600:.2f} h ({math.ceil(total)} s)."
+
+
+_RUN_FIGURES = (("snapshots", "test digits (top) and the transformer's output after each epoch"),
+                ("recovered", "recovered against applied distortion"))
+
+
+def _figure(out: Path, name: str, alt: str, caption: str, link_dir) -> list[str]:
+    """A caption and the markdown image of ``<out>/<name>`` linked relative to
+    ``link_dir``; nothing when the file is absent."""
+    path = out / name
+    if not path.is_file():
+        return []
+    link = Path(os.path.relpath(path, link_dir)).as_posix()
+    return [caption, "", f"![{alt}]({link})", ""]
+
+
+def _epochs_figure(out: Path, link_dir) -> list[str]:
+    return _figure(out, "epochs.png", "epoch by epoch", f"All runs: {EPOCHS_CAPTION}", link_dir)
+
+
+def _run_figures(out: Path, run: str, link_dir) -> list[str]:
+    return [line for kind, caption in _RUN_FIGURES
+            for line in _figure(out, f"{run}-{kind}.png", f"{run} {kind}", f"{run}: {caption}",
+                                link_dir)]
+
+
+# --------------------------------------------------------------------------------------
+# The README's block
+# --------------------------------------------------------------------------------------
+
+README_START, README_END = "<!-- experiment:start -->", "<!-- experiment:end -->"
+README_FIGURES = ("rot", "rts", "proj", "tc")  # datasets whose first ST-CNN is pictured
+
+
+def readme_block(results: list[dict], config: ExperimentConfig, out, readme_dir) -> str:
+    """The README's account of the experiment, as markdown, from the runs' results.
+
+    The test-error table beside the paper's, the settings in one line, the total training
+    time, the transformer measures of every ST run (the same text as ``results.md``) and
+    the figures: ``epochs.png``, and for each of ``README_FIGURES`` the first seed's affine
+    ST-CNN snapshots and recovered-vs-applied plot, where drawn.
+
+    Parameters
+    ----------
+    results : list of dict
+        The runs' results, as :func:`run_experiment` returns them.
+    config : ExperimentConfig
+        The config they were made with.
+    out : str or Path
+        The folder holding the figures (``write_results``'s ``out``).
+    readme_dir : str or Path
+        The folder of the markdown file: image links are relative to it.
+
+    Returns
+    -------
+    str
+        Markdown ending in a newline; the same for the same results and files.
+    """
+    out = Path(out)
+    lines = [*_error_table(results, config), "",
+             "Settings: " + "; ".join(_settings(results, config)) + ".", "",
+             _total_time(results), "", *_measures_table(results), ""]
+    lines += _epochs_figure(out, readme_dir)
+    finished = {r["run"] for r in results}
+    for dataset in README_FIGURES:
+        run = Run(dataset, "paper-stcnn", "affine", config.seeds[0]).name
+        if run in finished:
+            lines += _run_figures(out, run, readme_dir)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def update_readme(path, results: list[dict], config: ExperimentConfig, out) -> Path:
+    """Replace the block of the markdown file ``path`` between ``README_START`` and
+    ``README_END`` with :func:`readme_block`, atomically; the rest stays byte for byte.
+
+    Raises
+    ------
+    ValueError
+        ``path`` lacks the markers (the message names it).
+    """
+    path = Path(path)
+    return replace_marked(path, README_START, README_END,
+                          readme_block(results, config, out, path.parent))

@@ -7,12 +7,14 @@ nothing depends on a display or on pyplot's global state.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from ._io import atomic_write
 
-__all__ = ["plot_curves", "plot_recovered", "plot_snapshots", "plot_transforms"]
+__all__ = ["Curve", "plot_curves", "plot_epochs", "plot_recovered", "plot_snapshots",
+           "plot_transforms"]
 
 
 def _save(fig, path) -> None:
@@ -141,3 +143,67 @@ def plot_recovered(measures: dict, path, title=None) -> None:
     if title:
         fig.suptitle(title, fontsize=9)
     _save(fig, path)
+
+
+class Curve(NamedTuple):
+    """One run's values after each epoch, for :func:`plot_epochs`."""
+
+    label: str  # the legend's text
+    color: int  # index into the colour cycle (one colour per model)
+    style: int  # index into the line styles (one style per seed)
+    epochs: list
+    errors: list  # test error (%)
+    measure: list | None = None  # the transformer's measure (NaN: not measured), or None
+
+
+_STYLES = ("-", "--", ":", "-.")
+
+
+def plot_epochs(columns, path, title=None) -> None:
+    """Test error (top row) and a transformer measure (bottom row) against epoch.
+
+    Parameters
+    ----------
+    columns : sequence of (str, list of Curve, str or None, sequence of (float, str))
+        One per column (dataset): its title, its runs, the measure's axis label (None: the
+        column has no measure and its bottom panel stays empty) and reference values drawn
+        as labelled horizontal lines (a target, the ideal).
+    path : str or Path
+        The image file to write.
+    title : str, optional
+    """
+    from matplotlib.figure import Figure
+
+    measured = any(label is not None for _, _, label, _ in columns)
+    n_rows = 2 if measured else 1
+    fig = Figure(figsize=(3.4 * len(columns), 3.0 * n_rows + 0.4), layout="constrained")
+    axes = fig.subplots(n_rows, len(columns), squeeze=False)
+    for j, (name, curves, label, refs) in enumerate(columns):
+        top = axes[0, j]
+        for c in curves:
+            top.plot(c.epochs, c.errors, marker="o", ms=3, color=f"C{c.color}",
+                     ls=_STYLES[c.style % len(_STYLES)], label=c.label)
+        top.set(title=name, xlabel="epoch", ylabel="test error (%)")
+        top.legend(fontsize=7)
+        if measured:
+            _plot_measure(axes[1, j], curves, label, refs)
+        for ax in axes[:, j]:
+            ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    _save(fig, path)
+
+
+def _plot_measure(ax, curves, label, refs) -> None:
+    if label is None:
+        ax.set_axis_off()
+        return
+    for c in curves:
+        if c.measure is not None:
+            ax.plot(c.epochs, c.measure, marker="o", ms=3, color=f"C{c.color}",
+                    ls=_STYLES[c.style % len(_STYLES)])
+    for k, (value, text) in enumerate(refs):
+        ax.axhline(value, color="0.4", lw=1, ls=_STYLES[1 + k % 3], label=text)
+    ax.set(xlabel="epoch", ylabel=label)
+    if refs:
+        ax.legend(fontsize=7)

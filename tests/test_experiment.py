@@ -1,13 +1,54 @@
-"""Tests for stn_numpy.experiment: the run list, the results table, and a tiny experiment
+"""Tests for stn_numpy.experiment: the run list, the results files, and a tiny experiment
 end to end on real MNIST (every model kind, one epoch on a few hundred images)."""
 
 import json
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from stn_numpy import plots
+from stn_numpy._io import read_marked
 from stn_numpy.cli import main
-from stn_numpy.experiment import COLUMNS, CONFIGS, ROWS, experiment_runs, run_experiment
+from stn_numpy.experiment import (
+    COLUMNS,
+    CONFIGS,
+    README_END,
+    README_START,
+    ROWS,
+    experiment_runs,
+    read_results,
+    readme_block,
+    run_experiment,
+    update_readme,
+    write_results,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+SMALL = replace(CONFIGS["tiny"], epochs=3)
+
+
+def fake_results(config):
+    """Result dicts shaped as the runs write them, with made-up numbers, for every run."""
+    results = []
+    for i, run in enumerate(experiment_runs(config)):
+        measures = {}
+        if run.arch == "paper-stcnn" and run.dataset in ("rot", "rts"):
+            measures["rotation"] = {"slope": -0.05 * (i % 3), "intercept": 0.0, "r2": 0.1,
+                                    "n": 100}
+        if run.arch == "paper-stcnn" and run.dataset == "tc":
+            measures["ink_inside"] = {"mean": 0.9, "min": 0.5}
+        progress = [{"epoch": e, "test_error": 10.0 / e + i, **measures}
+                    for e in range(1, config.epochs + 1)]
+        results.append({"run": run.name, "dataset": run.dataset, "arch": run.arch,
+                        "transform": run.transform, "seed": run.seed, "st_size": None,
+                        "row": run.row, "train_images": 256, "test_images": 128,
+                        "epochs": config.epochs, "test_error": 1.0 + i / 10,
+                        "seconds": 10.0 + i, "measures": measures, "progress": progress,
+                        "config": json.loads(json.dumps(asdict(config)))})
+    return results
 
 
 def test_every_model_kind_and_two_seeds_where_asked():
@@ -22,6 +63,130 @@ def test_every_model_kind_and_two_seeds_where_asked():
     assert len({r.name for r in runs}) == len(runs)
 
 
+def test_results_json_holds_the_results_as_given_and_reads_back(tmp_path):
+    results = fake_results(SMALL)
+    write_results(results, SMALL, tmp_path)
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert stored == {"config": json.loads(json.dumps(asdict(SMALL))), "results": results}
+    assert read_results(tmp_path) == (results, SMALL)
+
+
+def test_epochs_figure_follows_each_runs_measure(tmp_path, monkeypatch):
+    results = fake_results(SMALL)
+    write_results(results, SMALL, tmp_path)
+    assert (tmp_path / "epochs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![epoch by epoch](epochs.png)" in (tmp_path / "results.md").read_text()
+    drawn = []
+    monkeypatch.setattr(plots, "plot_epochs", lambda columns, path, title: drawn.extend(columns))
+    write_results(results, SMALL, tmp_path)
+    columns = {title: (curves, label) for title, curves, label, _ in drawn}
+    assert list(columns) == [f"{label} ({dataset})" for dataset, label in COLUMNS]
+    rot_st = next(r for r in results if r["run"] == "rot-paper-stcnn-affine-seed0")
+    curves, label = columns["R (rot)"]
+    assert label.startswith("rotation slope") and [c.label for c in curves] == [
+        "CNN, seed 0", "ST-CNN Aff, seed 0"]
+    assert curves[0].measure is None
+    assert curves[1].measure == [row["rotation"]["slope"] for row in rot_st["progress"]]
+    assert curves[1].errors == [row["test_error"] for row in rot_st["progress"]]
+    assert columns["TC (tc)"][1].startswith("ink inside")
+    assert {c.style for c in columns["TC (tc)"][0]} == {0, 1}  # the two seeds
+    assert columns["P (proj)"][1] is None
+
+
+def results_folder(root, config):
+    """``root/notebooks/experiment`` with the results of fake runs and stand-in figures."""
+    out = root / "notebooks" / "experiment"
+    out.mkdir(parents=True)
+    results = fake_results(config)
+    for r in results:
+        if r["arch"] == "paper-stcnn":
+            (out / f"{r['run']}-snapshots.png").write_bytes(b"png")
+    (out / "rts-paper-stcnn-affine-seed0-recovered.png").write_bytes(b"png")
+    write_results(results, config, out)
+    return out, results
+
+
+def test_readme_block_tables_settings_and_figures(tmp_path):
+    out, results = results_folder(tmp_path, SMALL)
+    block = readme_block(results, SMALL, out, tmp_path)
+    assert str(tmp_path) not in block and block.endswith("\n")
+    rts = [r["test_error"] for r in results if r["dataset"] == "rts" and r["row"] == "CNN"]
+    cnn = f"| CNN | {results[0]['test_error']:.2f} (1.2) | {np.mean(rts):.2f} ± "
+    assert f"{cnn}{np.std(rts, ddof=1):.2f} (0.8) |" in block
+    table = [line for line in block.splitlines() if line.startswith("| ")]
+    assert set(table) <= set((out / "results.md").read_text().splitlines())
+    measured = [r["run"] for r in results if r["measures"]]
+    assert [line.split(" | ")[0][2:] for line in table if "slope" in line or "ink" in line] \
+        == measured
+    settings = next(line for line in block.splitlines() if line.startswith("Settings: "))
+    for text in ("training images per dataset: 256", "test images: 128", "epochs: 3",
+                 "batch size 64", "adam", "lr 0.001", "cosine schedule", "seeds: 0, 1"):
+        assert text in settings
+    assert f"Total training time: {sum(r['seconds'] for r in results) / 3600:.2f} h" in block
+    links = [line for line in block.splitlines() if line.startswith("![")]
+    assert links == ["![epoch by epoch](notebooks/experiment/epochs.png)"] + [
+        f"![{run} {kind}](notebooks/experiment/{run}-{kind}.png)" for run, kind in (
+            ("rot-paper-stcnn-affine-seed0", "snapshots"),
+            ("rts-paper-stcnn-affine-seed0", "snapshots"),
+            ("rts-paper-stcnn-affine-seed0", "recovered"),
+            ("proj-paper-stcnn-affine-seed0", "snapshots"),
+            ("tc-paper-stcnn-affine-seed0", "snapshots"))]
+
+
+def test_update_readme_rewrites_only_its_block(tmp_path):
+    out, results = results_folder(tmp_path, SMALL)
+    readme = tmp_path / "README.md"
+    before, after = "# t\n\nprose before\n", "\nprose after\n"
+    readme.write_text(f"{before}{README_START}\nplaceholder\n{README_END}{after}")
+    update_readme(readme, results, SMALL, out)
+    text = readme.read_text()
+    assert text.startswith(f"{before}{README_START}\n") and text.endswith(f"{README_END}{after}")
+    assert read_marked(readme, README_START, README_END) == readme_block(results, SMALL, out,
+                                                                         tmp_path)
+    update_readme(readme, results, SMALL, out)
+    assert readme.read_text() == text  # byte-identical on a rerun
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match=f"{readme}: needs one '{README_START}'"):
+        update_readme(readme, results, SMALL, out)
+    assert readme.read_text() == "no markers\n"
+
+
+def test_cli_readme_regenerates_the_block_from_finished_runs(tmp_path, capsys):
+    out, runs, readme = tmp_path / "out", tmp_path / "runs", tmp_path / "README.md"
+    results = fake_results(CONFIGS["tiny"])
+    for r in results:  # every run finished: the command trains nothing
+        (runs / r["run"]).mkdir(parents=True)
+        (runs / r["run"] / "result.json").write_text(json.dumps(r))
+    readme.write_text("no markers\n")
+    args = ["experiment", "--config", "tiny", "--out", str(out), "--runs", str(runs),
+            "--readme", str(readme), "--no-progress"]
+    assert main(args) == 2  # before any run
+    assert "needs one" in capsys.readouterr().err and not out.exists()
+    readme.write_text(f"# t\n{README_START}\n{README_END}\n")
+    assert main(args) == 0
+    assert read_marked(readme, README_START, README_END) == readme_block(
+        results, CONFIGS["tiny"], out, tmp_path)
+
+
+def test_committed_readme_block_is_what_the_committed_results_give():
+    # The README's experiment block is written by `stn-numpy experiment --out
+    # notebooks/experiment --readme README.md`, never by hand.
+    out = REPO / "notebooks" / "experiment"
+    if not (out / "results.json").is_file():
+        pytest.skip("notebooks/experiment/results.json is not committed: the README's "
+                    "experiment block has no results to be checked against")
+    results, config = read_results(out)
+    assert read_marked(REPO / "README.md", README_START, README_END) == readme_block(
+        results, config, out, REPO)
+
+
+def test_no_epochs_figure_without_per_epoch_data(tmp_path):
+    results = [{**r, "progress": []} for r in fake_results(SMALL)]
+    write_results(results, SMALL, tmp_path)
+    assert not (tmp_path / "epochs.png").exists()
+    assert "epochs.png" not in (tmp_path / "results.md").read_text()
+
+
 @pytest.mark.slow
 def test_tiny_experiment_end_to_end(tmp_path, mnist_dir, capsys):
     out, runs = tmp_path / "out", tmp_path / "runs"
@@ -31,6 +196,8 @@ def test_tiny_experiment_end_to_end(tmp_path, mnist_dir, capsys):
     assert len(results) == len(experiment_runs(CONFIGS["tiny"])) == 18
     text = (out / "results.md").read_text()
     assert str(tmp_path) not in text
+    assert read_results(out) == (results, CONFIGS["tiny"])
+    assert (out / "epochs.png").is_file()
     table = [line for line in text.splitlines() if line.startswith("| ")]
     header = "| model | " + " | ".join(label for _, label in COLUMNS) + " |"
     start = table.index(header)

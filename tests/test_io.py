@@ -6,7 +6,7 @@ import stat
 import pytest
 
 from stn_numpy import _io
-from stn_numpy._io import atomic_write, check_writable
+from stn_numpy._io import atomic_write, check_writable, read_marked, replace_marked
 
 
 @pytest.fixture
@@ -114,3 +114,17 @@ def test_stale_temporaries_are_exactly_those_atomic_write_leaves(tmp_path, monke
         path.write_text("keep")
     assert _io.remove_stale_temporaries(tmp_path, ["metrics.csv", "curves.png"]) == [leftover]
     assert sorted(tmp_path.iterdir()) == sorted(others)
+
+
+def test_replace_marked_rewrites_only_the_block(tmp_path):
+    path = tmp_path / "doc.md"
+    outside = ("# t\n\nbefore\n", "\nafter\n")
+    path.write_text(f"{outside[0]}<!-- a -->\nold\n<!-- b -->{outside[1]}")
+    replace_marked(path, "<!-- a -->", "<!-- b -->", "new\nblock\n")
+    assert path.read_text() == f"{outside[0]}<!-- a -->\nnew\nblock\n<!-- b -->{outside[1]}"
+    assert read_marked(path, "<!-- a -->", "<!-- b -->") == "new\nblock\n"
+    for text in ("no markers\n", "<!-- b -->\n<!-- a -->\n", "<!-- a -->\n<!-- a -->\n<!-- b -->"):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=f"{path}: needs one '<!-- a -->'"):
+            replace_marked(path, "<!-- a -->", "<!-- b -->", "x\n")
+        assert path.read_text() == text

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._io import atomic_write
+from .._io import replace_marked
 from ..gradcheck import rel_error
 from . import adapters
 from .parity import default_tol, numpy_impl, pixel_coordinates, sampler_inputs
@@ -295,12 +295,4 @@ def _version(module: str) -> str:
 
 def write_atlas(path, libraries=None) -> Path:
     """Replace the atlas section of the markdown file ``path`` (between the markers)."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
-        raise ValueError(f"{path}: needs one {START!r} line before one {END!r} line")
-    head, rest = text.split(START)
-    _, tail = rest.split(END)
-    new = f"{head}{START}\n{build_atlas(libraries)}{END}{tail}"
-    atomic_write(path, lambda f: f.write(new.encode("utf-8")))
-    return path
+    return replace_marked(path, START, END, build_atlas(libraries))
