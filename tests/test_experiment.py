@@ -133,6 +133,23 @@ def test_readme_block_tables_settings_and_figures(tmp_path):
             ("tc-paper-stcnn-affine-seed0", "snapshots"))]
 
 
+def test_reduction_line_compares_the_affine_st_cnn_with_the_cnn():
+    from stn_numpy.experiment import _reduction_line
+
+    def result(dataset, row, error):
+        return {"dataset": dataset, "row": row, "test_error": error}
+
+    results = [result("rot", "CNN", 4.0), result("rot", "ST-CNN Aff", 3.0),
+               result("rts", "CNN", 8.0), result("rts", "CNN", 12.0),
+               result("rts", "ST-CNN Aff", 2.0), result("rts", "ST-CNN Aff", 3.0),
+               result("proj", "CNN", 2.0), result("proj", "ST-CNN TPS", 1.0),
+               result("tc", "ST-CNN Aff", 1.0)]
+    # R: 1 - 3/4; RTS: means 10 and 2.5; P and TC lack one of the two rows.
+    assert _reduction_line(results) == ("Fewer errors with the affine ST-CNN than with the "
+                                        "CNN: R 25%, RTS 75%.")
+    assert _reduction_line(results[-2:]) == ""
+
+
 def test_update_readme_rewrites_only_its_block(tmp_path):
     out, results = results_folder(tmp_path, SMALL)
     readme = tmp_path / "README.md"
