@@ -422,8 +422,7 @@ def _error_table(results: list[dict], config: ExperimentConfig) -> list[str]:
     for row in ROWS:
         cells = []
         for dataset, _ in COLUMNS:
-            errors = [r["test_error"] for r in results
-                      if r["row"] == row and r["dataset"] == dataset]
+            errors = _errors(results, row, dataset)
             paper = PAPER_ERRORS.get((dataset, row))
             cells.append(_cell(errors, paper) if errors or paper is None else f"- ({paper})")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
@@ -431,16 +430,19 @@ def _error_table(results: list[dict], config: ExperimentConfig) -> list[str]:
     return lines + (["", reduction] if reduction else [])
 
 
+def _errors(results: list[dict], row: str, dataset: str) -> list[float]:
+    """The test errors of the runs of one table cell (one per seed)."""
+    return [r["test_error"] for r in results if r["row"] == row and r["dataset"] == dataset]
+
+
 def _reduction_line(results: list[dict]) -> str:
     """How many fewer errors the affine ST-CNN makes than the CNN, per dataset (means
     over the seeds); empty until some dataset has both."""
     cells = []
     for dataset, label in COLUMNS:
-        means = [np.mean([r["test_error"] for r in results
-                          if r["row"] == row and r["dataset"] == dataset] or [np.nan])
-                 for row in ("CNN", "ST-CNN Aff")]
-        if np.isfinite(means).all() and means[0] > 0:
-            cells.append(f"{label} {100 * (1 - means[1] / means[0]):.0f}%")
+        cnn, st = _errors(results, "CNN", dataset), _errors(results, "ST-CNN Aff", dataset)
+        if cnn and st and np.mean(cnn) > 0:
+            cells.append(f"{label} {100 * (1 - np.mean(st) / np.mean(cnn)):.0f}%")
     return ("Fewer errors with the affine ST-CNN than with the CNN: " + ", ".join(cells)
             + ".") if cells else ""
 
