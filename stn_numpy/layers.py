@@ -105,6 +105,11 @@ def _batch_slices(N: int) -> list[slice]:
     return [slice(n, min(n + _BATCH_SLICE, N)) for n in range(0, N, _BATCH_SLICE)]
 
 
+def _element_strides(a: np.ndarray) -> tuple[int, ...]:
+    """Strides in elements: equal for two arrays of one shape that share a memory layout."""
+    return tuple(s // a.itemsize for s in a.strides)
+
+
 # --------------------------------------------------------------------------------------
 # Convolution and pooling
 # --------------------------------------------------------------------------------------
@@ -305,15 +310,22 @@ class MaxPool2d(Layer):
         if x.shape[2] < k or x.shape[3] < k:
             raise ValueError(f"x must have H, W >= kernel_size={k}, got shape {x.shape}")
         offsets = self._window_offsets(x)
-        out = offsets[0]
+        # order="K" everywhere: every array here shares x's memory layout. An operand in
+        # another layout (np.where's C-order result, say) makes each pass several times
+        # slower than a pass over matching strides.
+        out = offsets[0].copy(order="K")
         for candidate in offsets[1:]:
-            out = np.maximum(out, candidate)
-        # Scanning backwards leaves the first offset that attains the maximum. argmax takes
-        # out's memory layout, so the backward's passes run along its fast axis.
+            np.maximum(out, candidate, out=out)
+        # The first offset attaining the maximum is the number of leading offsets that
+        # miss it: a running AND of "missed" flags, summed (no np.where, which is slow).
         index_dtype = np.min_scalar_type(k * k)
-        argmax = np.full_like(out, k * k - 1, dtype=index_dtype)
-        for j in range(k * k - 2, -1, -1):
-            argmax = np.where(offsets[j] == out, index_dtype.type(j), argmax)
+        missed = np.not_equal(offsets[0], out)
+        argmax = missed.astype(index_dtype)
+        missed_here = np.empty_like(missed)
+        for candidate in offsets[1:-1]:
+            np.not_equal(candidate, out, out=missed_here)
+            np.logical_and(missed, missed_here, out=missed)
+            argmax += missed
         # np.maximum propagates NaN, but NaN == NaN is False: PyTorch's scan
         # (``val > max || isnan(val)``) sends the gradient to the last NaN of the window.
         if np.isnan(out).any():
@@ -336,7 +348,12 @@ class MaxPool2d(Layer):
         """
         dout = self._check_dout(dout)
         x, argmax = self._cache
-        # In x's memory layout, so that the strided writes below run along its fast axis.
+        # dx in x's memory layout and dout copied into argmax's (the same) once, so that
+        # every pass below runs over matching strides (see forward).
+        if _element_strides(dout) != _element_strides(argmax):
+            dout_copy = np.empty_like(argmax, dtype=dout.dtype)
+            np.copyto(dout_copy, dout)
+            dout = dout_copy
         dx = np.zeros_like(x, dtype=dout.dtype)
         for j, dx_offset in enumerate(self._window_offsets(dx)):
             np.multiply(dout, argmax == j, out=dx_offset)

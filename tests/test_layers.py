@@ -223,6 +223,27 @@ def test_maxpool_matches_torch(shape, k, ties):
     np.testing.assert_array_equal(dx, xt.grad.numpy())
 
 
+@pytest.mark.parametrize("x_layout, dout_layout", [((1, 2, 3, 0), (0, 1, 2, 3)),
+                                                    ((1, 2, 3, 0), (1, 2, 3, 0)),
+                                                    ((0, 1, 2, 3), (3, 2, 1, 0))])
+def test_maxpool_gives_the_same_result_in_any_memory_layout(x_layout, dout_layout):
+    """A convolution hands over its output with the batch innermost, the layers after a
+    flatten hand back C-ordered gradients: both must route ties and values unchanged."""
+    rng = np.random.default_rng(13)
+    x = rng.integers(0, 3, (4, 3, 6, 8)).astype(np.float32)  # many ties
+
+    def in_layout(a, axes):  # the same values, stored with the axes in this order
+        return np.ascontiguousarray(a.transpose(axes)).transpose(np.argsort(axes))
+
+    expected_pool = MaxPool2d(2)
+    expected_out = expected_pool.forward(x)
+    dout = rng.standard_normal(expected_out.shape).astype(np.float32)
+    expected_dx = expected_pool.backward(dout)
+    pool = MaxPool2d(2)
+    np.testing.assert_array_equal(pool.forward(in_layout(x, x_layout)), expected_out)
+    np.testing.assert_array_equal(pool.backward(in_layout(dout, dout_layout)), expected_dx)
+
+
 def _nan_windows():
     """2x2 windows with one NaN, two NaNs, NaN beside a larger value, and no NaN at all."""
     nan = np.nan
