@@ -95,6 +95,35 @@ def test_conv2d_matches_direct_sum():
     np.testing.assert_allclose(conv.forward(x), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("k, H", [(3, 7), (5, 5), (2, 9)])
+def test_conv2d_is_bit_identical_for_any_worker_count(monkeypatch, k, H):
+    """im2col and col2im split into row bands on worker threads: the split must change
+    nothing, bands of one row and empty overlaps included, and the gradients must still
+    be right (against the float64 finite differences' partner, the direct sum above)."""
+    from stn_numpy import _parallel, layers
+
+    monkeypatch.setattr(layers, "_PARALLEL_MIN_VALUES", 1)  # bands even for tiny inputs
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 2, H, H + 1))
+    results = []
+    try:
+        for threads in (1, 2, 3, 8):
+            _parallel.set_num_threads(threads)
+            conv = Conv2d(2, 4, k, rng=np.random.default_rng(5), dtype=np.float64)
+            out = conv.forward(x)
+            dout = np.random.default_rng(6).standard_normal(out.shape)
+            results.append((out, conv.backward(dout), conv.grads["weight"]))
+    finally:
+        _parallel.set_num_threads(None)
+    for result in results[1:]:
+        for a, b in zip(results[0], result, strict=True):
+            np.testing.assert_array_equal(a, b)
+    monkeypatch.setattr(layers, "_PARALLEL_MIN_VALUES", 2**62)  # one band
+    conv = Conv2d(2, 4, k, rng=np.random.default_rng(5), dtype=np.float64)
+    conv.forward(x)
+    np.testing.assert_allclose(conv.backward(dout), results[0][1], rtol=1e-12, atol=1e-12)
+
+
 def test_conv2d_keeps_float32():
     rng = np.random.default_rng(2)
     conv = Conv2d(3, 4, 3, rng=rng)
