@@ -45,8 +45,9 @@ cache, spread over worker threads (:mod:`stn_numpy._parallel`; NumPy and SciPy r
 the GIL inside each array operation). ``V`` sums one weighted gather per tap; ``dU``
 scatters the weighted dV through one sparse ``S^T`` product per block; ``dgrid`` gathers
 again. The backward recomputes the taps instead of storing them: in cache this costs
-less than writing and re-reading them. Blocks and tap order depend only on the shapes,
-so every result is bit-identical for any number of threads.
+less than writing and re-reading them. Each output value depends on its own image
+alone and sums its taps in a fixed order, so every result is bit-identical for any split
+into blocks and any number of threads.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ._checks import NonFiniteError, check_choice, check_finite, check_float_array
-from ._parallel import parallel_map
+from ._parallel import get_num_threads, parallel_map
 
 __all__ = [
     "grid_sample",
@@ -396,15 +397,19 @@ class _SamplingCache:
 
 
 def _blocks(N: int, points: int, C: int) -> list[slice]:
-    """Slices of whole images of about ``_BLOCK`` values each (points x (channels + 4)).
+    """Slices of whole images of at most about ``_BLOCK`` values each (points x (channels
+    + 4)), as many as a multiple of the worker threads where the batch allows.
 
     Small enough for every temporary of a block to stay in cache, where reusing it costs
     neither memory traffic nor the page faults of fresh arrays; large enough that the
-    fixed cost of a block's NumPy calls stays small; and many enough to keep every worker
-    thread busy. The split depends only on the shapes, never
-    on the number of threads, so results do not either.
+    fixed cost of a block's NumPy calls stays small; and a multiple of the workers, so
+    that none waits for another's last block. Every output value depends on its own
+    image alone and is computed in a fixed order, so the split changes no result.
     """
-    step = max(1, _BLOCK // (max(points, 1) * (C + 4)))
+    count = -(-N * max(points, 1) * (C + 4) // _BLOCK)  # ceil
+    workers = get_num_threads()
+    count = min(N, -(-count // workers) * workers)
+    step = max(1, -(-N // max(count, 1)))
     return [slice(n, min(n + step, N)) for n in range(0, N, step)]
 
 
