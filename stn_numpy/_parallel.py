@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import itertools
 import os
 import sys
 import threading
@@ -21,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ._checks import parse_positive_int
 
-__all__ = ["get_num_threads", "set_num_threads", "parallel_map", "add_threads_option",
+__all__ = ["get_num_threads", "set_num_threads", "parallel_map", "bands", "add_threads_option",
            "usable_cores", "keep_freed_memory", "freed_memory_kept"]
 
 ENV_VAR = "STN_NUMPY_NUM_THREADS"
@@ -97,6 +98,18 @@ def parallel_map(fn, items) -> None:
         return
     for future in [_executor(workers).submit(fn, item) for item in items]:
         future.result()
+
+
+def bands(n: int, values: int, min_values: int) -> list[tuple[int, int]]:
+    """Split ``range(n)`` into one ``(start, stop)`` band per worker thread, or into a
+    single band when the work touches fewer than ``min_values`` array values.
+
+    Handing work to a thread costs about as much as a pass over a few megabytes, so small
+    work runs inline. Bands differ in length by at most one.
+    """
+    count = 1 if values < min_values else max(1, min(get_num_threads(), n))
+    edges = [n * b // count for b in range(count + 1)]
+    return list(itertools.pairwise(edges))
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:

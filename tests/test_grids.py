@@ -255,3 +255,31 @@ def test_empty_batch_through_every_generator_and_its_backward(transform):
     grid = make(theta, (0, 1, 5, 6))
     assert grid.shape == (0, 5, 6, 2)
     assert make_backward(grid, theta, (0, 1, 5, 6)).shape == theta.shape
+
+
+def test_affine_grid_is_bit_identical_for_any_worker_count(monkeypatch):
+    """The products run in bands of images on worker threads; the split changes nothing."""
+    from stn_numpy import _parallel, grids
+
+    monkeypatch.setattr(grids, "_PARALLEL_MIN_VALUES", 1)
+    rng = np.random.default_rng(31)
+    theta = rng.standard_normal((5, 2, 3)).astype(np.float32)
+    dgrid = rng.standard_normal((5, 4, 6, 2)).astype(np.float32)
+    size = (5, 1, 4, 6)
+    results = []
+    try:
+        for threads in (1, 2, 3, 8):
+            _parallel.set_num_threads(threads)
+            results.append((affine_grid(theta, size), affine_grid_backward(dgrid, theta, size)))
+    finally:
+        _parallel.set_num_threads(None)
+    for grid, dtheta in results[1:]:
+        np.testing.assert_array_equal(grid, results[0][0])
+        np.testing.assert_array_equal(dtheta, results[0][1])
+    # and the values are the defining sums: grid = base theta^T, dtheta = dgrid^T base
+    base = target_coordinates(4, 6).reshape(24, 2)
+    base = np.concatenate([base, np.ones((24, 1))], axis=1)
+    np.testing.assert_allclose(results[0][0].reshape(5, 24, 2),
+                               base @ theta.transpose(0, 2, 1).astype(np.float64), atol=1e-6)
+    np.testing.assert_allclose(results[0][1], dgrid.reshape(5, 24, 2).transpose(0, 2, 1)
+                               .astype(np.float64) @ base, rtol=1e-5, atol=1e-5)

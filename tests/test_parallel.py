@@ -81,3 +81,18 @@ def test_keep_freed_memory_is_a_bool_and_idempotent():
     assert isinstance(first, bool)
     assert _parallel.keep_freed_memory() is first
     assert _parallel.freed_memory_kept() is first
+
+
+@pytest.mark.parametrize("n, threads", [(0, 2), (1, 4), (7, 2), (7, 3), (10, 4)])
+def test_bands_cover_every_index_once_in_nearly_equal_parts(n, threads):
+    _parallel.set_num_threads(threads)
+    parts = _parallel.bands(n, values=100, min_values=10)
+    assert [i for start, stop in parts for i in range(start, stop)] == list(range(n))
+    assert len(parts) == max(1, min(threads, n))
+    lengths = [stop - start for start, stop in parts]
+    assert max(lengths) - min(lengths) <= 1
+
+
+def test_bands_keep_small_work_in_one_band():
+    _parallel.set_num_threads(4)
+    assert _parallel.bands(100, values=9, min_values=10) == [(0, 100)]
