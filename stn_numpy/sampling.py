@@ -403,8 +403,9 @@ def _blocks(N: int, points: int, C: int) -> list[slice]:
     Small enough for every temporary of a block to stay in cache, where reusing it costs
     neither memory traffic nor the page faults of fresh arrays; large enough that the
     fixed cost of a block's NumPy calls stays small; and, when there are several, a
-    multiple of the workers, so that none waits for another's last block. Every output value depends on its own
-    image alone and is computed in a fixed order, so the split changes no result.
+    multiple of the workers, so that none waits for another's last block. Every output
+    value depends on its own image alone and is computed in a fixed order, so the split
+    changes no result.
     """
     count = -(-N * max(points, 1) * (C + 4) // _BLOCK)  # ceil
     if count > 1:  # a single block runs inline: below _BLOCK a thread saves nothing
