@@ -14,6 +14,7 @@ from stn_numpy.cli import main
 from stn_numpy.experiment import (
     COLUMNS,
     CONFIGS,
+    NOT_FULL_WARNING,
     README_END,
     README_START,
     ROWS,
@@ -148,6 +149,14 @@ def test_reduction_line_compares_the_affine_st_cnn_with_the_cnn():
     assert _reduction_line(results) == ("Fewer errors with the affine ST-CNN than with the "
                                         "CNN: R 25%, RTS 75%.")
     assert _reduction_line(results[-2:]) == ""
+
+
+def test_readme_block_warns_unless_the_config_is_the_full_experiment(tmp_path):
+    results = fake_results(CONFIGS["tiny"])
+    block = readme_block(results, CONFIGS["tiny"], tmp_path, tmp_path)
+    assert block.startswith(NOT_FULL_WARNING + "\n")
+    full = readme_block(fake_results(CONFIGS["full"]), CONFIGS["full"], tmp_path, tmp_path)
+    assert NOT_FULL_WARNING not in full
 
 
 def test_update_readme_rewrites_only_its_block(tmp_path):
