@@ -52,6 +52,7 @@ into blocks and any number of threads.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -411,8 +412,8 @@ def _blocks(N: int, points: int, C: int) -> list[slice]:
     if count > 1:  # a single block runs inline: below _BLOCK a thread saves nothing
         workers = get_num_threads()
         count = min(N, -(-count // workers) * workers)
-    step = max(1, -(-N // max(count, 1)))
-    return [slice(n, min(n + step, N)) for n in range(0, N, step)]
+    edges = [N * b // count for b in range(count + 1)] if N else []
+    return [slice(start, stop) for start, stop in itertools.pairwise(edges)]
 
 
 def _padded_rows(U: np.ndarray, ring: int) -> np.ndarray:
@@ -468,8 +469,10 @@ def _forward(U, grid, mode, padding_mode, align_corners) -> np.ndarray:
     _, Ho, Wo, _ = grid.shape
     V = np.empty((N, C, Ho, Wo), dtype=U.dtype)
 
+    factored = _factored_bilinear(U, mode)
+
     def block(sl):
-        V_rows = _sample_block(U[sl], grid[sl], mode, padding_mode, align_corners)
+        V_rows = _sample_block(U[sl], grid[sl], mode, padding_mode, align_corners, factored)
         # Explicit sizes, not -1: with C = 0 or an empty grid, 0 elements fix no -1.
         V[sl] = V_rows.reshape(len(V[sl]), Ho, Wo, C).transpose(0, 3, 1, 2)
 
@@ -477,7 +480,19 @@ def _forward(U, grid, mode, padding_mode, align_corners) -> np.ndarray:
     return V
 
 
-def _sample_block(U, grid, mode, padding_mode, align_corners) -> np.ndarray:
+def _factored_bilinear(U: np.ndarray, mode: str) -> bool:
+    """Whether bilinear sampling of U may use the factored form of one channel (see
+    :func:`_sample_block`). Its differences of neighbours, ``U01 - U00``, would turn an
+    infinite pixel into NaN and overflow for values beyond a quarter of the dtype's range,
+    where the four-tap sum gives inf or a finite value; such U take the four-tap sum.
+    Two reductions over U."""
+    if mode != "bilinear" or U.shape[1] != 1 or U.size == 0:
+        return False
+    limit = np.finfo(U.dtype).max / 4
+    return bool(-limit <= U.min() and U.max() <= limit)  # False for NaN too
+
+
+def _sample_block(U, grid, mode, padding_mode, align_corners, factored) -> np.ndarray:
     """Paper eq. (3), ``V = sum_taps k(x_s - w) k(y_s - h) U[h, w]``, as ``(M, C)`` rows.
 
     The kernel ``k`` is eq. (4) (nearest), eq. (5) (bilinear) or Keys' cubic; the sum
@@ -491,7 +506,7 @@ def _sample_block(U, grid, mode, padding_mode, align_corners) -> np.ndarray:
     if C > _GATHER_MAX_CHANNELS:
         return _sampling_matrix(taps, wx, wy, len(U_rows), U.dtype) @ U_rows
     M = len(taps[0][2])
-    if mode == "bilinear" and C == 1:
+    if factored:
         top, top_right, bottom, bottom_right = _corners(U_rows[:, 0], taps)
         tx, ty = wx[1], wy[1]
         # Eq. (5)'s four weights factored: two interpolations along x, one along y, 9
@@ -552,10 +567,11 @@ def _backward(dV, U, grid, mode, padding_mode, align_corners, input_grad=True):
     _, Ho, Wo, _ = grid.shape
     dU = np.empty_like(U) if input_grad else None
     dgrid = np.empty_like(grid)
+    factored = _factored_bilinear(U, mode)
 
     def block(sl):
         dU_block, dgrid[sl] = _backward_block(dV[sl], U[sl], grid[sl], mode, padding_mode,
-                                              align_corners, input_grad)
+                                              align_corners, input_grad, factored)
         if input_grad:
             dU[sl] = dU_block
 
@@ -563,7 +579,7 @@ def _backward(dV, U, grid, mode, padding_mode, align_corners, input_grad=True):
     return dU, dgrid
 
 
-def _backward_block(dV, U, grid, mode, padding_mode, align_corners, input_grad):
+def _backward_block(dV, U, grid, mode, padding_mode, align_corners, input_grad, factored):
     """Gradients of one block: ``(dU (n, C, H, W) or None, dgrid (n, Ho, Wo, 2))``.
 
     Paper eq. (6): ``dU[h, w] = sum_i dV[i] k(x_s[i] - w) k(y_s[i] - h)``, i.e.
@@ -589,7 +605,7 @@ def _backward_block(dV, U, grid, mode, padding_mode, align_corners, input_grad):
         dU = dU_pad[:, ring:ring + H, ring:ring + W, :].transpose(0, 3, 1, 2)
 
     dgrid = np.zeros((M, 2), dtype=U.dtype)
-    if mode == "bilinear" and C == 1:  # the per-tap sums below, factored (one channel)
+    if factored:  # the per-tap sums below, factored (bilinear, one channel)
         U_rows, dV_rows, _ = _squeezed(_padded_rows(U, ring), dV_rows)
         dx, dy = _bilinear_slopes(_corners(U_rows, taps), wx[1], wy[1])
         dx *= dV_rows

@@ -335,6 +335,41 @@ def test_nan_in_input_propagates():
     assert np.isnan(V).all()
 
 
+@pytest.mark.parametrize("value", [np.inf, -np.inf, 3e38, -3e38])
+def test_extreme_pixels_give_the_four_tap_sum_on_one_channel(value):
+    """One channel takes a factored bilinear form whose differences of neighbours would
+    turn inf into NaN and overflow near the dtype's limit; such inputs must give what the
+    plain four-tap sum of the reference sampler (PyTorch's formula) gives."""
+    from stn_numpy import reference
+
+    U = np.zeros((1, 1, 3, 3), dtype=np.float32)
+    U[0, 0, 1, 1] = value
+    U[0, 0, 1, 2] = -value if np.isfinite(value) else 0
+    grid = np.array([[[[0.1, 0.0], [0.4, 0.05], [2.0, 2.0]]]], dtype=np.float32)
+    dV = np.ones((1, 1, 1, 3), dtype=np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        V, (_, dgrid) = grid_sample(U, grid), grid_sample_backward(dV, U, grid)
+        V_ref = reference.grid_sample(U, grid)
+        _, dgrid_ref = reference.grid_sample_backward(dV, U, grid)
+    np.testing.assert_array_equal(V, V_ref)
+    np.testing.assert_array_equal(np.isnan(dgrid), np.isnan(dgrid_ref))
+    assert not np.isnan(V).any()  # inf stays inf, +-3e38 neighbours stay finite
+
+
+def test_blocks_are_a_multiple_of_the_workers_and_cover_the_batch():
+    from stn_numpy import _parallel
+
+    try:
+        for threads in (1, 2, 3):
+            _parallel.set_num_threads(threads)
+            for N in (1, 6, 10, 14, 256):
+                blocks = sampling._blocks(N, 60 * 60, 1)
+                assert [n for b in blocks for n in range(b.start, b.stop)] == list(range(N))
+                assert len(blocks) == 1 or len(blocks) % threads == 0 or len(blocks) == N
+    finally:
+        _parallel.set_num_threads(None)
+
+
 @pytest.mark.parametrize("mode,padding_mode,align_corners", ALL_COMBOS)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_identity_transform_gradients_match_torch(rng, mode, padding_mode, align_corners, dtype):
