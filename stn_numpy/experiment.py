@@ -65,9 +65,9 @@ HEAD_NAMES = {"affine": "Aff", "projective": "Proj", "tps": "TPS"}
 # The transformer's output side per dataset (None: the input's). RTS (42x42) and TC
 # (60x60) are sampled down to a digit's 28x28, where the classifier then runs.
 ST_SIZES = {"rts": 28, "tc": 28}
-NOT_FULL_WARNING = ("> **Not the full experiment:** these runs had a smaller budget than "
-                    "`--config full` (see the settings), so their errors check the pipeline "
-                    "and say nothing about the models.")
+NOT_FULL_WARNING = ("> **Not the full experiment:** these runs had another budget than "
+                    "`--config full` (see the settings); the paper comparison and the "
+                    "analysis elsewhere refer to the full one.")
 N_SNAPSHOT = 8  # test digits whose transformed images are kept after every epoch
 N_PROGRESS = 1000  # test images measured after every epoch (the final measures use all)
 
