@@ -22,8 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ._checks import parse_positive_int
 
-__all__ = ["get_num_threads", "set_num_threads", "parallel_map", "bands", "add_threads_option",
-           "usable_cores", "keep_freed_memory", "freed_memory_kept"]
+__all__ = ["get_num_threads", "set_num_threads", "parallel_map", "bands", "even_split",
+           "add_threads_option", "usable_cores", "keep_freed_memory", "freed_memory_kept"]
 
 ENV_VAR = "STN_NUMPY_NUM_THREADS"
 _lock = threading.Lock()
@@ -107,7 +107,12 @@ def bands(n: int, values: int, min_values: int) -> list[tuple[int, int]]:
     Handing work to a thread costs about as much as a pass over a few megabytes, so small
     work runs inline. Bands differ in length by at most one.
     """
-    count = 1 if values < min_values else max(1, min(get_num_threads(), n))
+    return even_split(n, 1 if values < min_values else max(1, min(get_num_threads(), n)))
+
+
+def even_split(n: int, count: int) -> list[tuple[int, int]]:
+    """``range(n)`` cut into ``count >= 1`` consecutive ``(start, stop)`` parts whose
+    lengths differ by at most one."""
     edges = [n * b // count for b in range(count + 1)]
     return list(itertools.pairwise(edges))
 

@@ -52,14 +52,13 @@ into blocks and any number of threads.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 
 from ._checks import NonFiniteError, check_choice, check_finite, check_float_array
-from ._parallel import get_num_threads, parallel_map
+from ._parallel import even_split, get_num_threads, parallel_map
 
 __all__ = [
     "grid_sample",
@@ -412,8 +411,7 @@ def _blocks(N: int, points: int, C: int) -> list[slice]:
     if count > 1:  # a single block runs inline: below _BLOCK a thread saves nothing
         workers = get_num_threads()
         count = min(N, -(-count // workers) * workers)
-    edges = [N * b // count for b in range(count + 1)] if N else []
-    return [slice(start, stop) for start, stop in itertools.pairwise(edges)]
+    return [slice(start, stop) for start, stop in even_split(N, count)] if N else []
 
 
 def _padded_rows(U: np.ndarray, ring: int) -> np.ndarray:
