@@ -505,19 +505,12 @@ def _sample_block(U, grid, mode, padding_mode, align_corners, factored) -> np.nd
         return _sampling_matrix(taps, wx, wy, len(U_rows), U.dtype) @ U_rows
     M = len(taps[0][2])
     if factored:
-        top, top_right, bottom, bottom_right = _corners(U_rows[:, 0], taps)
-        tx, ty = wx[1], wy[1]
         # Eq. (5)'s four weights factored: two interpolations along x, one along y, 9
         # passes instead of 15 (more channels gain nothing: the passes then run over all
-        # of them). top = U00 + tx (U01 - U00), likewise bottom, V = top + ty (bottom - top).
-        top_right -= top
-        top_right *= tx
-        top += top_right
-        bottom_right -= bottom
-        bottom_right *= tx
-        bottom += bottom_right
+        # of them). V = top + ty (bottom - top).
+        top, _, bottom, _ = _along_x(_corners(U_rows[:, 0], taps), wx[1])
         bottom -= top
-        bottom *= ty
+        bottom *= wy[1]
         top += bottom
         return top.reshape(M, 1)
     U_rows, V_rows, per_row = _squeezed(U_rows, np.empty((M, C), dtype=U.dtype))
@@ -603,37 +596,46 @@ def _backward_block(dV, U, grid, mode, padding_mode, align_corners, input_grad, 
         dU = dU_pad[:, ring:ring + H, ring:ring + W, :].transpose(0, 3, 1, 2)
 
     dgrid = np.zeros((M, 2), dtype=U.dtype)
-    if factored:  # the per-tap sums below, factored (bilinear, one channel)
+    if dwx is not None:
         U_rows, dV_rows, _ = _squeezed(_padded_rows(U, ring), dV_rows)
-        dx, dy = _bilinear_slopes(_corners(U_rows, taps), wx[1], wy[1])
-        dx *= dV_rows
-        dy *= dV_rows
-        dx *= gx
-        dy *= gy
-        dgrid[:, 0], dgrid[:, 1] = dx, dy
-    elif dwx is not None:
-        U_rows, dV_rows, _ = _squeezed(_padded_rows(U, ring), dV_rows)
-        gathered = np.empty_like(dV_rows)
-        dVU = np.empty(M, dtype=U.dtype)
-        factor = np.empty(M, dtype=U.dtype)
-        dx = np.zeros(M, dtype=U.dtype)
-        dy = np.zeros(M, dtype=U.dtype)
-        for j, i, rows, offset in taps:
-            np.take(U_rows[offset:], rows, axis=0, out=gathered, mode="clip")
-            if C == 1:
-                np.multiply(dV_rows, gathered, out=dVU)
-            else:
-                np.einsum("mc,mc->m", dV_rows, gathered, out=dVU)
-            np.multiply(wy[j], dwx[i], out=factor)
-            factor *= dVU
-            dx += factor
-            np.multiply(dwy[j], wx[i], out=factor)
-            factor *= dVU
-            dy += factor
+        if factored:  # the per-tap sums below, factored (bilinear, one channel)
+            dx, dy = _bilinear_slopes(_corners(U_rows, taps), wx[1], wy[1])
+            dx *= dV_rows
+            dy *= dV_rows
+        else:
+            gathered = np.empty_like(dV_rows)
+            dVU = np.empty(M, dtype=U.dtype)
+            factor = np.empty(M, dtype=U.dtype)
+            dx = np.zeros(M, dtype=U.dtype)
+            dy = np.zeros(M, dtype=U.dtype)
+            for j, i, rows, offset in taps:
+                np.take(U_rows[offset:], rows, axis=0, out=gathered, mode="clip")
+                if C == 1:
+                    np.multiply(dV_rows, gathered, out=dVU)
+                else:
+                    np.einsum("mc,mc->m", dV_rows, gathered, out=dVU)
+                np.multiply(wy[j], dwx[i], out=factor)
+                factor *= dVU
+                dx += factor
+                np.multiply(dwy[j], wx[i], out=factor)
+                factor *= dVU
+                dy += factor
         dx *= gx
         dy *= gy
         dgrid[:, 0], dgrid[:, 1] = dx, dy
     return dU, dgrid.reshape(n, Ho, Wo, 2)
+
+
+def _along_x(corners, tx):
+    """Bilinear's interpolation along x, shared by V and its slopes (overwrites the
+    corners of :func:`_corners`): returns ``top = U00 + tx (U01 - U00)``, ``U01 - U00``,
+    ``bottom = U10 + tx (U11 - U10)`` and ``U11 - U10``, one channel, ``(M,)`` each."""
+    top, top_right, bottom, bottom_right = corners
+    top_right -= top
+    bottom_right -= bottom
+    top += top_right * tx
+    bottom += bottom_right * tx
+    return top, top_right, bottom, bottom_right
 
 
 def _bilinear_slopes(corners, tx, ty):
@@ -645,11 +647,7 @@ def _bilinear_slopes(corners, tx, ty):
     interpolated along x (``top = U00 + tx (U01 - U00)``). 10 passes, where summing the
     four taps' weight derivatives (eq. 7) takes 24. One channel: ``(M,)`` arrays.
     """
-    top, top_right, bottom, bottom_right = corners
-    top_right -= top  # U01 - U00
-    bottom_right -= bottom  # U11 - U10
-    top += top_right * tx
-    bottom += bottom_right * tx
+    top, top_right, bottom, bottom_right = _along_x(corners, tx)
     bottom -= top  # dV/dy
     bottom_right -= top_right
     bottom_right *= ty
