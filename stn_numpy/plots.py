@@ -159,6 +159,9 @@ class Curve(NamedTuple):
 _STYLES = ("-", "--", ":", "-.")
 
 
+_MIN_MEASURE_SPAN = 0.1  # the least y range of a measure panel
+
+
 def plot_epochs(columns, path, title=None) -> None:
     """Test error (top row) and a transformer measure (bottom row) against epoch.
 
@@ -205,5 +208,12 @@ def _plot_measure(ax, curves, label, refs) -> None:
     for k, (value, text) in enumerate(refs):
         ax.axhline(value, color="0.4", lw=1, ls=_STYLES[1 + k % 3], label=text)
     ax.set(xlabel="epoch", ylabel=label)
+    # Plain tick labels and a span of at least _MIN_MEASURE_SPAN: a measure that stays
+    # within 1e-4 of 1 would otherwise fill the panel and read as large swings.
+    ax.ticklabel_format(axis="y", useOffset=False)
+    low, high = ax.get_ylim()
+    if high - low < _MIN_MEASURE_SPAN:
+        middle = (low + high) / 2
+        ax.set_ylim(middle - _MIN_MEASURE_SPAN / 2, middle + _MIN_MEASURE_SPAN / 2)
     if refs:
         ax.legend(fontsize=7)
