@@ -90,7 +90,7 @@ class ExperimentConfig:
 
 
 CONFIGS = {
-    "full": ExperimentConfig(train_limit=30000, test_limit=None, epochs=10, seeds=(0, 1)),
+    "full": ExperimentConfig(train_limit=None, test_limit=None, epochs=10, seeds=(0, 1)),
     "tiny": ExperimentConfig(train_limit=256, test_limit=128, epochs=1, seeds=(0, 1),
                              whole_split=False),
 }
