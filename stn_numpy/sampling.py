@@ -244,10 +244,10 @@ def _check_grid_range(grid: np.ndarray, size: int) -> None:
 
 
 def _unnormalize(coord: np.ndarray, size: int, align_corners: bool):
-    """Normalized -> pixel coordinate; returns ``(x, dx/dcoord)``, ``x`` a fresh array."""
+    """Normalized -> pixel coordinate; returns ``(x, dx/dcoord)``, ``x`` a fresh 1-D array."""
     # One new array, then in place: the same roundings as ``(coord + 1) * scale - 0.5``
     # without a temporary per operation (fresh multi-MB arrays cost page faults).
-    x = np.add(coord, 1)
+    x = np.add(coord, 1).reshape(-1)
     if align_corners:
         scale = (size - 1) / 2
         x *= scale
@@ -437,9 +437,12 @@ def _block_taps(grid, image_hw, mode, padding_mode, align_corners):
     H, W = image_hw
     Wp = W + 2 * _RING[mode]
     P = Ho * Wo  # output points per image
-    coords = grid.reshape(N * P, 2)
-    ix, wx, *x_grads = _axis_taps(coords[:, 0], W, mode, padding_mode, align_corners)
-    iy, wy, *y_grads = _axis_taps(coords[:, 1], H, mode, padding_mode, align_corners)
+    # Each coordinate as (N, P), a view for any grid layout. In affine_grid's planes its
+    # rows are contiguous: a pass over them is 3x faster than over every second value of
+    # interleaved (x, y) pairs.
+    x_s, y_s = grid[..., 0].reshape(N, P), grid[..., 1].reshape(N, P)
+    ix, wx, *x_grads = _axis_taps(x_s, W, mode, padding_mode, align_corners)
+    iy, wy, *y_grads = _axis_taps(y_s, H, mode, padding_mode, align_corners)
     ring = _RING[mode]
     index_dtype = np.int32 if N * (H + 2 * ring) * Wp < 2**31 - 1 else np.int64
     # Row of pixel (0, 0) of each image in the padded rows.
@@ -557,21 +560,23 @@ def _backward(dV, U, grid, mode, padding_mode, align_corners, input_grad=True):
     N, C, H, W = U.shape
     _, Ho, Wo, _ = grid.shape
     dU = np.empty_like(U) if input_grad else None
-    dgrid = np.empty_like(grid)
+    # dgrid in (N, 2, Ho, Wo) planes, as affine_grid lays out the grid: each coordinate's
+    # gradient is written, and read by affine_grid_backward, as contiguous rows.
+    planes = np.empty((N, 2, Ho, Wo), dtype=grid.dtype)
     factored = _factored_bilinear(U, mode)
 
     def block(sl):
-        dU_block, dgrid[sl] = _backward_block(dV[sl], U[sl], grid[sl], mode, padding_mode,
-                                              align_corners, input_grad, factored)
+        dU_block, planes[sl] = _backward_block(dV[sl], U[sl], grid[sl], mode, padding_mode,
+                                               align_corners, input_grad, factored)
         if input_grad:
             dU[sl] = dU_block
 
     parallel_map(block, _blocks(N, Ho * Wo, C))
-    return dU, dgrid
+    return dU, np.moveaxis(planes, 1, -1)
 
 
 def _backward_block(dV, U, grid, mode, padding_mode, align_corners, input_grad, factored):
-    """Gradients of one block: ``(dU (n, C, H, W) or None, dgrid (n, Ho, Wo, 2))``.
+    """Gradients of one block: ``(dU (n, C, H, W) or None, dgrid as planes (n, 2, Ho, Wo))``.
 
     Paper eq. (6): ``dU[h, w] = sum_i dV[i] k(x_s[i] - w) k(y_s[i] - h)``, i.e.
     ``dU = S^T dV``, a scatter of every tap's weighted dV, done as one sparse product.
@@ -595,7 +600,7 @@ def _backward_block(dV, U, grid, mode, padding_mode, align_corners, input_grad, 
         dU_pad = _matmul(S.T, dV_rows).reshape(n, Hp, Wp, C)
         dU = dU_pad[:, ring:ring + H, ring:ring + W, :].transpose(0, 3, 1, 2)
 
-    dgrid = np.zeros((M, 2), dtype=U.dtype)
+    dgrid = np.zeros((2, n, Ho * Wo), dtype=U.dtype)
     if dwx is not None:
         U_rows, dV_rows, _ = _squeezed(_padded_rows(U, ring), dV_rows)
         if factored:  # the per-tap sums below, factored (bilinear, one channel)
@@ -620,10 +625,9 @@ def _backward_block(dV, U, grid, mode, padding_mode, align_corners, input_grad, 
                 np.multiply(dwy[j], wx[i], out=factor)
                 factor *= dVU
                 dy += factor
-        dx *= gx
-        dy *= gy
-        dgrid[:, 0], dgrid[:, 1] = dx, dy
-    return dU, dgrid.reshape(n, Ho, Wo, 2)
+        np.multiply(dx, gx, out=dgrid[0].reshape(M))
+        np.multiply(dy, gy, out=dgrid[1].reshape(M))
+    return dU, dgrid.reshape(2, n, Ho, Wo).swapaxes(0, 1)
 
 
 def _along_x(corners, tx):
