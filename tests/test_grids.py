@@ -279,3 +279,30 @@ def test_affine_grid_is_the_defining_sums_in_planes(dtype):
         dtheta = affine_grid_backward(layout, theta, size)
         assert dtheta.shape == (5, 2, 3) and dtheta.dtype == dtype
         np.testing.assert_allclose(dtheta, expected, rtol=10 * tol, atol=10 * tol)
+
+
+def test_affine_grid_is_bit_identical_for_any_worker_count_and_batch(monkeypatch):
+    """One product per image, in bands of images on worker threads: neither the split nor
+    the other images of the batch change an image's bits."""
+    from stn_numpy import _parallel, grids
+
+    monkeypatch.setattr(grids, "_PARALLEL_MIN_VALUES", 1)  # bands even for tiny inputs
+    rng = np.random.default_rng(32)
+    theta = rng.standard_normal((7, 2, 3)).astype(np.float32)
+    dgrid = rng.standard_normal((7, 9, 11, 2)).astype(np.float32)
+    size = (7, 1, 9, 11)
+    results = []
+    try:
+        for threads in (1, 2, 3, 8):
+            _parallel.set_num_threads(threads)
+            results.append((affine_grid(theta, size), affine_grid_backward(dgrid, theta, size)))
+    finally:
+        _parallel.set_num_threads(None)
+    for grid, dtheta in results[1:]:
+        np.testing.assert_array_equal(grid, results[0][0])
+        np.testing.assert_array_equal(dtheta, results[0][1])
+    for n in (0, 3, 6):
+        alone = (1, 1, 9, 11)
+        np.testing.assert_array_equal(affine_grid(theta[n:n + 1], alone)[0], results[0][0][n])
+        np.testing.assert_array_equal(
+            affine_grid_backward(dgrid[n:n + 1], theta[n:n + 1], alone)[0], results[0][1][n])
