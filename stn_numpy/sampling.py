@@ -437,9 +437,9 @@ def _block_taps(grid, image_hw, mode, padding_mode, align_corners):
     H, W = image_hw
     Wp = W + 2 * _RING[mode]
     P = Ho * Wo  # output points per image
-    # Each coordinate as (N, P), a view for any grid layout. In affine_grid's planes its
-    # rows are contiguous: a pass over them is 3x faster than over every second value of
-    # interleaved (x, y) pairs.
+    # Each coordinate as (N, P): a view of affine_grid's planes and of interleaved grids (a
+    # copy of some other layouts). In the planes its rows are contiguous, and a pass over
+    # them is 3x faster than over every second value of interleaved (x, y) pairs.
     x_s, y_s = grid[..., 0].reshape(N, P), grid[..., 1].reshape(N, P)
     ix, wx, *x_grads = _axis_taps(x_s, W, mode, padding_mode, align_corners)
     iy, wy, *y_grads = _axis_taps(y_s, H, mode, padding_mode, align_corners)

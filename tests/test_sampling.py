@@ -374,7 +374,8 @@ def test_blocks_are_a_multiple_of_the_workers_and_cover_the_batch():
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_identity_transform_gradients_match_torch(rng, mode, padding_mode, align_corners, dtype):
     # The identity puts every sample on a pixel centre, where the sampler's gradient jumps:
-    # the theta gradient agrees only because affine_grid reproduces PyTorch's grid bit for bit.
+    # the theta gradient agrees only because affine_grid reproduces PyTorch's identity grid
+    # bit for bit.
     torch = pytest.importorskip("torch", reason="PyTorch not installed: pip install torch==2.13.0")
     F = torch.nn.functional
     from stn_numpy import affine_grid_backward
@@ -426,6 +427,29 @@ def test_results_do_not_depend_on_blocks_or_threads(rng, dtype, mode, padding_mo
             # bytes, so that NaN payloads compare too (dgrid is a view of planes)
             assert np.array_equal(np.ascontiguousarray(a).view(np.uint8),
                                   np.ascontiguousarray(b).view(np.uint8))
+
+
+@pytest.mark.parametrize("mode,padding_mode,align_corners", ALL_COMBOS)
+def test_results_do_not_depend_on_the_grid_layout(rng, mode, padding_mode, align_corners):
+    # affine_grid hands over (N, 2, H, W) planes; users pass interleaved (x, y) pairs or
+    # any strided view. The sampler must read every one of them to the same bits, and
+    # return dgrid in planes whatever it was given.
+    U = rng.standard_normal((3, 2, 6, 7))
+    dV = rng.standard_normal((3, 2, 4, 5))
+    interleaved = rng.uniform(-1.5, 1.5, (3, 4, 5, 2))
+    planes = np.moveaxis(np.ascontiguousarray(np.moveaxis(interleaved, -1, 1)), 1, -1)
+    strided = np.zeros((3, 8, 5, 4))[:, ::2, :, 1::2]
+    strided[...] = interleaved
+    kw = {"mode": mode, "padding_mode": padding_mode, "align_corners": align_corners}
+    results = []
+    for grid in (interleaved, planes, strided):
+        V, cache = grid_sample_forward(U, grid, **kw)
+        dU, dgrid = grid_sample_backward_from_cache(dV, cache)
+        assert np.moveaxis(dgrid, -1, 1).flags.c_contiguous
+        results.append((V, dU, dgrid))
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("mode", MODES)
