@@ -210,7 +210,7 @@ def _plot_measure(ax, curves, label, refs) -> None:
     ax.set(xlabel="epoch", ylabel=label)
     # Plain tick labels and a span of at least _MIN_MEASURE_SPAN: a measure that stays
     # within 1e-4 of 1 would otherwise fill the panel and read as large swings.
-    ax.ticklabel_format(axis="y", useOffset=False)
+    ax.ticklabel_format(axis="y", style="plain", useOffset=False)
     low, high = ax.get_ylim()
     if high - low < _MIN_MEASURE_SPAN:
         middle = (low + high) / 2
