@@ -87,6 +87,26 @@ class ExperimentConfig:
     loc_lr_scale: float = 1.0
     lr_schedule: str = "cosine"
     whole_split: bool = True  # False: distort only the images used (see load_split)
+    # (dataset, epochs) pairs: the ST-CNN runs on these datasets train this many epochs
+    # instead of ``epochs``, e.g. at the CNN's compute where its classifier runs on a
+    # smaller image.
+    st_epochs: tuple[tuple[str, int], ...] = ()
+
+    def epochs_of(self, run: Run) -> int:
+        """The epochs ``run`` trains for."""
+        if run.arch == "paper-stcnn":
+            return dict(self.st_epochs).get(run.dataset, self.epochs)
+        return self.epochs
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> ExperimentConfig:
+        """The config ``asdict`` gave, back from JSON (lists to tuples; fields added since
+        take their defaults)."""
+        fields = dict(fields)
+        fields["seeds"] = tuple(fields["seeds"])
+        if "st_epochs" in fields:
+            fields["st_epochs"] = tuple((d, e) for d, e in fields["st_epochs"])
+        return cls(**fields)
 
 
 CONFIGS = {
@@ -128,13 +148,32 @@ def experiment_runs(config: ExperimentConfig) -> list[Run]:
 def _train_config(config: ExperimentConfig, run: Run, folder: Path, data_dir,
                   progress: bool) -> TrainConfig:
     return TrainConfig(
-        model=run.arch, dataset=run.dataset, epochs=config.epochs,
+        model=run.arch, dataset=run.dataset, epochs=config.epochs_of(run),
         batch_size=config.batch_size, optimizer=config.optimizer, lr=config.lr,
         momentum=config.momentum, lr_schedule=config.lr_schedule, seed=run.seed,
         out=str(folder), data_dir=data_dir, train_limit=config.train_limit,
         test_limit=config.test_limit, transform=run.transform,
         st_size=ST_SIZES.get(run.dataset) if run.arch == "paper-stcnn" else None,
         loc_lr_scale=config.loc_lr_scale, progress=progress)
+
+
+def _run_settings(config: ExperimentConfig, run: Run) -> dict:
+    """What ``run``'s training depends on: the config without the seed list and the other
+    runs' epochs."""
+    settings = {k: v for k, v in asdict(config).items() if k not in ("seeds", "st_epochs")}
+    return {**settings, "epochs": config.epochs_of(run)}
+
+
+def _finished(folder: Path, config: ExperimentConfig, run: Run) -> dict | None:
+    """``run``'s stored result, or None if it has not finished. A run finished with other
+    settings of its own raises ``ValueError``; one finished under a config that differs
+    only for other runs (their seeds, their epochs) is kept."""
+    done = _read_json(folder / "result.json", None)
+    if done is not None and (_run_settings(ExperimentConfig.from_dict(done["config"]), run)
+                             != _run_settings(config, run)):
+        raise ValueError(f"{folder} was finished with other settings "
+                         f"({done['config']}); choose another --runs folder")
+    return done
 
 
 def _summary(measures: dict) -> dict:
@@ -196,7 +235,7 @@ def _run_one(config: ExperimentConfig, run: Run, folder: Path, data, test_params
         params, _, meta = load_checkpoint(ckpt)
         start_epoch = meta["epoch"]
     recorder = _Recorder(folder, data[2], test_params, run.dataset, start_epoch)
-    if start_epoch >= config.epochs:
+    if start_epoch >= config.epochs_of(run):
         model = model_from_params(meta["model"], params, source=str(ckpt))
         history = meta["history"]
     else:
@@ -249,7 +288,7 @@ def run_experiment(config="full", out=DEFAULT_OUT, runs=None, data_dir=None, pro
     Raises
     ------
     ValueError
-        A finished run in ``runs`` was made with another config.
+        A finished run in ``runs`` was made with other settings of its own.
     """
     name = config if isinstance(config, str) else "custom"
     if isinstance(config, str):
@@ -262,11 +301,8 @@ def run_experiment(config="full", out=DEFAULT_OUT, runs=None, data_dir=None, pro
     results, data, loaded = [], None, None
     for run in experiment_runs(config):
         folder = runs / run.name
-        done = _read_json(folder / "result.json", None)
+        done = _finished(folder, config, run)
         if done is not None:
-            if done["config"] != json.loads(json.dumps(asdict(config))):
-                raise ValueError(f"{folder} was finished with another config "
-                                 f"({done['config']}); choose another --runs folder")
             log(f"{run.name}: finished earlier, kept")
             results.append(done)
             continue
@@ -363,8 +399,7 @@ def _plot_epochs(results: list[dict], path: Path) -> bool:
 def read_results(out) -> tuple[list[dict], ExperimentConfig]:
     """The runs' results and the config that :func:`write_results` stored in ``<out>``."""
     stored = json.loads((Path(out) / "results.json").read_text())
-    config = stored["config"]
-    return stored["results"], ExperimentConfig(**{**config, "seeds": tuple(config["seeds"])})
+    return stored["results"], ExperimentConfig.from_dict(stored["config"])
 
 
 def write_results(results: list[dict], config: ExperimentConfig, out) -> None:
@@ -456,7 +491,9 @@ def _settings(results: list[dict], config: ExperimentConfig) -> list[str]:
     return [
         f"training images per dataset: {', '.join(map(str, train_images))}; test images: "
         f"{', '.join(map(str, test_images))}",
-        f"epochs: {config.epochs}; batch size {config.batch_size}; {config.optimizer}"
+        f"epochs: {config.epochs}"
+        + "".join(f", ST-CNN on {d.upper()} {e}" for d, e in config.st_epochs)
+        + f"; batch size {config.batch_size}; {config.optimizer}"
         + (f" (momentum {config.momentum})" if config.optimizer == "sgd" else "")
         + f", lr {config.lr}, {config.lr_schedule} schedule; localisation net at "
         f"{config.loc_lr_scale} x lr",

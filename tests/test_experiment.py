@@ -64,6 +64,45 @@ def test_every_model_kind_and_two_seeds_where_asked():
     assert len({r.name for r in runs}) == len(runs)
 
 
+def test_st_epochs_lengthen_only_the_st_cnn_on_their_datasets(tmp_path):
+    from stn_numpy.experiment import _train_config
+
+    config = replace(CONFIGS["full"], st_epochs=(("rts", 20), ("tc", 30)))
+    epochs = {run.name: _train_config(config, run, tmp_path, None, False).epochs
+              for run in experiment_runs(config)}
+    assert epochs["rts-paper-stcnn-affine-seed1"] == 20
+    assert epochs["tc-paper-stcnn-affine-seed0"] == 30
+    assert epochs["rts-paper-cnn-seed1"] == epochs["tc-paper-cnn-seed0"] == 10
+    assert epochs["rot-paper-stcnn-affine-seed0"] == epochs["proj-paper-stcnn-tps-seed0"] == 10
+    assert "epochs: 10, ST-CNN on RTS 20, ST-CNN on TC 30;" in readme_block(
+        fake_results(config), config, tmp_path, tmp_path)
+
+
+def test_finished_runs_are_kept_unless_their_own_settings_changed(tmp_path):
+    # Lengthening the ST-CNN on RTS retrains those runs and keeps every other one; a
+    # result.json from before st_epochs existed reads as st_epochs=().
+    from stn_numpy.experiment import _finished
+
+    old = json.loads(json.dumps(asdict(CONFIGS["full"])))
+    del old["st_epochs"]
+    longer = replace(CONFIGS["full"], st_epochs=(("rts", 20),))
+    runs = {run.name: run for run in experiment_runs(longer)}
+    for name in ("rts-paper-cnn-seed0", "rts-paper-stcnn-affine-seed0",
+                 "rot-paper-stcnn-affine-seed0"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "result.json").write_text(json.dumps({"run": name, "config": old}))
+    assert _finished(tmp_path / "rts-paper-cnn-seed0", longer, runs["rts-paper-cnn-seed0"])
+    assert _finished(tmp_path / "rot-paper-stcnn-affine-seed0", longer,
+                     runs["rot-paper-stcnn-affine-seed0"])
+    assert _finished(tmp_path / "tc-paper-cnn-seed0", longer, runs["tc-paper-cnn-seed0"]) is None
+    with pytest.raises(ValueError, match="finished with other settings"):
+        _finished(tmp_path / "rts-paper-stcnn-affine-seed0", longer,
+                  runs["rts-paper-stcnn-affine-seed0"])
+    with pytest.raises(ValueError, match="finished with other settings"):
+        _finished(tmp_path / "rts-paper-cnn-seed0", replace(longer, lr=0.01),
+                  runs["rts-paper-cnn-seed0"])
+
+
 def test_results_json_holds_the_results_as_given_and_reads_back(tmp_path):
     results = fake_results(SMALL)
     write_results(results, SMALL, tmp_path)
@@ -251,5 +290,5 @@ def test_tiny_experiment_end_to_end(tmp_path, mnist_dir, capsys):
     again = run_experiment("tiny", out=out, runs=runs, data_dir=mnist_dir, progress=False,
                            log=lines.append)
     assert again == results and all("finished earlier" in line for line in lines)
-    with pytest.raises(ValueError, match="another config"):
+    with pytest.raises(ValueError, match="finished with other settings"):
         run_experiment(CONFIGS["full"], out=out, runs=runs, data_dir=mnist_dir)
