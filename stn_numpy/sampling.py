@@ -600,7 +600,8 @@ def _backward_block(dV, U, grid, mode, padding_mode, align_corners, input_grad, 
         dU_pad = _matmul(S.T, dV_rows).reshape(n, Hp, Wp, C)
         dU = dU_pad[:, ring:ring + H, ring:ring + W, :].transpose(0, 3, 1, 2)
 
-    dgrid = np.zeros((2, n, Ho * Wo), dtype=U.dtype)
+    # Zeros only for nearest, whose grid gradient is zero; otherwise every value is written.
+    dgrid = (np.zeros if dwx is None else np.empty)((2, n, Ho * Wo), dtype=U.dtype)
     if dwx is not None:
         U_rows, dV_rows, _ = _squeezed(_padded_rows(U, ring), dV_rows)
         if factored:  # the per-tap sums below, factored (bilinear, one channel)
