@@ -259,8 +259,8 @@ def test_empty_batch_through_every_generator_and_its_backward(transform):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_affine_grid_is_the_defining_sums_in_planes(dtype):
-    """One product for the whole batch: the per-image sums' values, with x_s and y_s each
-    contiguous per image; the backward takes an interleaved dgrid as well as planes."""
+    """The defining per-image sums, with x_s and y_s each contiguous per image; the
+    backward takes an interleaved dgrid as well as planes."""
     rng = np.random.default_rng(31)
     theta = rng.standard_normal((5, 2, 3)).astype(dtype)
     dgrid = rng.standard_normal((5, 4, 6, 2)).astype(dtype)
