@@ -26,10 +26,14 @@ Cases, all float32:
 Sampler configurations: ``N=256, C=1, 60x60`` (the translated/cluttered MNIST images) and
 ``N=64, C=32, 32x32`` (a transformer placed on a feature map); training at batch 64.
 
-Each case is warmed up, then timed as the best (minimum) of ``repeats`` calls with
-``time.perf_counter``, which is the figure least disturbed by other processes. PyTorch keeps
-its default thread count, printed in the header; so does NumPy's BLAS. The ratio is
-``ours / torch``: above 1 means we are slower. Thread pools spread over every core stall
+Each case is timed in ``rounds`` rounds, ours and then PyTorch's in each: a block of
+warm-up calls, then the best (minimum) of ``repeats`` calls with ``time.perf_counter``,
+which is the figure least disturbed by other processes. A row reports each side's best
+over all rounds; since the two sides alternate, a slow spell of the machine (on a shared
+host it can last seconds and move one side by 1.5x) reaches both rather than one, and
+the per-round ratios' range shows how much it moved them. PyTorch keeps its default
+thread count, printed in the header; so does NumPy's BLAS. The ratio is ``ours / torch``:
+above 1 means we are slower. Thread pools spread over every core stall
 when another process holds one of them, so the header prints the load average and warns
 when other processes kept cores busy just before the run.
 
@@ -91,6 +95,7 @@ LR, MOMENTUM = 0.01, 0.9
 THETA_NOISE = 0.1
 SEED = 0
 WARMUP, QUICK_WARMUP = 2, 1
+ROUNDS = 3
 # Half a core busy elsewhere is enough to stall a thread pool spread over every core.
 BUSY_CORES = 0.5
 ENV_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS",
@@ -102,8 +107,8 @@ _SAMPLER_KW = {"mode": "bilinear", "padding_mode": "zeros", "align_corners": Fal
 def best_ms(fn, repeats: int, warmup: int = WARMUP) -> float:
     """Minimum wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls, in ms.
 
-    Each side is timed in one block rather than alternating with the other: the warm-up
-    then absorbs lazy initialisation, first-touch page faults of reused buffers, and the
+    One block: calls alternate with the other side's only between blocks, so that the
+    warm-up absorbs lazy initialisation, first-touch page faults of reused buffers, and the
     worker threads of the other library (OpenBLAS, OpenMP) that keep spinning for a while
     after their last call and compete for the same cores.
     """
@@ -444,49 +449,73 @@ def _train_rows(torch, batch: int, timing) -> list[dict]:
 # --------------------------------------------------------------------------------------
 
 
-def _row(case: str, fn_ours, fn_torch, timing: tuple[int, int]) -> dict:
-    ours = best_ms(fn_ours, *timing)
-    theirs = None if fn_torch is None else best_ms(fn_torch, *timing)
-    return {"case": case, "ours_ms": ours, "torch_ms": theirs,
-            "ratio": None if theirs is None else ours / theirs}
+def _row(case: str, fn_ours, fn_torch, timing: tuple[int, int, int]) -> dict:
+    """Time both sides in alternating blocks (see the module docstring).
+
+    ``timing`` is ``(repeats, warmup, rounds)``. Returns the row :func:`run` describes.
+    """
+    repeats, warmup, rounds = timing
+    ours, theirs = [], []
+    for _ in range(rounds):
+        ours.append(best_ms(fn_ours, repeats, warmup))
+        if fn_torch is not None:
+            theirs.append(best_ms(fn_torch, repeats, warmup))
+    per_round = [o / t for o, t in zip(ours, theirs)]
+    return {"case": case, "ours_ms": min(ours), "torch_ms": min(theirs) if theirs else None,
+            "ratio": min(ours) / min(theirs) if theirs else None,
+            "ratio_range": [min(per_round), max(per_round)] if theirs else None,
+            "ours_rounds_ms": ours, "torch_rounds_ms": theirs or None}
 
 
-def run(repeats: int = 5, quick: bool = False) -> list[dict]:
+def run(repeats: int = 5, quick: bool = False, rounds: int = ROUNDS) -> list[dict]:
     """Time every case; torch columns are ``None`` when PyTorch is not importable.
 
     Parameters
     ----------
     repeats : int
-        Timed calls per case after the warm-up; each row reports the fastest.
+        Timed calls per block after the block's warm-up; a block reports the fastest.
     quick : bool
         Tiny sizes, for smoke tests: the numbers mean nothing.
+    rounds : int
+        Blocks per side, ours and PyTorch's alternating; each side reports its fastest.
 
     Returns
     -------
     rows : list of dict
         ``{"case": str, "ours_ms": float, "torch_ms": float | None,
-        "ratio": float | None}`` with ``ratio = ours_ms / torch_ms``.
+        "ratio": float | None, "ratio_range": [float, float] | None,
+        "ours_rounds_ms": [float] * rounds, "torch_rounds_ms": [float] * rounds | None}``
+        with ``ratio = ours_ms / torch_ms`` (each side's best over the rounds) and
+        ``ratio_range`` the smallest and largest ratio of one round's two blocks.
     """
     check_positive_int("repeats", repeats)
+    check_positive_int("rounds", rounds)
     torch = import_torch(required=False)
     sizes = QUICK_SAMPLER_SIZES if quick else SAMPLER_SIZES
     batch = QUICK_TRAIN_BATCH if quick else TRAIN_BATCH
-    timing = (repeats, QUICK_WARMUP if quick else WARMUP)
+    timing = (repeats, QUICK_WARMUP if quick else WARMUP, rounds)
     return _sampler_rows(torch, sizes, timing) + _train_rows(torch, batch, timing)
 
 
 def format_table(rows: list[dict]) -> str:
-    """The rows as a fixed-width table: case, ours ms, torch ms, ours/torch."""
+    """The rows as a fixed-width table: case, ours ms, torch ms, ours/torch, and the range
+    of the per-round ratios."""
     width = max([len("case")] + [len(r["case"]) for r in rows])
 
     def cell(value, suffix=""):
         return "-" if value is None else f"{value:.2f}{suffix}"
 
-    lines = [f"{'case':<{width}}  {'ours ms':>10}  {'torch ms':>10}  {'ours/torch':>10}",
-             f"{'-' * width}  {'-' * 10}  {'-' * 10}  {'-' * 10}"]
+    def spread(r):
+        span = r.get("ratio_range")
+        return "-" if span is None else f"{span[0]:.2f}-{span[1]:.2f}x"
+
+    lines = [f"{'case':<{width}}  {'ours ms':>10}  {'torch ms':>10}  {'ours/torch':>10}  "
+             f"{'per round':>12}",
+             f"{'-' * width}  {'-' * 10}  {'-' * 10}  {'-' * 10}  {'-' * 12}"]
     for r in rows:
         lines.append(f"{r['case']:<{width}}  {cell(r['ours_ms']):>10}  "
-                     f"{cell(r['torch_ms']):>10}  {cell(r['ratio'], 'x'):>10}")
+                     f"{cell(r['torch_ms']):>10}  {cell(r['ratio'], 'x'):>10}  "
+                     f"{spread(r):>12}")
     return "\n".join(lines)
 
 
@@ -501,7 +530,11 @@ def main(argv=None) -> int:
         description="Time the sampler and a training step, ours beside PyTorch's.",
     )
     parser.add_argument("--repeats", type=parse_positive_int, default=5,
-                        help="timed calls per case after warm-up; the best is kept (default 5)")
+                        help="timed calls per block after its warm-up; the best is kept "
+                             "(default 5)")
+    parser.add_argument("--rounds", type=parse_positive_int, default=ROUNDS,
+                        help="blocks per side, ours and PyTorch's alternating; each side's "
+                             f"best is kept (default {ROUNDS})")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes, a smoke test rather than a measurement")
     parser.add_argument("--json", metavar="PATH",
@@ -522,14 +555,15 @@ def main(argv=None) -> int:
             return 2
     env = environment()
     print(format_header(env), flush=True)
-    rows = run(repeats=args.repeats, quick=args.quick)
+    rows = run(repeats=args.repeats, quick=args.quick, rounds=args.rounds)
     warmup = QUICK_WARMUP if args.quick else WARMUP
-    print(f"best of {args.repeats} after {warmup} warm-up calls; float32"
+    print(f"best of {args.rounds} rounds, each ours then torch, of {args.repeats} calls "
+          f"after {warmup} warm-up calls; float32"
           + (" (quick: tiny sizes)" if args.quick else ""))
     print(format_table(rows))
     if args.json:
         text = json.dumps({"environment": env, "quick": args.quick, "repeats": args.repeats,
-                           "rows": rows}, indent=2)
+                           "rounds": args.rounds, "rows": rows}, indent=2)
         atomic_write(args.json, lambda f: f.write(text.encode("utf-8")))
     return 0
 
