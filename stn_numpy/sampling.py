@@ -313,7 +313,7 @@ def _padded_index(i: np.ndarray, size: int, ring: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 
 
-def _axis_taps(coord, size, mode, padding_mode, align_corners):
+def _axis_taps(coord, size, mode, padding_mode, align_corners, fractions_only=False):
     """Taps along one axis for every output point, tap-major so each tap is contiguous.
 
     Returns
@@ -328,7 +328,9 @@ def _axis_taps(coord, size, mode, padding_mode, align_corners):
 
     Constant entries are returned unmaterialised, as arrays or scalars that broadcast to
     these shapes: nearest's weights (all 1), bilinear's ``dweight`` (-1 and 1) and, with
-    ``padding_mode="zeros"`` or bicubic, ``coord_grad`` (the scale).
+    ``padding_mode="zeros"`` or bicubic, ``coord_grad`` (the scale). With
+    ``fractions_only``, bilinear's ``weight`` is ``(None, t)``: the fractional part
+    ``t = weight[1]`` alone, all that the factored form needs, and one pass fewer.
     """
     x, scale = _unnormalize(coord, size, align_corners)
     if mode == "bicubic":
@@ -349,9 +351,12 @@ def _axis_taps(coord, size, mode, padding_mode, align_corners):
         index = _padded_index(np.rint(x, out=x), size, 1)[None]
         return index, np.ones((1, 1), dtype=x.dtype), None, coord_grad
     x0 = np.floor(x)
-    weight = np.empty((2,) + x.shape, dtype=x.dtype)
-    t = np.subtract(x, x0, out=weight[1])
-    np.subtract(1, t, out=weight[0])
+    if fractions_only:
+        weight = (None, np.subtract(x, x0, out=x))
+    else:
+        weight = np.empty((2,) + x.shape, dtype=x.dtype)
+        t = np.subtract(x, x0, out=weight[1])
+        np.subtract(1, t, out=weight[0])
     index = _padded_index(x0, size, 2)[None]
     dweight = np.array([[-1], [1]], dtype=x.dtype)
     return index, weight, dweight, coord_grad
@@ -423,8 +428,9 @@ def _padded_rows(U: np.ndarray, ring: int) -> np.ndarray:
     return U_pad.reshape(len(U_pad) * (H + 2 * ring) * (W + 2 * ring), C)
 
 
-def _block_taps(grid, image_hw, mode, padding_mode, align_corners):
-    """Rows of the padded U that every tap reads, and the kernel factors, for a block.
+def _block_taps(grid, image_hw, mode, padding_mode, align_corners, fractions_only=False):
+    """Rows of the padded U that every tap reads, and the kernel factors, for a block
+    (``fractions_only``: see :func:`_axis_taps`).
 
     Returns
     -------
@@ -441,8 +447,8 @@ def _block_taps(grid, image_hw, mode, padding_mode, align_corners):
     # copy of some other layouts). In the planes its rows are contiguous, and a pass over
     # them is 3x faster than over every second value of interleaved (x, y) pairs.
     x_s, y_s = grid[..., 0].reshape(N, P), grid[..., 1].reshape(N, P)
-    ix, wx, *x_grads = _axis_taps(x_s, W, mode, padding_mode, align_corners)
-    iy, wy, *y_grads = _axis_taps(y_s, H, mode, padding_mode, align_corners)
+    ix, wx, *x_grads = _axis_taps(x_s, W, mode, padding_mode, align_corners, fractions_only)
+    iy, wy, *y_grads = _axis_taps(y_s, H, mode, padding_mode, align_corners, fractions_only)
     ring = _RING[mode]
     index_dtype = np.int32 if N * (H + 2 * ring) * Wp < 2**31 - 1 else np.int64
     # Row of pixel (0, 0) of each image in the padded rows.
@@ -503,7 +509,7 @@ def _sample_block(U, grid, mode, padding_mode, align_corners, factored) -> np.nd
     C = U.shape[1]
     U_rows = _padded_rows(U, _RING[mode])
     taps, (wx, _, _), (wy, _, _) = _block_taps(grid, U.shape[2:], mode, padding_mode,
-                                               align_corners)
+                                               align_corners, fractions_only=factored)
     if C > _GATHER_MAX_CHANNELS:
         return _sampling_matrix(taps, wx, wy, len(U_rows), U.dtype) @ U_rows
     M = len(taps[0][2])
@@ -588,8 +594,9 @@ def _backward_block(dV, U, grid, mode, padding_mode, align_corners, input_grad, 
     M = n * Ho * Wo
     ring = _RING[mode]
     Hp, Wp = H + 2 * ring, W + 2 * ring
-    taps, (wx, dwx, gx), (wy, dwy, gy) = _block_taps(grid, (H, W), mode, padding_mode,
-                                                     align_corners)
+    taps, (wx, dwx, gx), (wy, dwy, gy) = _block_taps(
+        grid, (H, W), mode, padding_mode, align_corners,
+        fractions_only=factored and not input_grad)
     dV_rows = np.ascontiguousarray(dV.reshape(n, C, Ho * Wo).transpose(0, 2, 1)).reshape(M, C)
 
     dU = None
