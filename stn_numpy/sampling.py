@@ -119,7 +119,7 @@ def grid_sample(U, grid, mode="bilinear", padding_mode="zeros", align_corners=Fa
         for NaN, inf or a value beyond that bound in ``grid``. NaN or inf in ``U``
         propagate.
     """
-    _check_inputs(U, grid, mode, padding_mode, align_corners)
+    _check_inputs(U, grid, mode, padding_mode, align_corners, grid_range=False)
     return _forward(U, grid, mode, padding_mode, align_corners)
 
 
@@ -158,7 +158,7 @@ def grid_sample_forward(U, grid, mode="bilinear", padding_mode="zeros", align_co
         (no copies, and nothing computed ahead: the backward recomputes the taps block by
         block, cheaper than storing them), so leave both unchanged until then.
     """
-    _check_inputs(U, grid, mode, padding_mode, align_corners)
+    _check_inputs(U, grid, mode, padding_mode, align_corners, grid_range=False)
     return (_forward(U, grid, mode, padding_mode, align_corners),
             _SamplingCache(U, grid, (mode, padding_mode, align_corners)))
 
@@ -199,7 +199,9 @@ def grid_sample_backward_from_cache(dV, cache, input_grad=True):
 # --------------------------------------------------------------------------------------
 
 
-def _check_inputs(U, grid, mode, padding_mode, align_corners) -> None:
+def _check_inputs(U, grid, mode, padding_mode, align_corners, grid_range=True) -> None:
+    """Raise for invalid arguments. ``grid_range=False`` leaves the grid's values to the
+    caller: :func:`_forward` checks them block by block (:func:`_within_range`)."""
     check_float_array("U", U, shape=(None, None, None, None))
     check_float_array("grid", grid, shape=(None, None, None, 2))
     if grid.dtype != U.dtype:
@@ -213,7 +215,15 @@ def _check_inputs(U, grid, mode, padding_mode, align_corners) -> None:
     check_choice("mode", mode, MODES)
     check_choice("padding_mode", padding_mode, PADDING_MODES)
     check_choice("align_corners", align_corners, (True, False))
-    _check_grid_range(grid, max(U.shape[2], U.shape[3]))
+    if grid_range:
+        _check_grid_range(grid, max(U.shape[2], U.shape[3]))
+
+
+def _within_range(grid: np.ndarray, size: int) -> bool:
+    """Whether ``|grid| <= finfo.max / size`` everywhere (False for NaN): two reductions
+    without temporaries."""
+    limit = np.finfo(grid.dtype).max / size
+    return grid.size == 0 or bool(-limit <= grid.min() and grid.max() <= limit)
 
 
 def _check_grid_range(grid: np.ndarray, size: int) -> None:
@@ -226,10 +236,9 @@ def _check_grid_range(grid: np.ndarray, size: int) -> None:
     into NaN and no index can represent; PyTorch returns NaN (or crashes) there, we
     refuse it as we refuse inf itself.
     """
-    limit = np.finfo(grid.dtype).max / size
-    # Two reductions without temporaries; NaN fails both comparisons.
-    if grid.size == 0 or (-limit <= grid.min() and grid.max() <= limit):
+    if _within_range(grid, size):
         return
+    limit = np.finfo(grid.dtype).max / size
     check_finite("grid", grid)
     bad = int(np.count_nonzero(np.abs(grid) > limit))
     raise NonFiniteError(
@@ -477,14 +486,27 @@ def _forward(U, grid, mode, padding_mode, align_corners) -> np.ndarray:
     V = np.empty((N, C, Ho, Wo), dtype=U.dtype)
 
     factored = _factored_bilinear(U, mode)
+    size = max(H, W)
 
     def block(sl):
+        # The grid's range is checked here, on the worker threads and on values the block
+        # reads next anyway, rather than in one serial pass over the whole grid first.
+        if not _within_range(grid[sl], size):
+            raise _OutOfRange
         V_rows = _sample_block(U[sl], grid[sl], mode, padding_mode, align_corners, factored)
         # Explicit sizes, not -1: with C = 0 or an empty grid, 0 elements fix no -1.
         V[sl] = V_rows.reshape(len(V[sl]), Ho, Wo, C).transpose(0, 3, 1, 2)
 
-    parallel_map(block, _blocks(N, Ho * Wo, C))
+    try:
+        parallel_map(block, _blocks(N, Ho * Wo, C))
+    except _OutOfRange:
+        _check_grid_range(grid, size)  # raises, counting the bad values of the whole grid
+        raise
     return V
+
+
+class _OutOfRange(Exception):
+    """A block of :func:`_forward` found a grid value :func:`_check_grid_range` refuses."""
 
 
 def _factored_bilinear(U: np.ndarray, mode: str) -> bool:

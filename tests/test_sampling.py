@@ -328,6 +328,33 @@ def test_non_finite_grid_raises(bad):
     assert issubclass(NonFiniteError, ValueError)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bad_grid_values_in_any_block_raise_with_the_whole_grids_count(threads):
+    # The forward checks the grid block by block on the worker threads; a bad value in a
+    # late block must still raise before V is returned, and name every bad value.
+    from stn_numpy import _parallel
+
+    U = np.zeros((6, 1, 4, 4))
+    grid = np.zeros((6, 2, 2, 2))
+    grid[5, 1, 1, 0] = np.inf
+    grid[2, 0, 0, 1] = np.nan
+    original = sampling._BLOCK
+    try:
+        sampling._BLOCK = 2 * 2 * (1 + 4)  # one image per block
+        _parallel.set_num_threads(threads)
+        assert len(sampling._blocks(6, 4, 1)) == 6
+        for call in (grid_sample, grid_sample_forward):
+            with pytest.raises(NonFiniteError, match="grid contains 2 non-finite"):
+                call(U, grid)
+        grid[2, 0, 0, 1] = grid[5, 1, 1, 0] = 0.0
+        grid[4, 0, 1, 0] = np.finfo(np.float64).max / 3
+        with pytest.raises(NonFiniteError, match="1 value.s. beyond"):
+            grid_sample(U, grid)
+    finally:
+        sampling._BLOCK = original
+        _parallel.set_num_threads(None)
+
+
 def test_nan_in_input_propagates():
     U = np.zeros((1, 1, 4, 4))
     U[0, 0, 1, 1] = np.nan
