@@ -355,6 +355,23 @@ def test_bad_grid_values_in_any_block_raise_with_the_whole_grids_count(threads):
         _parallel.set_num_threads(None)
 
 
+@pytest.mark.parametrize("C", [1, 2, 5])
+def test_V_is_a_view_of_channels_last_rows(rng, C):
+    # Documented layout: V's memory is (N, H_o, W_o, C), the sampler's own rows, and a
+    # channels-last V fed back in samples as its channel-first copy does.
+    U = rng.standard_normal((2, C, 4, 5))
+    grid = rng.uniform(-1.2, 1.2, (2, 3, 6, 2))
+    from stn_numpy import reference
+
+    for V in (grid_sample(U, grid), grid_sample_forward(U, grid)[0]):
+        assert V.shape == (2, C, 3, 6)
+        assert V.transpose(0, 2, 3, 1).flags.c_contiguous
+        np.testing.assert_allclose(V, reference.grid_sample(U, grid), rtol=1e-12, atol=1e-12)
+    V = grid_sample(U, grid)
+    again = grid_sample(V, grid[:, :2, :3])
+    np.testing.assert_array_equal(again, grid_sample(np.ascontiguousarray(V), grid[:, :2, :3]))
+
+
 def test_nan_in_input_propagates():
     U = np.zeros((1, 1, 4, 4))
     U[0, 0, 1, 1] = np.nan
