@@ -145,7 +145,10 @@ def grid_sample_backward(dV, U, grid, mode="bilinear", padding_mode="zeros",
     Returns
     -------
     dU : ndarray, shape (N, C, H, W)
+        A view of channels-last memory, as :func:`grid_sample`'s V.
     dgrid : ndarray, shape (N, H_o, W_o, 2)
+        A view of ``(N, 2, H_o, W_o)`` planes, the layout :func:`~stn_numpy.affine_grid`
+        returns.
     """
     _check_inputs(U, grid, mode, padding_mode, align_corners)
     return grid_sample_backward_from_cache(
@@ -185,8 +188,9 @@ def grid_sample_backward_from_cache(dV, cache, input_grad=True):
     Returns
     -------
     dU : ndarray, shape (N, C, H, W), or None
+        A view of channels-last memory, as :func:`grid_sample`'s V.
     dgrid : ndarray, shape (N, H_o, W_o, 2)
-        Zero for ``mode="nearest"``.
+        Zero for ``mode="nearest"``; a view of ``(N, 2, H_o, W_o)`` planes.
     """
     if not isinstance(cache, _SamplingCache):
         raise TypeError(f"cache must be the cache grid_sample_forward returned, "
@@ -594,9 +598,10 @@ def _backward(dV, U, grid, mode, padding_mode, align_corners, input_grad=True):
     the worker threads."""
     N, C, H, W = U.shape
     _, Ho, Wo, _ = grid.shape
-    dU = np.empty_like(U) if input_grad else None
-    # dgrid in (N, 2, Ho, Wo) planes, as affine_grid lays out the grid: each coordinate's
+    # dU in channels-last memory, the blocks' rows copied as they are (as V; see
+    # grid_sample); dgrid in (N, 2, Ho, Wo) planes, as affine_grid lays out the grid: each coordinate's
     # gradient is written, and read by affine_grid_backward, as contiguous rows.
+    dU = np.empty((N, H, W, C), dtype=U.dtype) if input_grad else None
     planes = np.empty((N, 2, Ho, Wo), dtype=grid.dtype)
     factored = _factored_bilinear(U, mode)
 
@@ -607,11 +612,12 @@ def _backward(dV, U, grid, mode, padding_mode, align_corners, input_grad=True):
             dU[sl] = dU_block
 
     parallel_map(block, _blocks(N, Ho * Wo, C))
-    return dU, np.moveaxis(planes, 1, -1)
+    return (None if dU is None else dU.transpose(0, 3, 1, 2)), np.moveaxis(planes, 1, -1)
 
 
 def _backward_block(dV, U, grid, mode, padding_mode, align_corners, input_grad, factored):
-    """Gradients of one block: ``(dU (n, C, H, W) or None, dgrid as planes (n, 2, Ho, Wo))``.
+    """Gradients of one block: ``(dU as channels-last rows (n, H, W, C) or None, dgrid as
+    planes (n, 2, Ho, Wo))``.
 
     Paper eq. (6): ``dU[h, w] = sum_i dV[i] k(x_s[i] - w) k(y_s[i] - h)``, i.e.
     ``dU = S^T dV``, a scatter of every tap's weighted dV, done as one sparse product.
@@ -634,7 +640,7 @@ def _backward_block(dV, U, grid, mode, padding_mode, align_corners, input_grad, 
         # np.add.at or np.bincount.
         S = _sampling_matrix(taps, wx, wy, n * Hp * Wp, U.dtype)
         dU_pad = _matmul(S.T, dV_rows).reshape(n, Hp, Wp, C)
-        dU = dU_pad[:, ring:ring + H, ring:ring + W, :].transpose(0, 3, 1, 2)
+        dU = dU_pad[:, ring:ring + H, ring:ring + W, :]
 
     # Zeros only for nearest, whose grid gradient is zero; otherwise every value is written.
     dgrid = (np.zeros if dwx is None else np.empty)((2, n, Ho * Wo), dtype=U.dtype)

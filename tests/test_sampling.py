@@ -356,7 +356,7 @@ def test_bad_grid_values_in_any_block_raise_with_the_whole_grids_count(threads):
 
 
 @pytest.mark.parametrize("C", [1, 2, 5])
-def test_V_is_a_view_of_channels_last_rows(rng, C):
+def test_V_and_dU_are_views_of_channels_last_rows(rng, C):
     # Documented layout: V's memory is (N, H_o, W_o, C), the sampler's own rows, and a
     # channels-last V fed back in samples as its channel-first copy does.
     U = rng.standard_normal((2, C, 4, 5))
@@ -367,6 +367,8 @@ def test_V_is_a_view_of_channels_last_rows(rng, C):
         assert V.shape == (2, C, 3, 6)
         assert V.transpose(0, 2, 3, 1).flags.c_contiguous
         np.testing.assert_allclose(V, reference.grid_sample(U, grid), rtol=1e-12, atol=1e-12)
+    dU, _ = grid_sample_backward(rng.standard_normal((2, C, 3, 6)), U, grid)
+    assert dU.transpose(0, 2, 3, 1).flags.c_contiguous
     V = grid_sample(U, grid)
     again = grid_sample(V, grid[:, :2, :3])
     np.testing.assert_array_equal(again, grid_sample(np.ascontiguousarray(V), grid[:, :2, :3]))
