@@ -45,14 +45,15 @@ cache, spread over worker threads (:mod:`stn_numpy._parallel`; NumPy and SciPy r
 the GIL inside each array operation). ``V`` sums one weighted gather per tap; ``dU``
 scatters the weighted dV through one sparse ``S^T`` product per block; ``dgrid`` gathers
 again. The backward recomputes the taps instead of storing them: in cache this costs
-less than writing and re-reading them. Each output value depends on its own image
+less than writing and re-reading them. It does reuse the forward's zero-padded,
+channels-last copy of U, whose rebuilding is a transposing copy. Each output value depends on its own image
 alone and sums its taps in a fixed order, so every result is bit-identical for any split
 into blocks and any number of threads.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
@@ -164,12 +165,15 @@ def grid_sample_forward(U, grid, mode="bilinear", padding_mode="zeros", align_co
         As :func:`grid_sample` returns it (a view of channels-last memory).
     cache : object
         Pass to :func:`grid_sample_backward_from_cache`. It refers to ``U`` and ``grid``
-        (no copies, and nothing computed ahead: the backward recomputes the taps block by
-        block, cheaper than storing them), so leave both unchanged until then.
+        (no copies; the backward recomputes the taps block by block, cheaper than storing
+        them), so leave both unchanged until then, and keeps the zero-padded channels-last
+        copy of ``U`` that the forward built (about the size of ``U``), which the backward
+        reads again.
     """
     _check_inputs(U, grid, mode, padding_mode, align_corners, grid_range=False)
-    return (_forward(U, grid, mode, padding_mode, align_corners),
-            _SamplingCache(U, grid, (mode, padding_mode, align_corners)))
+    rows = {}
+    V = _forward(U, grid, mode, padding_mode, align_corners, keep_rows=rows)
+    return V, _SamplingCache(U, grid, (mode, padding_mode, align_corners), rows)
 
 
 def grid_sample_backward_from_cache(dV, cache, input_grad=True):
@@ -201,7 +205,8 @@ def grid_sample_backward_from_cache(dV, cache, input_grad=True):
     dV = check_float_array("dV", dV, shape=(N, C, Ho, Wo))
     if dV.dtype != U.dtype:
         raise TypeError(f"dV must have the dtype of U, {U.dtype}, got {dV.dtype}")
-    return _backward(dV, U, grid, *cache.options, input_grad=bool(input_grad))
+    return _backward(dV, U, grid, *cache.options, input_grad=bool(input_grad),
+                     kept_rows=cache.rows)
 
 
 # --------------------------------------------------------------------------------------
@@ -418,6 +423,9 @@ class _SamplingCache:
     U: np.ndarray  # the forward's arguments, by reference: the backward recomputes the taps
     grid: np.ndarray
     options: tuple  # (mode, padding_mode, align_corners)
+    # The forward's padded rows of U per block, {(start, stop): rows}: the backward reads
+    # them again, and keeping them costs memory where rebuilding costs a transposing copy.
+    rows: dict = field(default_factory=dict)
 
 
 def _blocks(N: int, points: int, C: int) -> list[slice]:
@@ -489,9 +497,11 @@ def _block_taps(grid, image_hw, mode, padding_mode, align_corners, fractions_onl
     return taps, (wx, *x_grads), (wy, *y_grads)
 
 
-def _forward(U, grid, mode, padding_mode, align_corners) -> np.ndarray:
+def _forward(U, grid, mode, padding_mode, align_corners, keep_rows=None) -> np.ndarray:
     """V of every block, computed on the worker threads; a ``(N, C, H_o, W_o)`` view of
-    channels-last rows, where each block's ``(M, C)`` rows are copied as they are."""
+    channels-last rows, where each block's ``(M, C)`` rows are copied as they are.
+    ``keep_rows``, a dict, receives each block's :func:`_padded_rows`, keyed by
+    ``(start, stop)``."""
     N, C, H, W = U.shape
     _, Ho, Wo, _ = grid.shape
     V = np.empty((N, Ho, Wo, C), dtype=U.dtype)
@@ -504,7 +514,11 @@ def _forward(U, grid, mode, padding_mode, align_corners) -> np.ndarray:
         # reads next anyway, rather than in one serial pass over the whole grid first.
         if not _within_range(grid[sl], size):
             raise _OutOfRange
-        V_rows = _sample_block(U[sl], grid[sl], mode, padding_mode, align_corners, factored)
+        U_rows = _padded_rows(U[sl], _RING[mode])
+        if keep_rows is not None:
+            keep_rows[sl.start, sl.stop] = U_rows
+        V_rows = _sample_block(U_rows, U.shape[1:], grid[sl], mode, padding_mode,
+                               align_corners, factored)
         # Explicit sizes, not -1: with C = 0 or an empty grid, 0 elements fix no -1.
         V[sl] = V_rows.reshape(len(V[sl]), Ho, Wo, C)
 
@@ -532,19 +546,20 @@ def _factored_bilinear(U: np.ndarray, mode: str) -> bool:
     return bool(-limit <= U.min() and U.max() <= limit)  # False for NaN too
 
 
-def _sample_block(U, grid, mode, padding_mode, align_corners, factored) -> np.ndarray:
+def _sample_block(U_rows, U_shape, grid, mode, padding_mode, align_corners,
+                  factored) -> np.ndarray:
     """Paper eq. (3), ``V = sum_taps k(x_s - w) k(y_s - h) U[h, w]``, as ``(M, C)`` rows.
 
     The kernel ``k`` is eq. (4) (nearest), eq. (5) (bilinear) or Keys' cubic; the sum
     runs over the taps in a fixed order (for bilinear on one channel, factored into
     interpolations along x, then y), so V does not depend on the blocks or threads.
+    ``U_rows`` is the block's :func:`_padded_rows`, ``U_shape`` its ``(C, H, W)``.
     """
-    C = U.shape[1]
-    U_rows = _padded_rows(U, _RING[mode])
-    taps, (wx, _, _), (wy, _, _) = _block_taps(grid, U.shape[2:], mode, padding_mode,
+    C = U_shape[0]
+    taps, (wx, _, _), (wy, _, _) = _block_taps(grid, U_shape[1:], mode, padding_mode,
                                                align_corners, fractions_only=factored)
     if C > _GATHER_MAX_CHANNELS:
-        return _sampling_matrix(taps, wx, wy, len(U_rows), U.dtype) @ U_rows
+        return _sampling_matrix(taps, wx, wy, len(U_rows), U_rows.dtype) @ U_rows
     M = len(taps[0][2])
     if factored:
         # Eq. (5)'s four weights factored: two interpolations along x, one along y, 9
@@ -555,8 +570,8 @@ def _sample_block(U, grid, mode, padding_mode, align_corners, factored) -> np.nd
         bottom *= wy[1]
         top += bottom
         return top.reshape(M, 1)
-    U_rows, V_rows, per_row = _squeezed(U_rows, np.empty((M, C), dtype=U.dtype))
-    weight = np.empty(M, dtype=U.dtype)
+    U_rows, V_rows, per_row = _squeezed(U_rows, np.empty((M, C), dtype=U_rows.dtype))
+    weight = np.empty(M, dtype=U_rows.dtype)
     gathered = np.empty_like(V_rows)
     for t, (j, i, rows, offset) in enumerate(taps):
         np.multiply(wy[j], wx[i], out=weight)
@@ -593,21 +608,26 @@ def _squeezed(U_rows: np.ndarray, rows: np.ndarray):
     return U_rows, rows, lambda w: w[:, None]
 
 
-def _backward(dV, U, grid, mode, padding_mode, align_corners, input_grad=True):
+def _backward(dV, U, grid, mode, padding_mode, align_corners, input_grad=True, kept_rows=None):
     """dU (eq. 6; None without input_grad) and dgrid (eq. 7) of every block, computed on
-    the worker threads."""
+    the worker threads. ``kept_rows``: the forward's padded rows of U per block (see
+    :func:`_forward`), used where a block matches one of the forward's."""
     N, C, H, W = U.shape
     _, Ho, Wo, _ = grid.shape
     # dU in channels-last memory, the blocks' rows copied as they are (as V; see
-    # grid_sample); dgrid in (N, 2, Ho, Wo) planes, as affine_grid lays out the grid: each coordinate's
-    # gradient is written, and read by affine_grid_backward, as contiguous rows.
+    # grid_sample); dgrid in (N, 2, Ho, Wo) planes, as affine_grid lays out the grid:
+    # each coordinate's gradient is written, and read by affine_grid_backward, as
+    # contiguous rows.
     dU = np.empty((N, H, W, C), dtype=U.dtype) if input_grad else None
     planes = np.empty((N, 2, Ho, Wo), dtype=grid.dtype)
     factored = _factored_bilinear(U, mode)
 
+    kept_rows = kept_rows or {}
+
     def block(sl):
         dU_block, planes[sl] = _backward_block(dV[sl], U[sl], grid[sl], mode, padding_mode,
-                                               align_corners, input_grad, factored)
+                                               align_corners, input_grad, factored,
+                                               kept_rows.get((sl.start, sl.stop)))
         if input_grad:
             dU[sl] = dU_block
 
@@ -615,9 +635,10 @@ def _backward(dV, U, grid, mode, padding_mode, align_corners, input_grad=True):
     return (None if dU is None else dU.transpose(0, 3, 1, 2)), np.moveaxis(planes, 1, -1)
 
 
-def _backward_block(dV, U, grid, mode, padding_mode, align_corners, input_grad, factored):
+def _backward_block(dV, U, grid, mode, padding_mode, align_corners, input_grad, factored,
+                    U_rows=None):
     """Gradients of one block: ``(dU as channels-last rows (n, H, W, C) or None, dgrid as
-    planes (n, 2, Ho, Wo))``.
+    planes (n, 2, Ho, Wo))``. ``U_rows``: the block's :func:`_padded_rows`, if at hand.
 
     Paper eq. (6): ``dU[h, w] = sum_i dV[i] k(x_s[i] - w) k(y_s[i] - h)``, i.e.
     ``dU = S^T dV``, a scatter of every tap's weighted dV, done as one sparse product.
@@ -645,7 +666,9 @@ def _backward_block(dV, U, grid, mode, padding_mode, align_corners, input_grad, 
     # Zeros only for nearest, whose grid gradient is zero; otherwise every value is written.
     dgrid = (np.zeros if dwx is None else np.empty)((2, n, Ho * Wo), dtype=U.dtype)
     if dwx is not None:
-        U_rows, dV_rows, _ = _squeezed(_padded_rows(U, ring), dV_rows)
+        if U_rows is None:
+            U_rows = _padded_rows(U, ring)
+        U_rows, dV_rows, _ = _squeezed(U_rows, dV_rows)
         if factored:  # the per-tap sums below, factored (bilinear, one channel)
             dx, dy = _bilinear_slopes(_corners(U_rows, taps), wx[1], wy[1])
             dx *= dV_rows

@@ -328,6 +328,34 @@ def test_non_finite_grid_raises(bad):
     assert issubclass(NonFiniteError, ValueError)
 
 
+@pytest.mark.parametrize("C", [1, 4])
+def test_backward_with_the_forwards_rows_or_without_gives_the_same_bits(rng, C):
+    # The cache keeps the forward's padded rows of U per block; a backward whose blocks
+    # differ (another thread count) rebuilds them, and so does the uncached backward.
+    from stn_numpy import _parallel
+
+    U = rng.standard_normal((6, C, 5, 7)).astype(np.float32)
+    grid = rng.uniform(-1.3, 1.3, (6, 4, 3, 2)).astype(np.float32)
+    dV = rng.standard_normal((6, C, 4, 3)).astype(np.float32)
+    original = sampling._BLOCK
+    try:
+        sampling._BLOCK = 4 * 3 * (C + 4) * 2  # two images per block
+        _parallel.set_num_threads(1)
+        _, cache = grid_sample_forward(U, grid)
+        assert sorted(cache.rows) == [(0, 2), (2, 4), (4, 6)]
+        kept = grid_sample_backward_from_cache(dV, cache)
+        _parallel.set_num_threads(2)  # four blocks now: none matches the forward's
+        assert len(sampling._blocks(6, 12, C)) == 4
+        rebuilt = grid_sample_backward_from_cache(dV, cache)
+    finally:
+        sampling._BLOCK = original
+        _parallel.set_num_threads(None)
+    for a, b in zip(kept, rebuilt, strict=True):
+        assert np.array_equal(a, b)
+    for a, b in zip(kept, grid_sample_backward(dV, U, grid), strict=True):
+        assert np.array_equal(a, b)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_bad_grid_values_in_any_block_raise_with_the_whole_grids_count(threads):
     # The forward checks the grid block by block on the worker threads; a bad value in a
