@@ -142,6 +142,19 @@ def _base_grid(H: int, W: int, align_corners: bool, dtype=_FLOAT64) -> np.ndarra
     return base
 
 
+@_cache_by_bytes(32 * 2**20)
+def _base_planes(H: int, W: int, align_corners: bool, dtype=_FLOAT64) -> np.ndarray:
+    """:func:`_base_grid` as contiguous ``(3, H W)`` planes ``x_t, y_t, 1``, read-only.
+
+    The right operand of ``affine_grid``'s products: OpenBLAS runs ``(2, 3) @ (3, P)``
+    5x faster from these planes than from a transposed view of the ``(P, 3)`` grid, with
+    the same bits (N=256 60x60, float32, one thread).
+    """
+    planes = np.ascontiguousarray(_base_grid(H, W, align_corners, dtype).reshape(H * W, 3).T)
+    planes.setflags(write=False)
+    return planes
+
+
 def target_coordinates(H: int, W: int, align_corners: bool = False, dtype=np.float64):
     """The regular target grid ``G`` of the output, shape ``(H, W, 2)`` holding ``(x_t, y_t)``.
 
@@ -205,11 +218,11 @@ def affine_grid(theta: np.ndarray, size, align_corners: bool = False) -> np.ndar
     """
     theta = _check_params("theta", theta, (None, 2, 3))
     N, _, H, W = _check_output_size(size, theta.shape[0], align_corners)
-    base = _base_grid(H, W, align_corners, theta.dtype).reshape(H * W, 3)
     # planes[n] = theta[n] @ base^T, one (2, 3) @ (3, P) product per image, so an image's
     # grid never depends on the batch around it (products of several images round
     # differently), and bands of images on worker threads give the same values as one call.
-    planes = _per_image_products(theta, base.T, (N, 2, H * W))
+    planes = _per_image_products(theta, _base_planes(H, W, align_corners, theta.dtype),
+                                 (N, 2, H * W))
     return np.moveaxis(planes.reshape(N, 2, H, W), 1, -1)
 
 

@@ -237,7 +237,8 @@ def test_shape_keyed_caches_stay_within_their_byte_budget():
     # sizes like this one kept every result alive under a bound on entries alone.
     for side in range(400, 410):
         tps_grid(theta, (1, 1, side, side))
-    for cached in (grids._base_grid, grids._tps_matrix):
+        affine_grid(np.eye(2, 3)[None], (1, 1, side, side))
+    for cached in (grids._base_grid, grids._base_planes, grids._tps_matrix):
         assert 0 < cached.cache_nbytes() <= cached.max_bytes
     # A hit still returns the value of a fresh computation.
     np.testing.assert_array_equal(
