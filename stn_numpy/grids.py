@@ -147,9 +147,9 @@ def _base_grid(H: int, W: int, align_corners: bool, dtype=_FLOAT64) -> np.ndarra
 def _base_planes(H: int, W: int, align_corners: bool, dtype=_FLOAT64) -> np.ndarray:
     """:func:`_base_grid` as contiguous ``(3, H W)`` planes ``x_t, y_t, 1``, read-only.
 
-    The right operand of ``affine_grid``'s products: OpenBLAS runs ``(2, 3) @ (3, P)``
-    5x faster from these planes than from a transposed view of the ``(P, 3)`` grid, with
-    the same bits (N=256 60x60, float32, one thread).
+    The right operand of ``affine_grid``'s products (and, transposed, of its backward's):
+    OpenBLAS runs ``(2, 3) @ (3, P)`` 5x faster from these planes than from a transposed
+    view of the ``(P, 3)`` grid, with the same bits (N=256 60x60, float32, one thread).
     """
     planes = np.ascontiguousarray(_base_grid(H, W, align_corners, dtype).reshape(H * W, 3).T)
     planes.setflags(write=False)
@@ -248,11 +248,13 @@ def affine_grid_backward(dgrid: np.ndarray, theta: np.ndarray, size, align_corne
     theta = _check_params("theta", theta, (None, 2, 3))
     N, _, H, W = _check_output_size(size, theta.shape[0], align_corners)
     dgrid = _check_dgrid(dgrid, N, H, W, theta.dtype)
-    base = _base_grid(H, W, align_corners, theta.dtype).reshape(H * W, 3)
     # dtheta[n] = planes[n] @ base, one product per image as in affine_grid, over dgrid's
     # (N, 2, H, W) planes: a view for the sampler's dgrid, a copy for an interleaved one.
+    # The base as the transposed view of its planes: OpenBLAS runs (2, P) @ (P, 3) 2.8x
+    # faster so than from the (P, 3) grid itself, with the same bits (N=256 60x60).
     planes = np.ascontiguousarray(np.moveaxis(dgrid, -1, 1)).reshape(N, 2, H * W)
-    return _per_image_products(planes, base, (N, 2, 3))
+    return _per_image_products(planes, _base_planes(H, W, align_corners, theta.dtype).T,
+                               (N, 2, 3))
 
 
 # --------------------------------------------------------------------------------------
