@@ -18,7 +18,7 @@ import itertools
 import os
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 from ._checks import parse_positive_int
 
@@ -88,7 +88,9 @@ def parallel_map(fn, items) -> None:
 
     ``fn`` returns nothing; it writes its results into disjoint slices of arrays its
     caller owns. Runs inline when there is one worker or one item (no thread hand-off).
-    The first exception raised by a call is re-raised here.
+    The first exception raised by a call is re-raised here, once the calls not yet
+    started are cancelled and those running have returned: no work goes on after it,
+    and nothing writes into the caller's arrays any more.
     """
     items = list(items)
     workers = min(get_num_threads(), len(items))
@@ -96,8 +98,15 @@ def parallel_map(fn, items) -> None:
         for item in items:
             fn(item)
         return
-    for future in [_executor(workers).submit(fn, item) for item in items]:
-        future.result()
+    futures = [_executor(workers).submit(fn, item) for item in items]
+    try:
+        for future in futures:
+            future.result()
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        wait(futures)
+        raise
 
 
 def bands(n: int, values: int, min_values: int) -> list[tuple[int, int]]:

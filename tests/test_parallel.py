@@ -69,6 +69,28 @@ def test_parallel_map_reraises_the_first_error():
         _parallel.parallel_map(fn, range(8))
 
 
+def test_parallel_map_stops_work_after_an_error():
+    # Calls not yet started are cancelled, and none still runs when the error arrives.
+    _parallel.set_num_threads(2)
+    started, running = [], []
+    gate = threading.Event()
+
+    def fn(i):
+        started.append(i)
+        running.append(i)
+        if i == 0:
+            gate.wait(5)
+            raise KeyError(i)
+        gate.set()
+        threading.Event().wait(0.05)
+        running.remove(i)
+
+    with pytest.raises(KeyError):
+        _parallel.parallel_map(fn, range(200))
+    assert running == [0]  # only the failed call, which never got to remove itself
+    assert len(started) < 200
+
+
 def test_keep_freed_memory_leaves_user_allocator_settings_alone(monkeypatch):
     monkeypatch.setattr(_parallel, "_memory_kept", False)
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1000000")
