@@ -166,9 +166,12 @@ def grid_sample_forward(U, grid, mode="bilinear", padding_mode="zeros", align_co
     cache : object
         Pass to :func:`grid_sample_backward_from_cache`. It refers to ``U`` and ``grid``
         (no copies; the backward recomputes the taps block by block, cheaper than storing
-        them), so leave both unchanged until then, and keeps the zero-padded channels-last
-        copy of ``U`` that the forward built (about the size of ``U``), which the backward
-        reads again.
+        them), so leave both unchanged until then. It also keeps the zero-padded
+        channels-last copy of ``U`` that the forward built, ``(H + 2 r)(W + 2 r) / (H W)``
+        times the size of ``U`` (``r`` = 2 for bilinear, 4 for bicubic; none for nearest),
+        which the backward reads again wherever its blocks are the forward's (the same
+        worker count). A ``U`` changed in between would thus be read partly as it was
+        and partly as it is.
     """
     _check_inputs(U, grid, mode, padding_mode, align_corners, grid_range=False)
     rows = {}
@@ -515,7 +518,7 @@ def _forward(U, grid, mode, padding_mode, align_corners, keep_rows=None) -> np.n
         if not _within_range(grid[sl], size):
             raise _OutOfRange
         U_rows = _padded_rows(U[sl], _RING[mode])
-        if keep_rows is not None:
+        if keep_rows is not None and mode != "nearest":  # nearest's backward reads no U
             keep_rows[sl.start, sl.stop] = U_rows
         V_rows = _sample_block(U_rows, U.shape[1:], grid[sl], mode, padding_mode,
                                align_corners, factored)
@@ -525,9 +528,11 @@ def _forward(U, grid, mode, padding_mode, align_corners, keep_rows=None) -> np.n
     try:
         parallel_map(block, _blocks(N, Ho * Wo, C))
     except _OutOfRange:
-        _check_grid_range(grid, size)  # raises, counting the bad values of the whole grid
-        raise
-    return V.transpose(0, 3, 1, 2)
+        pass  # raised below, outside the handler: the internal signal is not chained
+    else:
+        return V.transpose(0, 3, 1, 2)
+    _check_grid_range(grid, size)  # raises, counting the bad values of the whole grid
+    raise AssertionError("a block found the grid out of range but the whole grid passed")
 
 
 class _OutOfRange(Exception):

@@ -151,6 +151,7 @@ class SpatialTransformer(Layer):
         V : ndarray, shape (N, C, H_o, W_o)
         """
         U = check_float_array("x", x, ndim=4)
+        self._sampler_cache = None  # the previous step's, freed before this one's is made
         N, C, H, W = U.shape
         Ho, Wo = self.out_size or (H, W)
         theta_flat = self.localization.forward(U, train=train)

@@ -337,23 +337,35 @@ def test_backward_with_the_forwards_rows_or_without_gives_the_same_bits(rng, C):
     U = rng.standard_normal((6, C, 5, 7)).astype(np.float32)
     grid = rng.uniform(-1.3, 1.3, (6, 4, 3, 2)).astype(np.float32)
     dV = rng.standard_normal((6, C, 4, 3)).astype(np.float32)
-    original = sampling._BLOCK
+    original, padded_rows = sampling._BLOCK, sampling._padded_rows
     try:
         sampling._BLOCK = 4 * 3 * (C + 4) * 2  # two images per block
         _parallel.set_num_threads(1)
         _, cache = grid_sample_forward(U, grid)
         assert sorted(cache.rows) == [(0, 2), (2, 4), (4, 6)]
+        built = []
+
+        def counting(U_block, ring):
+            built.append(len(U_block))
+            return padded_rows(U_block, ring)
+
+        sampling._padded_rows = counting
         kept = grid_sample_backward_from_cache(dV, cache)
-        _parallel.set_num_threads(2)  # four blocks now: none matches the forward's
-        assert len(sampling._blocks(6, 12, C)) == 4
+        assert built == []  # every block read the forward's rows
+        _parallel.set_num_threads(2)  # blocks (0,1) (1,3) (3,4) (4,6): one is the forward's
+        assert [(b.start, b.stop) for b in sampling._blocks(6, 12, C)] == [
+            (0, 1), (1, 3), (3, 4), (4, 6)]
         rebuilt = grid_sample_backward_from_cache(dV, cache)
+        assert sorted(built) == [1, 1, 2]  # the three others rebuilt theirs
     finally:
+        sampling._padded_rows = padded_rows
         sampling._BLOCK = original
         _parallel.set_num_threads(None)
     for a, b in zip(kept, rebuilt, strict=True):
         assert np.array_equal(a, b)
     for a, b in zip(kept, grid_sample_backward(dV, U, grid), strict=True):
         assert np.array_equal(a, b)
+    assert grid_sample_forward(U, grid, mode="nearest")[1].rows == {}  # never read again
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -372,8 +384,9 @@ def test_bad_grid_values_in_any_block_raise_with_the_whole_grids_count(threads):
         _parallel.set_num_threads(threads)
         assert len(sampling._blocks(6, 4, 1)) == 6
         for call in (grid_sample, grid_sample_forward):
-            with pytest.raises(NonFiniteError, match="grid contains 2 non-finite"):
+            with pytest.raises(NonFiniteError, match="grid contains 2 non-finite") as error:
                 call(U, grid)
+            assert error.value.__context__ is None  # no internal exception chained to it
         grid[2, 0, 0, 1] = grid[5, 1, 1, 0] = 0.0
         grid[4, 0, 1, 0] = np.finfo(np.float64).max / 3
         with pytest.raises(NonFiniteError, match="1 value.s. beyond"):
