@@ -57,7 +57,8 @@ __all__ = [
 # The affine products go to worker threads from this many grid values on: below it a
 # hand-off to a thread costs more than it saves (measured on a 2-core Xeon, products from
 # the contiguous base planes: two bands 1.4x faster forward and 2x backward at 1.8M
-# values, N=256 60x60; even at 0.9M; slower at 0.46M values and below).
+# values, N=256 60x60; about even at 0.9M, the forward faster and the backward slower;
+# slower at 0.46M values and below).
 _PARALLEL_MIN_VALUES = 2**20
 
 
@@ -149,7 +150,9 @@ def _base_planes(H: int, W: int, align_corners: bool, dtype=_FLOAT64) -> np.ndar
 
     The right operand of ``affine_grid``'s products (and, transposed, of its backward's):
     OpenBLAS runs ``(2, 3) @ (3, P)`` 5x faster from these planes than from a transposed
-    view of the ``(P, 3)`` grid, with the same bits (N=256 60x60, float32, one thread).
+    view of the ``(P, 3)`` grid (N=256 60x60, float32, one thread). The forward's bits are
+    the same as from the grid; the backward's too in float32, while in float64 OpenBLAS
+    rounds some sums of 16 to 31 points differently in the two orientations (by an ulp).
     """
     planes = np.ascontiguousarray(_base_grid(H, W, align_corners, dtype).reshape(H * W, 3).T)
     planes.setflags(write=False)
@@ -251,7 +254,7 @@ def affine_grid_backward(dgrid: np.ndarray, theta: np.ndarray, size, align_corne
     # dtheta[n] = planes[n] @ base, one product per image as in affine_grid, over dgrid's
     # (N, 2, H, W) planes: a view for the sampler's dgrid, a copy for an interleaved one.
     # The base as the transposed view of its planes: OpenBLAS runs (2, P) @ (P, 3) 2.8x
-    # faster so than from the (P, 3) grid itself, with the same bits (N=256 60x60).
+    # faster so than from the (P, 3) grid itself (N=256 60x60; see _base_planes for bits).
     planes = np.ascontiguousarray(np.moveaxis(dgrid, -1, 1)).reshape(N, 2, H * W)
     return _per_image_products(planes, _base_planes(H, W, align_corners, theta.dtype).T,
                                (N, 2, 3))
