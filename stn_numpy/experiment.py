@@ -111,7 +111,7 @@ class ExperimentConfig:
 
 CONFIGS = {
     "full": ExperimentConfig(train_limit=None, test_limit=None, epochs=10, seeds=(0, 1),
-                             st_epochs=(("rts", 20), ("tc", 30))),
+                             st_epochs=(("rts", 25), ("tc", 30))),
     "tiny": ExperimentConfig(train_limit=256, test_limit=128, epochs=1, seeds=(0, 1),
                              whole_split=False),
 }
