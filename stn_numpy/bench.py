@@ -460,7 +460,7 @@ def _row(case: str, fn_ours, fn_torch, timing: tuple[int, int, int]) -> dict:
         ours.append(best_ms(fn_ours, repeats, warmup))
         if fn_torch is not None:
             theirs.append(best_ms(fn_torch, repeats, warmup))
-    per_round = [o / t for o, t in zip(ours, theirs)]
+    per_round = [o / t for o, t in zip(ours, theirs, strict=True)] if theirs else []
     return {"case": case, "ours_ms": min(ours), "torch_ms": min(theirs) if theirs else None,
             "ratio": min(ours) / min(theirs) if theirs else None,
             "ratio_range": [min(per_round), max(per_round)] if theirs else None,

@@ -46,9 +46,9 @@ the GIL inside each array operation). ``V`` sums one weighted gather per tap; ``
 scatters the weighted dV through one sparse ``S^T`` product per block; ``dgrid`` gathers
 again. The backward recomputes the taps instead of storing them: in cache this costs
 less than writing and re-reading them. It does reuse the forward's zero-padded,
-channels-last copy of U, whose rebuilding is a transposing copy. Each output value depends on its own image
-alone and sums its taps in a fixed order, so every result is bit-identical for any split
-into blocks and any number of threads.
+channels-last copy of U, whose rebuilding is a transposing copy. Each output value
+depends on its own image alone and sums its taps in a fixed order, so every result is
+bit-identical for any split into blocks and any number of threads.
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ def _check_rows(rows, with_torch: bool, rounds: int = 1) -> None:
             assert r["torch_ms"] == min(r["torch_rounds_ms"])
             assert len(r["torch_rounds_ms"]) == rounds
             assert r["ratio"] == pytest.approx(r["ours_ms"] / r["torch_ms"])
-            per_round = [o / t for o, t in zip(r["ours_rounds_ms"], r["torch_rounds_ms"])]
+            per_round = [o / t for o, t in zip(r["ours_rounds_ms"], r["torch_rounds_ms"],
+                                                   strict=True)]
             assert r["ratio_range"] == pytest.approx([min(per_round), max(per_round)])
         else:
             assert r["torch_ms"] is None and r["ratio"] is None, r
