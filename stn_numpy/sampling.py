@@ -174,9 +174,9 @@ def grid_sample_forward(U, grid, mode="bilinear", padding_mode="zeros", align_co
         and partly as it is.
     """
     _check_inputs(U, grid, mode, padding_mode, align_corners, grid_range=False)
-    rows = {}
-    V = _forward(U, grid, mode, padding_mode, align_corners, keep_rows=rows)
-    return V, _SamplingCache(U, grid, (mode, padding_mode, align_corners), rows)
+    rows, factored = {}, _factored_bilinear(U, mode)
+    V = _forward(U, grid, mode, padding_mode, align_corners, keep_rows=rows, factored=factored)
+    return V, _SamplingCache(U, grid, (mode, padding_mode, align_corners), rows, factored)
 
 
 def grid_sample_backward_from_cache(dV, cache, input_grad=True):
@@ -209,7 +209,7 @@ def grid_sample_backward_from_cache(dV, cache, input_grad=True):
     if dV.dtype != U.dtype:
         raise TypeError(f"dV must have the dtype of U, {U.dtype}, got {dV.dtype}")
     return _backward(dV, U, grid, *cache.options, input_grad=bool(input_grad),
-                     kept_rows=cache.rows)
+                     kept_rows=cache.rows, factored=cache.factored)
 
 
 # --------------------------------------------------------------------------------------
@@ -429,6 +429,9 @@ class _SamplingCache:
     # The forward's padded rows of U per block, {(start, stop): rows}: the backward reads
     # them again, and keeping them costs memory where rebuilding costs a transposing copy.
     rows: dict = field(default_factory=dict)
+    # The forward's _factored_bilinear(U, mode), two reductions over U not made again; None
+    # when there was no forward (grid_sample_backward).
+    factored: bool | None = None
 
 
 def _blocks(N: int, points: int, C: int) -> list[slice]:
@@ -500,16 +503,17 @@ def _block_taps(grid, image_hw, mode, padding_mode, align_corners, fractions_onl
     return taps, (wx, *x_grads), (wy, *y_grads)
 
 
-def _forward(U, grid, mode, padding_mode, align_corners, keep_rows=None) -> np.ndarray:
+def _forward(U, grid, mode, padding_mode, align_corners, keep_rows=None,
+             factored=None) -> np.ndarray:
     """V of every block, computed on the worker threads; a ``(N, C, H_o, W_o)`` view of
     channels-last rows, where each block's ``(M, C)`` rows are copied as they are.
     ``keep_rows``, a dict, receives each block's :func:`_padded_rows`, keyed by
-    ``(start, stop)``."""
+    ``(start, stop)``; ``factored`` is :func:`_factored_bilinear`, computed when None."""
     N, C, H, W = U.shape
     _, Ho, Wo, _ = grid.shape
     V = np.empty((N, Ho, Wo, C), dtype=U.dtype)
-
-    factored = _factored_bilinear(U, mode)
+    if factored is None:
+        factored = _factored_bilinear(U, mode)
     size = max(H, W)
 
     def block(sl):
@@ -613,10 +617,12 @@ def _squeezed(U_rows: np.ndarray, rows: np.ndarray):
     return U_rows, rows, lambda w: w[:, None]
 
 
-def _backward(dV, U, grid, mode, padding_mode, align_corners, input_grad=True, kept_rows=None):
+def _backward(dV, U, grid, mode, padding_mode, align_corners, input_grad=True, kept_rows=None,
+              factored=None):
     """dU (eq. 6; None without input_grad) and dgrid (eq. 7) of every block, computed on
     the worker threads. ``kept_rows``: the forward's padded rows of U per block (see
-    :func:`_forward`), used where a block matches one of the forward's."""
+    :func:`_forward`), used where a block matches one of the forward's; ``factored`` as
+    for :func:`_forward`."""
     N, C, H, W = U.shape
     _, Ho, Wo, _ = grid.shape
     # dU in channels-last memory, the blocks' rows copied as they are (as V; see
@@ -625,7 +631,8 @@ def _backward(dV, U, grid, mode, padding_mode, align_corners, input_grad=True, k
     # contiguous rows.
     dU = np.empty((N, H, W, C), dtype=U.dtype) if input_grad else None
     planes = np.empty((N, 2, Ho, Wo), dtype=grid.dtype)
-    factored = _factored_bilinear(U, mode)
+    if factored is None:
+        factored = _factored_bilinear(U, mode)
 
     kept_rows = kept_rows or {}
 

@@ -330,14 +330,16 @@ def test_non_finite_grid_raises(bad):
 
 @pytest.mark.parametrize("C", [1, 4])
 def test_backward_with_the_forwards_rows_or_without_gives_the_same_bits(rng, C):
-    # The cache keeps the forward's padded rows of U per block; a backward whose blocks
-    # differ (another thread count) rebuilds them, and so does the uncached backward.
+    # The cache keeps the forward's padded rows of U per block (and whether it took the
+    # factored form); a backward whose blocks differ (another thread count) rebuilds the
+    # rows, and so does the uncached backward.
     from stn_numpy import _parallel
 
     U = rng.standard_normal((6, C, 5, 7)).astype(np.float32)
     grid = rng.uniform(-1.3, 1.3, (6, 4, 3, 2)).astype(np.float32)
     dV = rng.standard_normal((6, C, 4, 3)).astype(np.float32)
     original, padded_rows = sampling._BLOCK, sampling._padded_rows
+    factored_bilinear = sampling._factored_bilinear
     try:
         sampling._BLOCK = 4 * 3 * (C + 4) * 2  # two images per block
         _parallel.set_num_threads(1)
@@ -350,7 +352,9 @@ def test_backward_with_the_forwards_rows_or_without_gives_the_same_bits(rng, C):
             return padded_rows(U_block, ring)
 
         sampling._padded_rows = counting
+        sampling._factored_bilinear = None  # the cache's answer is used, not recomputed
         kept = grid_sample_backward_from_cache(dV, cache)
+        sampling._factored_bilinear = factored_bilinear
         assert built == []  # every block read the forward's rows
         _parallel.set_num_threads(2)  # blocks (0,1) (1,3) (3,4) (4,6): one is the forward's
         assert [(b.start, b.stop) for b in sampling._blocks(6, 12, C)] == [
@@ -359,6 +363,7 @@ def test_backward_with_the_forwards_rows_or_without_gives_the_same_bits(rng, C):
         assert sorted(built) == [1, 1, 2]  # the three others rebuilt theirs
     finally:
         sampling._padded_rows = padded_rows
+        sampling._factored_bilinear = factored_bilinear
         sampling._BLOCK = original
         _parallel.set_num_threads(None)
     for a, b in zip(kept, rebuilt, strict=True):
