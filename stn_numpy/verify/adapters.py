@@ -5,7 +5,7 @@ Each adapter turns a library's image sampler into
 arrays, so :func:`~stn_numpy.verify.parity_matrix` and the atlas can compare it with this
 reference. dU and dgrid are the gradients of ``sum(V * dV)``; a library that does not
 differentiate returns None for both. A combination the library cannot express raises
-:class:`~stn_numpy.verify.parity.Unsupported` (the row shows N/A).
+:class:`~stn_numpy.verify.common.Unsupported` (the row shows N/A).
 
 The coordinate conversion is the same for all of them. These libraries take *pixel*
 coordinates, pixel ``k`` having its centre at ``k``; a normalized grid point
@@ -14,7 +14,7 @@ coordinates, pixel ``k`` having its centre at ``k``; a normalized grid point
     x = (x_s + 1) * (W - 1) / 2          (align_corners=True)
     x = (x_s + 1) * W / 2 - 1/2          (align_corners=False)
 
-and likewise y with H (:func:`~stn_numpy.verify.parity.pixel_coordinates`, rounded as
+and likewise y with H (:func:`~stn_numpy.verify.common.pixel_coordinates`, rounded as
 this package rounds it), so ``align_corners`` is always expressible and a difference the
 atlas shows is the library's. The padding mode is then a choice of the library's boundary
 mode; ``reflection`` means reflecting about the outermost pixel centres with
@@ -36,7 +36,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .parity import Unsupported, pixel_coordinates
+from .common import Unsupported, pixel_coordinates
 
 __all__ = ["ADAPTERS", "Adapter", "LibraryNotInstalledError", "load_adapter"]
 
