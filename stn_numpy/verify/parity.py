@@ -558,7 +558,8 @@ def parity_matrix(other=None, *, dtype=np.float64, seed: int = 0, shape=(2, 3, 5
         None or ``"torch"``: PyTorch's ``F.grid_sample`` and ``F.affine_grid`` on the CPU,
         gradients by autograd (raises :class:`TorchNotInstalledError` without torch).
         Another library name of :data:`stn_numpy.verify.adapters.ADAPTERS` (``"scipy"``,
-        ``"jax"``, ``"opencv"``, ``"skimage"``): its adapter. A callable
+        ``"jax"``, ``"opencv"``, ``"skimage"``, ``"onnxruntime"``, ``"onnx-reference"``):
+        its adapter. A callable
         ``other(U, grid, dV, mode, padding_mode, align_corners) -> (V, dU, dgrid)`` on
         NumPy arrays, dU and dgrid being the gradients of ``sum(V * dV)`` (or None);
         affine rows are run for torch only.
@@ -615,5 +616,5 @@ def resolve(other, default):
             return load_adapter(other), None
     if callable(other):
         return other, None
-    raise TypeError(f"other must be None, 'torch', one of scipy, jax, opencv, skimage, or a "
+    raise TypeError(f"other must be None, 'torch', one of {', '.join(ADAPTERS)}, or a "
                     f"callable, got {other!r}")
