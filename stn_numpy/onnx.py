@@ -20,6 +20,8 @@ the sampler              ``GridSample`` (mode ``linear``/``nearest``/``cubic``, 
 affine grid              ``AffineGrid`` on theta reshaped to ``(N, 2, 3)``
 attention grid           ``Mul``, ``Add``: ``s (x_t, y_t) + (t_x, t_y)`` over the constant
                          target grid
+similarity grid          ``Exp``, ``Cos``, ``Sin``, ``Mul``, ``Neg``, ``Concat``: the affine
+                         matrix ``s R(a)`` beside ``(t_x, t_y)``, then ``AffineGrid``
 projective grid          ``Pad`` (h_33 = 1), ``MatMul`` with the homogeneous target points,
                          ``Div`` by the third coordinate
 thin-plate spline grid   ``MatMul`` by the constant ``(H_o W_o, K)`` matrix ``M`` of
@@ -184,6 +186,14 @@ def _batch_shape(g: _Graph, prefix: str, *tail: int) -> str:
     return g.const(f"{prefix}shape", [0, *tail], np.int64)  # Reshape's 0: keep that axis
 
 
+def _columns(g, theta, prefix, *names):
+    """``theta[:, i:i + 1]`` for each name in order, each ``(N, 1)``."""
+    axis = g.const(f"{prefix}axis1", [1], np.int64)
+    return [g.node("Slice", [theta, g.const(f"{prefix}{n}.start", [i], np.int64),
+                             g.const(f"{prefix}{n}.end", [i + 1], np.int64), axis],
+                   f"{prefix}{n}") for i, n in enumerate(names)]
+
+
 def _affine(g, st, theta, Ho, Wo, prefix):
     theta = g.node("Reshape", [theta, _batch_shape(g, prefix, 2, 3)], f"{prefix}theta")
     N = g.node("Shape", [theta], f"{prefix}N", start=0, end=1)
@@ -199,17 +209,24 @@ def _target(g, st, Ho, Wo):
 
 
 def _attention(g, st, theta, Ho, Wo, prefix):
-    s = g.node("Slice", [theta, g.const(f"{prefix}s.start", [0], np.int64),
-                         g.const(f"{prefix}s.end", [1], np.int64),
-                         g.const(f"{prefix}axis1", [1], np.int64)], f"{prefix}s")
-    t = g.node("Slice", [theta, g.const(f"{prefix}t.start", [1], np.int64),
-                         g.const(f"{prefix}t.end", [3], np.int64), f"{prefix}axis1"],
-               f"{prefix}t")
+    s, tx, ty = _columns(g, theta, prefix, "s", "t_x", "t_y")
+    t = g.node("Concat", [tx, ty], f"{prefix}t", axis=1)
     s = g.node("Reshape", [s, _batch_shape(g, f"{prefix}s.", 1, 1, 1)], f"{prefix}s.nhwc")
     t = g.node("Reshape", [t, _batch_shape(g, f"{prefix}t.", 1, 1, 2)], f"{prefix}t.nhwc")
     scaled = g.node("Mul", [s, g.const(f"{prefix}target", _target(g, st, Ho, Wo))],
                     f"{prefix}scaled")
     return g.node("Add", [scaled, t], f"{prefix}grid")
+
+
+def _similarity(g, st, theta, Ho, Wo, prefix):
+    # A = [[s cos a, -s sin a, t_x], [s sin a, s cos a, t_y]], s = exp(log s), then AffineGrid.
+    a, log_s, tx, ty = _columns(g, theta, prefix, "a", "log_s", "t_x", "t_y")
+    s = g.node("Exp", [log_s], f"{prefix}s")
+    cos = g.node("Mul", [s, g.node("Cos", [a], f"{prefix}cos_a")], f"{prefix}s_cos_a")
+    sin = g.node("Mul", [s, g.node("Sin", [a], f"{prefix}sin_a")], f"{prefix}s_sin_a")
+    minus_sin = g.node("Neg", [sin], f"{prefix}minus_s_sin_a")
+    A = g.node("Concat", [cos, minus_sin, tx, sin, cos, ty], f"{prefix}A", axis=1)
+    return _affine(g, st, A, Ho, Wo, f"{prefix}affine.")
 
 
 def _projective(g, st, theta, Ho, Wo, prefix):
@@ -239,7 +256,8 @@ def _tps(g, st, theta, Ho, Wo, prefix):
 
 
 #: transform -> builder of its grid from theta (N, P) in the graph
-_GRIDS = {"affine": _affine, "attention": _attention, "projective": _projective, "tps": _tps}
+_GRIDS = {"affine": _affine, "attention": _attention, "similarity": _similarity,
+          "projective": _projective, "tps": _tps}
 
 
 def to_onnx(model: Model, dtype=np.float32):

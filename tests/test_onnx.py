@@ -18,8 +18,9 @@ import stn_numpy.onnx as stn_onnx
 from stn_numpy import build_model, load_model
 from stn_numpy.cli import main
 from stn_numpy.gradcheck import rel_error
+from stn_numpy.models import ARCHITECTURES, MIN_ST_SIZE
 from stn_numpy.train import TrainConfig, load_split, train
-from stn_numpy.transformer import identity_parameters
+from stn_numpy.transformer import TRANSFORMS, identity_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 MISSING = 'onnx not installed: pip install -e ".[onnx]"'
@@ -27,7 +28,7 @@ TOL = 1e-5
 #: The operators an exported graph may use: the layers' and the grid generators'.
 PLAIN_OPS = {"Sub", "Div", "Conv", "MaxPool", "Relu", "Flatten", "Gemm", "Identity",
              "Reshape", "Shape", "Concat", "AffineGrid", "GridSample", "Slice", "Mul", "Add",
-             "Pad", "Transpose", "MatMul"}
+             "Pad", "Transpose", "MatMul", "Exp", "Cos", "Sin", "Neg"}
 
 
 def need_onnx():
@@ -109,9 +110,13 @@ def test_exported_paper_stcnn_matches_on_rts_digits(trained, tmp_path):
     assert_matches(model, outputs, X)
 
 
-KINDS = [(arch, transform, {}) for arch in ("stn", "paper-stcnn")
-         for transform in ("affine", "attention", "projective", "tps")]
-KINDS += [("cnn", None, {}), ("paper-cnn", None, {}),
+# Every architecture, every transform head of those with a transformer, both paper
+# localisation nets, and other sampler settings.
+WITH_TRANSFORMER = [arch for arch in ARCHITECTURES if arch in MIN_ST_SIZE]
+KINDS = [(arch, transform, {}) for arch in WITH_TRANSFORMER for transform in TRANSFORMS]
+KINDS += [(arch, None, {}) for arch in ARCHITECTURES if arch not in WITH_TRANSFORMER]
+KINDS += [("paper-stcnn", "affine", {"loc_net": "fcn"}),
+          ("paper-stfcn", "affine", {"loc_net": "cnn"}),
           ("stn", "affine", {"mode": "bicubic", "padding_mode": "border", "align_corners": True}),
           ("stn", "affine", {"mode": "nearest", "padding_mode": "reflection"}),
           ("stn", "tps", {"padding_mode": "reflection", "align_corners": True, "st_size": 20})]
