@@ -185,7 +185,8 @@ def test_committed_atlas_is_current():
 
 
 # JAX is left out: it compiles once per shape and setting, 18 s here for the edge cases.
-@pytest.mark.parametrize("name", ["scipy", "opencv", "skimage"])
+@pytest.mark.parametrize("name", ["scipy", "opencv", "skimage", "onnxruntime",
+                                  "onnx-reference"])
 def test_every_adapter_gets_through_the_golden_edge_cases(name, tmp_path):
     # One-pixel axes, coordinates 1e6 pixels out, ties: a library that hangs or crashes
     # on one of them must show N/A or FAIL for that row, never stop the check.
@@ -198,3 +199,12 @@ def test_every_adapter_gets_through_the_golden_edge_cases(name, tmp_path):
         assert {r.case for r in rows if r.status == "N/A"} == {
             "edge/height_1/bicubic/reflection/align_corners=True",
             "edge/width_1/bicubic/reflection/align_corners=True"}
+    if name == "onnxruntime":
+        # Its nearest rounds the point before reflecting it; PyTorch reflects, then rounds.
+        assert [r.case for r in rows if not r.passed] == [
+            "edge/nearest_ties/nearest/reflection/align_corners=False"]
+    if name == "onnx-reference":
+        # _gs_reflect divides by the axis' extent, 0 for one pixel with align_corners=True.
+        assert {r.case for r in rows if r.status == "ERROR"} == {
+            f"edge/{axis}_1/{mode}/reflection/align_corners=True"
+            for axis in ("height", "width") for mode in ("bilinear", "bicubic")}

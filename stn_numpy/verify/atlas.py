@@ -148,6 +148,16 @@ _ONNX_REFERENCE_NOTES = {
                 "so float64 input agrees to float32 round-off only",
     "bicubic": "pixel coordinates in float32, as for linear",
 }
+#: Both round the point to the nearest pixel first and reflect the integer after, where
+#: PyTorch reflects the point and rounds the reflection: measured on the golden file's
+#: nearest_ties case, which the parity inputs here do not hold.
+_ONNX_NEAREST_REFLECTION = (
+    "; rounds the point first and reflects the pixel index after (PyTorch reflects, then "
+    "rounds): with align_corners=False a half-pixel tie outside the image lands on the "
+    "other neighbour (golden edge case nearest_ties)")
+_ONNX_REFERENCE_REFLECTION = (
+    "; an axis of one pixel with align_corners=True raises OverflowError (_gs_reflect "
+    "divides by the axis' extent, 0 there)")
 _ONNX_REFERENCE_BORDER_CUBIC = (
     "; border: a point beyond the border lines (the outer pixel centres with "
     "align_corners=True, edges with False) is first clamped into [0, W - 1], and its 16 taps "
@@ -164,6 +174,10 @@ def _onnx(runtime: str, notes: dict):
                 continue  # the same graph as opset 20's
             for padding in PADDING_MODES:
                 note = notes[mode]
+                if mode == "nearest" and padding == "reflection":
+                    note += _ONNX_NEAREST_REFLECTION
+                if runtime == "onnx-reference" and padding == "reflection" and mode != "nearest":
+                    note += _ONNX_REFERENCE_REFLECTION
                 if runtime == "onnx-reference" and mode == "bicubic" and padding == "border":
                     note += _ONNX_REFERENCE_BORDER_CUBIC
                 out.append(Setting(
