@@ -89,6 +89,8 @@ def _elem_type(dtype) -> int:
 def grid_sample_node(inputs, output: str, mode: str, padding_mode: str, align_corners: bool,
                      opset: int = OPSET, name: str | None = None):
     """A ``GridSample`` node with this package's settings in the attribute names of ``opset``."""
+    if opset < 16:
+        raise ValueError(f"opset must be at least 16 (GridSample's first), got {opset}")
     helper = import_onnx().helper
     names = GRID_SAMPLE_MODES[16 if opset < 20 else 20]
     return helper.make_node("GridSample", list(inputs), [output], name=name,

@@ -178,6 +178,8 @@ def test_bad_arguments():
         stn_onnx.to_onnx(object())
     with pytest.raises(TypeError, match="dtype must be float32 or float64, got int64"):
         stn_onnx.to_onnx(build_model("cnn"), np.int64)
+    with pytest.raises(ValueError, match="opset must be at least 16"):
+        stn_onnx.grid_sample_model("bilinear", "zeros", False, opset=11)
 
 
 def test_cli_errors(tmp_path, monkeypatch, capsys):
