@@ -26,10 +26,10 @@ and record the rotation they undo after every epoch. After every finished run it
   ``<out>/epochs.png`` (every run's test error and transformer measure against epoch).
 
 ``results.md`` names files only relative to ``<out>``, so the folder can be committed.
-:func:`readme_block` gives the README's account of the same results (the tables, the
-settings and the main figures, linked relative to the README), and :func:`update_readme`
-writes it between the README's ``README_START`` and ``README_END`` markers, so that every
-number there comes from the runs (``stn-numpy experiment --readme README.md``).
+:func:`readme_block` gives the experiment page's account of the same results (the tables,
+the settings and the main figures, linked relative to the page), and :func:`update_readme`
+writes it between the page's ``README_START`` and ``README_END`` markers, so that every
+number there comes from the runs (``stn-numpy experiment --page docs/experiment.md``).
 """
 
 from __future__ import annotations

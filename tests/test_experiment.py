@@ -325,16 +325,16 @@ def test_cli_readme_regenerates_the_block_from_finished_runs(tmp_path, capsys):
         results, CONFIGS["tiny"], out, tmp_path)
 
 
-def test_committed_readme_block_is_what_the_committed_results_give():
-    # The README's experiment block is written by `stn-numpy experiment --out
-    # notebooks/experiment --readme README.md`, never by hand.
-    out = REPO / "notebooks" / "experiment"
+def test_committed_page_block_is_what_the_committed_results_give():
+    # The experiment page's block is written by `stn-numpy experiment --out
+    # notebooks/experiment --page docs/experiment.md`, never by hand.
+    out, page = REPO / "notebooks" / "experiment", REPO / "docs" / "experiment.md"
     if not (out / "results.json").is_file():
-        pytest.skip("notebooks/experiment/results.json is not committed: the README's "
-                    "experiment block has no results to be checked against")
+        pytest.skip("notebooks/experiment/results.json is not committed: the experiment "
+                    "page's block has no results to be checked against")
     results, config = read_results(out)
-    assert read_marked(REPO / "README.md", README_START, README_END) == readme_block(
-        results, config, out, REPO)
+    assert read_marked(page, README_START, README_END) == readme_block(
+        results, config, out, page.parent)
 
 
 def test_no_epochs_figure_without_per_epoch_data(tmp_path):
