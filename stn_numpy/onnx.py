@@ -6,28 +6,28 @@
 The graph uses opset 20 and plain operators only, one node (or a few) per layer, so that
 it reads in a viewer such as Netron:
 
-=======================  ====================================================================
-this package             ONNX
-=======================  ====================================================================
-``Normalize``            ``Sub``, ``Div`` (the MNIST mean and standard deviation)
-``Conv2d``               ``Conv`` (stride 1, no padding)
-``MaxPool2d(k)``         ``MaxPool`` (kernel and stride ``k``, floor of the output size)
-``ReLU``, ``Flatten``    ``Relu``, ``Flatten`` (axis 1)
-``Linear``               ``Gemm`` (``transB=1``: ``x W^T + b``)
-``Dropout``(``2d``)      nothing: the identity in evaluation
-the sampler              ``GridSample`` (mode ``linear``/``nearest``/``cubic``, padding mode,
-                         align_corners)
-affine grid              ``AffineGrid`` on theta reshaped to ``(N, 2, 3)``
-attention grid           ``Mul``, ``Add``: ``s (x_t, y_t) + (t_x, t_y)`` over the constant
-                         target grid
-similarity grid          ``Exp``, ``Cos``, ``Sin``, ``Mul``, ``Neg``, ``Concat``: the affine
-                         matrix ``s R(a)`` beside ``(t_x, t_y)``, then ``AffineGrid``
-projective grid          ``Pad`` (h_33 = 1), ``MatMul`` with the homogeneous target points,
-                         ``Div`` by the third coordinate
-thin-plate spline grid   ``MatMul`` by the constant ``(H_o W_o, K)`` matrix ``M`` of
-                         :func:`~stn_numpy.tps_grid` (the spline is linear in its control
-                         points, so no solve is left for the runtime)
-=======================  ====================================================================
+==========================  ========================================================================
+this package                ONNX
+==========================  ========================================================================
+``Normalize``               ``Sub``, ``Div`` (the MNIST mean and standard deviation)
+``Conv2d``                  ``Conv`` (stride 1, no padding)
+``MaxPool2d(k)``            ``MaxPool`` (kernel and stride ``k``, floor of the output size)
+``ReLU``, ``Flatten``       ``Relu``, ``Flatten`` (axis 1)
+``Linear``                  ``Gemm`` (``transB=1``: ``x W^T + b``)
+``Dropout``, ``Dropout2d``  nothing: the identity in evaluation
+the sampler                 ``GridSample`` (mode ``linear``/``nearest``/``cubic``, padding mode,
+                            align_corners)
+affine grid                 ``AffineGrid`` on theta reshaped to ``(N, 2, 3)``
+attention grid              ``Mul``, ``Add``: ``s (x_t, y_t) + (t_x, t_y)`` over the constant
+                            target grid
+similarity grid             ``Exp``, ``Cos``, ``Sin``, ``Mul``, ``Neg``, ``Concat``: the affine
+                            matrix ``s R(a)`` beside ``(t_x, t_y)``, then ``AffineGrid``
+projective grid             ``Pad`` (h_33 = 1), ``MatMul`` with the homogeneous target points,
+                            ``Div`` by the third coordinate
+thin-plate spline grid      ``MatMul`` by the constant ``(H_o W_o, K)`` matrix ``M`` of
+                            :func:`~stn_numpy.tps_grid` (the spline is linear in its control
+                            points, so no solve is left for the runtime)
+==========================  ========================================================================
 
 Every transform head is expressible; none is refused. The graph's input is ``images``
 ``(N, 1, H, W)`` (N free) in ``[0, 1]``; its outputs are ``logits`` ``(N, 10)`` and, for a
