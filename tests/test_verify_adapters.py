@@ -139,6 +139,14 @@ def test_main_against_a_library(capsys):
     assert "6/12 cases within tol 1e-10" in out and "6 not expressible" in out
 
 
+def test_main_against_onnxruntime(capsys):
+    need("onnxruntime")
+    assert main(["verify", "--against", "onnxruntime"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("stn_numpy vs onnxruntime (float64, seed 0)")
+    assert "18/18 cases within tol 1e-10" in out
+
+
 def test_atlas_rows_and_markdown():
     need("scipy")
     rows = {r.setting: r for r in atlas.measure("scipy")}
