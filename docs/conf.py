@@ -43,6 +43,10 @@ autodoc_typehints = "none"  # the numpydoc Parameters section says the types and
 autodoc_member_order = "bysource"
 numpydoc_show_class_members = False
 numpydoc_xref_param_type = False
+# Cross-references in docstrings must resolve (-n), except to private names, which have
+# no entries by design.
+nitpicky = True
+nitpick_ignore_regex = [(r"py:.*", r"(.*\.)?_\w+(\..*)?")]
 
 html_theme = "pydata_sphinx_theme"
 html_title = f"stn-numpy {release}"

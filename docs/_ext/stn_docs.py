@@ -28,10 +28,17 @@ from pathlib import Path
 # modules that stn_numpy.__all__ names (gradcheck, reference, ...) are added after the first.
 API_MODULES = (
     "stn_numpy",
+    "stn_numpy.grids",
+    "stn_numpy.sampling",
     "stn_numpy.layers",
     "stn_numpy.transformer",
     "stn_numpy.models",
     "stn_numpy.optim",
+    "stn_numpy.checkpoint",
+    "stn_numpy.train",
+    "stn_numpy.data",
+    "stn_numpy.measures",
+    "stn_numpy.experiment",
     "stn_numpy.verify",
     "stn_numpy.verify.parity",
     "stn_numpy.verify.golden",
@@ -115,7 +122,7 @@ def api_pages(modules=None) -> dict[str, str]:
         # its entry (below, or on the page that documents it).
         lines += [".. list-table::", "   :widths: 30 70", ""]
         for name, kind, doc in rows:
-            target = doc if doc != f"{modname}.{name}" else name
+            target = doc if kind == "module" or doc != f"{modname}.{name}" else name
             summary = _summary(getattr(module, name)) if kind != "data" else ""
             lines += [f"   * - :{_ROLES[kind]}:`{name} <{target}>`", f"     - {summary}"]
         lines.append("")
@@ -196,8 +203,84 @@ def missing_entries(documented) -> list[str]:
             for name, _, doc in rows if doc not in documented]
 
 
+def documented_objects() -> dict[int, str]:
+    """The full name of the entry documenting each public object (and module), by ``id``."""
+    found = {}
+    for modname, rows in public_entries().items():
+        module = importlib.import_module(modname)
+        found.setdefault(id(module), modname)
+        for name, kind, doc in rows:
+            if kind != "data":
+                found.setdefault(id(getattr(module, name)), doc)
+    return found
+
+
+def _resolve(target: str, context: list[str]) -> list | None:
+    """The chain of objects a dotted ``target`` names, tried under each ``context`` prefix;
+    for an attribute only instances have, the chain up to its class."""
+    for prefix in context:
+        parts = [p for p in f"{prefix}.{target}".split(".") if p]
+        for i in range(len(parts), 0, -1):  # the longest importable module first
+            try:
+                obj = importlib.import_module(".".join(parts[:i]))
+            except ImportError:
+                continue
+            chain = [(".".join(parts[:i]), obj)]
+            for part in parts[i:]:
+                obj = getattr(obj, part, None)
+                if obj is None:
+                    break
+                chain.append((part, obj))
+            else:
+                return chain
+            if len(chain) == len(parts) - i and inspect.isclass(chain[-1][1]):
+                return chain  # an attribute only instances have (``grads``): its class
+            break
+    return None
+
+
+def _documented_name(chain, names) -> str | None:
+    """The documented name of the deepest object of ``chain`` that has an entry, followed by
+    the rest of the chain; a module without a page stands for its nearest documented
+    package."""
+    for i in range(len(chain) - 1, -1, -1):
+        part, obj = chain[i]
+        rest = [p for p, _ in chain[i + 1:]]
+        owner = names.get(id(obj))
+        if owner is None and inspect.ismodule(obj) and not rest:
+            parents = obj.__name__.split(".")
+            owner = next((m for k in range(len(parents) - 1, 0, -1)
+                          if (m := ".".join(parents[:k])) in names.values()), None)
+        if owner is not None:
+            return ".".join([owner, *rest])
+    return None
+
+
+def _on_missing_reference(app, env, node, contnode):
+    """Link a name a docstring uses where it is defined (``stn_numpy.grids.affine_grid``,
+    ``build_model`` inside ``stn_numpy.models``, ``Linear`` anywhere) to the entry that
+    documents the object (``stn_numpy.affine_grid``)."""
+    if node.get("refdomain") != "py":
+        return None
+    module, cls = node.get("py:module") or "", node.get("py:class") or ""
+    target = node["reftarget"].lstrip(".")
+    context = list(dict.fromkeys([f"{module}.{cls}" if cls else module, module, ""]))
+    names = env.stn_documented
+    chain = _resolve(target, context)
+    full = _documented_name(chain, names) if chain else None
+    if full is None:  # a bare name documented exactly once: ``Linear``
+        matches = {n for n in names.values() if n.endswith("." + target)}
+        full = matches.pop() if len(matches) == 1 else None
+    if full is None:
+        return None
+    found = env.get_domain("py").resolve_any_xref(env, node["refdoc"], app.builder, full,
+                                                  node, contnode)
+    return found[0][1] if found else None
+
+
 def _on_builder_inited(app) -> None:
     generate(app.confdir)
+    app.env.stn_documented = documented_objects()
 
 
 def _on_check_consistency(app, env) -> None:
@@ -213,4 +296,5 @@ def _on_check_consistency(app, env) -> None:
 def setup(app):
     app.connect("builder-inited", _on_builder_inited)
     app.connect("env-check-consistency", _on_check_consistency)
+    app.connect("missing-reference", _on_missing_reference)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
