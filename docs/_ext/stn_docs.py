@@ -239,12 +239,13 @@ def _resolve(target: str, context: list[str]) -> list | None:
     return None
 
 
-def _documented_name(chain, names) -> str | None:
-    """The documented name of the deepest object of ``chain`` that has an entry, followed by
-    the rest of the chain; a module without a page stands for its nearest documented
-    package."""
+def _documented_names(chain, names) -> list[str]:
+    """The names that may document the end of ``chain``, best first: the entry of its
+    deepest documented object followed by the rest of the chain (``Layer.forward``), then
+    that object's own entry (a property without a docstring has none); a module without
+    a page stands for its nearest documented package."""
     for i in range(len(chain) - 1, -1, -1):
-        part, obj = chain[i]
+        obj = chain[i][1]
         rest = [p for p, _ in chain[i + 1:]]
         owner = names.get(id(obj))
         if owner is None and inspect.ismodule(obj) and not rest:
@@ -252,8 +253,8 @@ def _documented_name(chain, names) -> str | None:
             owner = next((m for k in range(len(parents) - 1, 0, -1)
                           if (m := ".".join(parents[:k])) in names.values()), None)
         if owner is not None:
-            return ".".join([owner, *rest])
-    return None
+            return list(dict.fromkeys([".".join([owner, *rest]), owner]))
+    return []
 
 
 def _on_missing_reference(app, env, node, contnode):
@@ -267,15 +268,16 @@ def _on_missing_reference(app, env, node, contnode):
     context = list(dict.fromkeys([f"{module}.{cls}" if cls else module, module, ""]))
     names = env.stn_documented
     chain = _resolve(target, context)
-    full = _documented_name(chain, names) if chain else None
-    if full is None:  # a bare name documented exactly once: ``Linear``
-        matches = {n for n in names.values() if n.endswith("." + target)}
-        full = matches.pop() if len(matches) == 1 else None
-    if full is None:
-        return None
-    found = env.get_domain("py").resolve_any_xref(env, node["refdoc"], app.builder, full,
-                                                  node, contnode)
-    return found[0][1] if found else None
+    candidates = _documented_names(chain, names) if chain else []
+    bare = {n for n in names.values() if n.endswith("." + target)}
+    if len(bare) == 1:  # a bare name documented exactly once: ``Linear``
+        candidates += bare
+    py = env.get_domain("py")
+    for full in candidates:
+        found = py.resolve_any_xref(env, node["refdoc"], app.builder, full, node, contnode)
+        if found:
+            return found[0][1]
+    return None
 
 
 def _on_builder_inited(app) -> None:
