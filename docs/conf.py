@@ -58,5 +58,7 @@ html_theme_options = {
     "footer_end": ["sphinx-version"],
     "secondary_sidebar_items": ["page-toc"],
 }
+html_static_path = ["_static"]
+html_css_files = ["stn-numpy.css"]
 html_show_sourcelink = False
 html_copy_source = False
