@@ -33,6 +33,16 @@ def test_every_relative_link_in_the_readme_points_at_a_file_that_exists():
     assert not missing, f"README.md links to missing paths: {missing}"
 
 
+def test_ci_runs_the_readmes_test_and_docs_commands_exactly():
+    readme = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    for extra in ("test", "docs"):
+        commands = [line.strip() for line in readme
+                    if line.strip().startswith(f'pip install -e ".[{extra}]" && ')]
+        assert len(commands) == 1, f"expected one {extra} command in the README: {commands}"
+        assert commands[0] in ci, f".ci/run does not run the README's {commands[0]!r}"
+
+
 def test_relative_links_finds_paths_and_skips_urls_anchors_and_code():
     text = ('[a](docs/a.md) ![b](img/b.png "title") [c](https://x.org) [d](#top)\n'
             '[e](docs/e.md#part) <img src="f.png"> [m](mailto:x@y.z)\n'
