@@ -26,7 +26,7 @@ extensions = [
 root_doc = "docs/index"
 include_patterns = ["docs/**.md", "docs/**.rst", "notebooks/*.ipynb", "notebooks/README.md",
                     "notebooks/experiment/results.md", "data/README.md"]
-exclude_patterns = ["docs/_build", "docs/README.md", "**/.ipynb_checkpoints", ".git",
+exclude_patterns = ["docs/_build", "**/.ipynb_checkpoints", ".git",
                     "runs", "data/mnist"]
 html_extra_path = ["_root"]  # index.html at the site's root, forwarding to docs/index.html
 

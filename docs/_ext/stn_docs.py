@@ -131,7 +131,9 @@ def api_pages(modules=None) -> dict[str, str]:
                 continue
             lines.append(f".. auto{kind}:: {name}")
             if kind in ("class", "exception"):
-                lines += ["   :members:", "   :show-inheritance:"]
+                lines.append("   :members:")
+                if getattr(module, name).__bases__ != (object,):  # "Bases: object" says nothing
+                    lines.append("   :show-inheritance:")
             if kind == "data":
                 lines.append("   :no-value:")
             lines.append("")
