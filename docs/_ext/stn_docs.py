@@ -105,6 +105,21 @@ def _summary(obj) -> str:
     return " ".join(doc.strip().split("\n\n")[0].split())
 
 
+def _short_repr(value) -> str | None:
+    """``repr(value)`` if it is short and plain enough to show, else None."""
+    text = repr(value)
+    return text if len(text) <= 80 and "<" not in text and "`" not in text else None
+
+
+def _data_summary(value) -> str:
+    """What a public constant holds: its value when short, else its type and size."""
+    text = _short_repr(value)
+    if text is not None:
+        return f"``{text}``"
+    size = f" of {len(value)} entries" if hasattr(value, "__len__") else ""
+    return f"a ``{type(value).__name__}``{size}"
+
+
 _ROLES = {"module": "mod", "class": "class", "exception": "exc", "function": "func",
           "data": "data"}
 
@@ -123,7 +138,8 @@ def api_pages(modules=None) -> dict[str, str]:
         lines += [".. list-table::", "   :widths: 30 70", ""]
         for name, kind, doc in rows:
             target = doc if kind == "module" or doc != f"{modname}.{name}" else name
-            summary = _summary(getattr(module, name)) if kind != "data" else ""
+            obj = getattr(module, name)
+            summary = _summary(obj) if kind != "data" else _data_summary(obj)
             lines += [f"   * - :{_ROLES[kind]}:`{name} <{target}>`", f"     - {summary}"]
         lines.append("")
         for name, kind, doc in rows:
@@ -134,7 +150,7 @@ def api_pages(modules=None) -> dict[str, str]:
                 lines.append("   :members:")
                 if getattr(module, name).__bases__ != (object,):  # "Bases: object" says nothing
                     lines.append("   :show-inheritance:")
-            if kind == "data":
+            if kind == "data" and _short_repr(getattr(module, name)) is None:
                 lines.append("   :no-value:")
             lines.append("")
         pages[f"{modname}.rst"] = "\n".join(lines)
