@@ -176,7 +176,7 @@ def commands() -> list[str]:
 def cli_page() -> str:
     """The CLI reference (reST): ``stn-numpy -h`` and ``stn-numpy COMMAND -h``, verbatim."""
     old = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal; the page is fixed
+    os.environ["COLUMNS"] = "80"  # argparse wraps to the terminal; the page fits 80
     try:
         title = "Command line reference"
         lines = [".. _cli:", "", title, "=" * len(title), "",
