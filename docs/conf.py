@@ -44,9 +44,13 @@ autodoc_member_order = "bysource"
 numpydoc_show_class_members = False
 numpydoc_xref_param_type = False
 # Cross-references in docstrings must resolve (-n), except to private names, which have
-# no entries by design.
+# no entries by design, and to other libraries' names (no inventories are fetched: the
+# build works offline), which show as plain code.
 nitpicky = True
-nitpick_ignore_regex = [(r"py:.*", r"(.*\.)?_\w+(\..*)?")]
+nitpick_ignore_regex = [
+    (r"py:.*", r"(.*\.)?_\w+(\..*)?"),
+    (r"py:.*", r"(np|numpy|scipy|torch|jax|cv2|skimage|onnx|onnxruntime|matplotlib)(\..*)?"),
+]
 
 html_theme = "pydata_sphinx_theme"
 html_title = f"stn-numpy {release}"
