@@ -26,7 +26,7 @@ extensions = [
 root_doc = "docs/index"
 include_patterns = ["docs/**.md", "docs/**.rst", "notebooks/*.ipynb", "notebooks/README.md",
                     "notebooks/experiment/results.md", "data/README.md"]
-exclude_patterns = ["docs/_build", "docs/README.md", "**/.ipynb_checkpoints", ".git",
+exclude_patterns = ["docs/_build", "**/.ipynb_checkpoints", ".git",
                     "runs", "data/mnist"]
 html_extra_path = ["_root"]  # index.html at the site's root, forwarding to docs/index.html
 
@@ -43,6 +43,14 @@ autodoc_typehints = "none"  # the numpydoc Parameters section says the types and
 autodoc_member_order = "bysource"
 numpydoc_show_class_members = False
 numpydoc_xref_param_type = False
+# Cross-references in docstrings must resolve (-n), except to private names, which have
+# no entries by design, and to other libraries' names (no inventories are fetched: the
+# build works offline), which show as plain code.
+nitpicky = True
+nitpick_ignore_regex = [
+    (r"py:.*", r"(.*\.)?_\w+(\..*)?"),
+    (r"py:.*", r"(np|numpy|scipy|torch|jax|cv2|skimage|onnx|onnxruntime|matplotlib)(\..*)?"),
+]
 
 html_theme = "pydata_sphinx_theme"
 html_title = f"stn-numpy {release}"
@@ -54,5 +62,7 @@ html_theme_options = {
     "footer_end": ["sphinx-version"],
     "secondary_sidebar_items": ["page-toc"],
 }
+html_static_path = ["_static"]
+html_css_files = ["stn-numpy.css"]
 html_show_sourcelink = False
 html_copy_source = False

@@ -221,15 +221,15 @@ LOC_NET_ARCHS = tuple(_OWN_LOC_NET)  # the models whose localisation net loc_net
 class Model:
     """A classifier for ``(N, 1, H, W)`` images in ``[0, 1]``, optionally with a transformer.
 
+    ``params`` / ``grads`` are flat dicts keyed like PyTorch's ``state_dict``
+    (``"0.localization.1.weight"``, ``"2.bias"``, ...).
+
     Parameters
     ----------
     net : Sequential
         The layers; for ``stn`` the first one is the :class:`SpatialTransformer`.
     config : dict
         What :func:`build_model` needs to rebuild the architecture (saved in checkpoints).
-
-    ``params`` / ``grads`` are flat dicts keyed like PyTorch's ``state_dict``
-    (``"0.localization.1.weight"``, ``"2.bias"``, ...).
     """
 
     def __init__(self, net: Sequential, config: dict) -> None:

@@ -308,15 +308,16 @@ def test_update_readme_rewrites_only_its_block(tmp_path):
     assert readme.read_text() == "no markers\n"
 
 
-def test_cli_readme_regenerates_the_block_from_finished_runs(tmp_path, capsys):
-    out, runs, readme = tmp_path / "out", tmp_path / "runs", tmp_path / "README.md"
+@pytest.mark.parametrize("option", ["--page", "--readme"])  # --readme: the old name
+def test_cli_page_regenerates_the_block_from_finished_runs(tmp_path, capsys, option):
+    out, runs, readme = tmp_path / "out", tmp_path / "runs", tmp_path / "experiment.md"
     results = fake_results(CONFIGS["tiny"])
     for r in results:  # every run finished: the command trains nothing
         (runs / r["run"]).mkdir(parents=True)
         (runs / r["run"] / "result.json").write_text(json.dumps(r))
     readme.write_text("no markers\n")
     args = ["experiment", "--config", "tiny", "--out", str(out), "--runs", str(runs),
-            "--readme", str(readme), "--no-progress"]
+            option, str(readme), "--no-progress"]
     assert main(args) == 2  # before any run
     assert "needs one" in capsys.readouterr().err and not out.exists()
     readme.write_text(f"# t\n{README_START}\n{README_END}\n")

@@ -8,7 +8,7 @@
 * The CLI reference is the ``-h`` text of ``stn-numpy`` and of each of its commands, so it
   cannot drift from the command line.
 * After reading, the build fails if a public name has no entry (an object autodoc could not
-  import or document).
+  import or document): a warning, which ``-W`` makes fatal, and an error without ``-W``.
 
 The page texts come from plain functions (:func:`api_pages`, :func:`cli_page`) that import
 no Sphinx, so the tests check them without the ``docs`` extra.
@@ -28,10 +28,17 @@ from pathlib import Path
 # modules that stn_numpy.__all__ names (gradcheck, reference, ...) are added after the first.
 API_MODULES = (
     "stn_numpy",
+    "stn_numpy.grids",
+    "stn_numpy.sampling",
     "stn_numpy.layers",
     "stn_numpy.transformer",
     "stn_numpy.models",
     "stn_numpy.optim",
+    "stn_numpy.checkpoint",
+    "stn_numpy.train",
+    "stn_numpy.data",
+    "stn_numpy.measures",
+    "stn_numpy.experiment",
     "stn_numpy.verify",
     "stn_numpy.verify.parity",
     "stn_numpy.verify.golden",
@@ -100,6 +107,21 @@ def _summary(obj) -> str:
     return " ".join(doc.strip().split("\n\n")[0].split())
 
 
+def _short_repr(value) -> str | None:
+    """``repr(value)`` if it is short and plain enough to show, else None."""
+    text = repr(value)
+    return text if len(text) <= 80 and "<" not in text and "`" not in text else None
+
+
+def _data_summary(value) -> str:
+    """What a public constant holds: its value when short, else its type and size."""
+    text = _short_repr(value)
+    if text is not None:
+        return f"``{text}``"
+    size = f" of {len(value)} entries" if hasattr(value, "__len__") else ""
+    return f"a ``{type(value).__name__}``{size}"
+
+
 _ROLES = {"module": "mod", "class": "class", "exception": "exc", "function": "func",
           "data": "data"}
 
@@ -117,8 +139,9 @@ def api_pages(modules=None) -> dict[str, str]:
         # its entry (below, or on the page that documents it).
         lines += [".. list-table::", "   :widths: 30 70", ""]
         for name, kind, doc in rows:
-            target = doc if doc != f"{modname}.{name}" else name
-            summary = _summary(getattr(module, name)) if kind != "data" else ""
+            target = doc if kind == "module" or doc != f"{modname}.{name}" else name
+            obj = getattr(module, name)
+            summary = _summary(obj) if kind != "data" else _data_summary(obj)
             lines += [f"   * - :{_ROLES[kind]}:`{name} <{target}>`", f"     - {summary}"]
         lines.append("")
         for name, kind, doc in rows:
@@ -126,8 +149,10 @@ def api_pages(modules=None) -> dict[str, str]:
                 continue
             lines.append(f".. auto{kind}:: {name}")
             if kind in ("class", "exception"):
-                lines += ["   :members:", "   :show-inheritance:"]
-            if kind == "data":
+                lines.append("   :members:")
+                if getattr(module, name).__bases__ != (object,):  # "Bases: object" says nothing
+                    lines.append("   :show-inheritance:")
+            if kind == "data" and _short_repr(getattr(module, name)) is None:
                 lines.append("   :no-value:")
             lines.append("")
         pages[f"{modname}.rst"] = "\n".join(lines)
@@ -153,7 +178,7 @@ def commands() -> list[str]:
 def cli_page() -> str:
     """The CLI reference (reST): ``stn-numpy -h`` and ``stn-numpy COMMAND -h``, verbatim."""
     old = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal; the page is fixed
+    os.environ["COLUMNS"] = "80"  # argparse wraps to the terminal; the page fits 80
     try:
         title = "Command line reference"
         lines = [".. _cli:", "", title, "=" * len(title), "",
@@ -198,21 +223,104 @@ def missing_entries(documented) -> list[str]:
             for name, _, doc in rows if doc not in documented]
 
 
+def documented_objects() -> dict[int, str]:
+    """The full name of the entry documenting each public object (and module), by ``id``."""
+    found = {}
+    for modname, rows in public_entries().items():
+        module = importlib.import_module(modname)
+        found.setdefault(id(module), modname)
+        for name, kind, doc in rows:
+            if kind != "data":
+                found.setdefault(id(getattr(module, name)), doc)
+    return found
+
+
+def _resolve(target: str, context: list[str]) -> list | None:
+    """The chain of objects a dotted ``target`` names, tried under each ``context`` prefix;
+    for an attribute only instances have, the chain up to its class."""
+    for prefix in context:
+        parts = [p for p in f"{prefix}.{target}".split(".") if p]
+        for i in range(len(parts), 0, -1):  # the longest importable module first
+            try:
+                obj = importlib.import_module(".".join(parts[:i]))
+            except ImportError:
+                continue
+            chain = [(".".join(parts[:i]), obj)]
+            for part in parts[i:]:
+                obj = getattr(obj, part, None)
+                if obj is None:
+                    break
+                chain.append((part, obj))
+            else:
+                return chain
+            if len(chain) == len(parts) - i and inspect.isclass(chain[-1][1]):
+                return chain  # an attribute only instances have (``grads``): its class
+            break
+    return None
+
+
+def _documented_names(chain, names) -> list[str]:
+    """The names that may document the end of ``chain``, best first: the entry of its
+    deepest documented object followed by the rest of the chain (``Layer.forward``), then
+    that object's own entry (a property without a docstring has none); a module without
+    a page stands for its nearest documented package."""
+    for i in range(len(chain) - 1, -1, -1):
+        obj = chain[i][1]
+        rest = [p for p, _ in chain[i + 1:]]
+        owner = names.get(id(obj))
+        if owner is None and inspect.ismodule(obj) and not rest:
+            parents = obj.__name__.split(".")
+            owner = next((m for k in range(len(parents) - 1, 0, -1)
+                          if (m := ".".join(parents[:k])) in names.values()), None)
+        if owner is not None:
+            return list(dict.fromkeys([".".join([owner, *rest]), owner]))
+    return []
+
+
+def _on_missing_reference(app, env, node, contnode):
+    """Link a name a docstring uses where it is defined (``stn_numpy.grids.affine_grid``,
+    ``build_model`` inside ``stn_numpy.models``, ``Linear`` anywhere) to the entry that
+    documents the object (``stn_numpy.affine_grid``)."""
+    if node.get("refdomain") != "py":
+        return None
+    module, cls = node.get("py:module") or "", node.get("py:class") or ""
+    target = node["reftarget"].lstrip(".")
+    context = list(dict.fromkeys([f"{module}.{cls}" if cls else module, module, ""]))
+    names = env.stn_documented
+    chain = _resolve(target, context)
+    candidates = _documented_names(chain, names) if chain else []
+    bare = {n for n in names.values() if n.endswith("." + target)}
+    if len(bare) == 1:  # a bare name documented exactly once: ``Linear``
+        candidates += bare
+    py = env.get_domain("py")
+    for full in candidates:
+        found = py.resolve_any_xref(env, node["refdoc"], app.builder, full, node, contnode)
+        if found:
+            return found[0][1]
+    return None
+
+
 def _on_builder_inited(app) -> None:
     generate(app.confdir)
+    app.env.stn_documented = documented_objects()
 
 
 def _on_check_consistency(app, env) -> None:
-    from sphinx.errors import ExtensionError
+    from sphinx.errors import SphinxError
+    from sphinx.util import logging
 
     domain = env.get_domain("py")
     documented = {name for name, *_ in domain.get_objects()}
     missing = missing_entries(documented)
     if missing:
-        raise ExtensionError("public names without an API entry: " + ", ".join(missing))
+        message = "public names without an API entry: " + ", ".join(missing)
+        logging.getLogger(__name__).warning(message, type="stn_docs", subtype="missing_entry")
+        if not app.warningiserror:  # -W fails the build at its end; without it, fail here
+            raise SphinxError(message)
 
 
 def setup(app):
     app.connect("builder-inited", _on_builder_inited)
     app.connect("env-check-consistency", _on_check_consistency)
+    app.connect("missing-reference", _on_missing_reference)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
