@@ -30,6 +30,7 @@ from .sampling import (
     grid_sample,
     grid_sample_backward,
     grid_sample_backward_from_cache,
+    grid_sample_double_backward,
     grid_sample_forward,
 )
 from .transformer import SpatialTransformer
@@ -48,6 +49,7 @@ __all__ = [
     "grid_sample",
     "grid_sample_backward",
     "grid_sample_backward_from_cache",
+    "grid_sample_double_backward",
     "grid_sample_forward",
     "load_model",
     "projective_grid",
