@@ -147,3 +147,38 @@ def test_rejects_bad_arguments(rng):
         grid_sample_double_backward(ddU, ddgrid, dV, U, grid, "linear")
     with pytest.raises(ValueError, match="grid"):
         grid_sample_double_backward(ddU, ddgrid, dV, U, np.full_like(grid, np.inf))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_results_do_not_depend_on_blocks_or_threads(rng, mode):
+    from stn_numpy import _parallel, sampling
+
+    grid = rng.uniform(-1.5, 1.5, (5, 4, 3, 2))
+    U, dV, ddU, ddgrid = random_case(rng, grid, H=6, W=7)
+    results = []
+    original = sampling._BLOCK
+    try:
+        for block, threads in ((4 * 3 * (2 + 4), 1), (10**9, 2), (2 * 4 * 3 * (2 + 4), 2)):
+            sampling._BLOCK = block
+            _parallel.set_num_threads(threads)
+            results.append(grid_sample_double_backward(ddU, ddgrid, dV, U, grid, mode,
+                                                       "reflection"))
+    finally:
+        sampling._BLOCK = original
+        _parallel.set_num_threads(None)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("U_shape,out_hw", [((0, 2, 3, 4), (2, 2)), ((1, 2, 3, 4), (0, 2)),
+                                            ((1, 0, 3, 4), (2, 2)), ((1, 1, 1, 1), (2, 2))])
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_and_one_pixel_inputs_give_the_documented_shapes(U_shape, out_hw, mode):
+    U = np.ones(U_shape)
+    grid = np.zeros((U_shape[0], *out_hw, 2))
+    dV = np.ones(U_shape[:2] + out_hw)
+    out = grid_sample_double_backward(np.ones(U_shape), np.ones(grid.shape), dV, U, grid, mode,
+                                      "border")
+    assert [a.shape for a in out] == [dV.shape, U.shape, grid.shape]
+    assert all(np.isfinite(a).all() for a in out)
