@@ -21,6 +21,12 @@ factor and its first and second derivatives, combined per tap). The backward is
 and its double backward is the gradient of ``L2 = <ddU, dU> + <ddgrid, dgrid>`` with
 respect to dV, U and grid, ``a_x = ddx_s g_x`` and ``a_y = ddy_s g_y`` the upstream grid
 gradient carried into pixel units.
+
+The per-tap sums are written for any number of axes (:func:`_tap_factor`,
+:func:`_double_backward_block`): a volume (5-D U, grid ``(..., 3)``) needs only its taps
+(one index per axis, a padded row and offset each) and, per axis, the weights, their first
+and second derivatives and ``g``; its terms are the same with ``d, e`` over ``x, y, z``
+(trilinear: the three pure terms vanish, the three mixed ones do not).
 """
 
 from __future__ import annotations
