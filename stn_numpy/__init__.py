@@ -12,17 +12,23 @@ from .checkpoint import load_model
 from .grids import (
     affine_grid,
     affine_grid_backward,
+    affine_grid_double_backward,
     attention_grid,
     attention_grid_backward,
+    attention_grid_double_backward,
     projective_grid,
     projective_grid_backward,
+    projective_grid_double_backward,
     similarity_affine,
     similarity_affine_backward,
+    similarity_affine_double_backward,
     similarity_grid,
     similarity_grid_backward,
+    similarity_grid_double_backward,
     target_coordinates,
     tps_grid,
     tps_grid_backward,
+    tps_grid_double_backward,
     tps_lattice,
 )
 from .models import build_model
@@ -30,6 +36,7 @@ from .sampling import (
     grid_sample,
     grid_sample_backward,
     grid_sample_backward_from_cache,
+    grid_sample_double_backward,
     grid_sample_forward,
 )
 from .transformer import SpatialTransformer
@@ -48,6 +55,7 @@ __all__ = [
     "grid_sample",
     "grid_sample_backward",
     "grid_sample_backward_from_cache",
+    "grid_sample_double_backward",
     "grid_sample_forward",
     "load_model",
     "projective_grid",
@@ -61,4 +69,14 @@ __all__ = [
     "tps_grid",
     "tps_grid_backward",
     "tps_lattice",
+]
+
+# Second order (the double backward of each backward).
+__all__ += [
+    "affine_grid_double_backward",
+    "attention_grid_double_backward",
+    "projective_grid_double_backward",
+    "similarity_affine_double_backward",
+    "similarity_grid_double_backward",
+    "tps_grid_double_backward",
 ]

@@ -12,6 +12,11 @@ Cases, all float32:
 * ``sampler fwd+bwd uncached``: the same with the stand-alone pair ``grid_sample`` /
   ``grid_sample_backward``, which checks its arguments twice; against the same PyTorch
   call. (Both of our backward passes recompute the sampling taps.)
+* ``sampler double backward``: the second order, ``grid_sample_double_backward`` on the
+  affine grid above with random upstream gradients ``ddU``, ``ddgrid`` beside PyTorch's
+  (``torch.autograd.grad`` of the backward's ``(dU, dgrid)``, built once with
+  ``create_graph=True`` and kept with ``retain_graph=True``, so that only the double
+  backward is timed), at ``N=64, C=3, 32x32``.
 * ``train step paper-cnn|paper-stcnn``: the same for the paper's distorted-MNIST models
   (:mod:`stn_numpy.models`) on 42x42 (RTS) and 60x60 (TC) images, the ST-CNN also with its
   transformer sampling down to 28x28 (``st28``), where the classifier then runs. The
@@ -79,6 +84,7 @@ from .sampling import (
     grid_sample,
     grid_sample_backward,
     grid_sample_backward_from_cache,
+    grid_sample_double_backward,
     grid_sample_forward,
 )
 
@@ -86,6 +92,7 @@ __all__ = ["best_ms", "environment", "format_header", "format_table", "main", "r
 
 SAMPLER_SIZES = ((256, 1, 60, 60), (64, 32, 32, 32))
 QUICK_SAMPLER_SIZES = ((4, 1, 8, 8), (2, 3, 6, 5))
+DOUBLE_BACKWARD_SIZE, QUICK_DOUBLE_BACKWARD_SIZE = (64, 3, 32, 32), (2, 3, 6, 5)
 TRAIN_BATCH, QUICK_TRAIN_BATCH = 64, 4
 INPUT_SIZE = (28, 28)
 # (arch, input side, transformer output side or None) of the paper-model rows
@@ -297,6 +304,32 @@ def _sampler_rows(torch, sizes, timing) -> list[dict]:
     return rows
 
 
+def _double_backward_row(torch, size, timing) -> dict:
+    """The ``sampler double backward`` row (see the module docstring)."""
+    N, C, H, W = size
+    U, theta, dV = _sampler_inputs(N, C, H, W)
+    grid = np.ascontiguousarray(affine_grid(theta, U.shape, align_corners=False))
+    rng = np.random.default_rng([SEED, 2])
+    ddU = rng.standard_normal(U.shape).astype(np.float32)
+    ddgrid = rng.standard_normal(grid.shape).astype(np.float32)
+
+    def ours():
+        return grid_sample_double_backward(ddU, ddgrid, dV, U, grid, **_SAMPLER_KW)
+
+    theirs = None
+    if torch is not None:
+        dV_t, U_t, grid_t = (torch.from_numpy(a).clone().requires_grad_(True)
+                             for a in (dV, U, grid))
+        V = torch.nn.functional.grid_sample(U_t, grid_t, **_SAMPLER_KW)
+        grads = torch.autograd.grad(V, (U_t, grid_t), dV_t, create_graph=True)
+        upstream = (torch.from_numpy(ddU), torch.from_numpy(ddgrid))
+
+        def theirs():
+            return torch.autograd.grad(grads, (dV_t, U_t, grid_t), upstream, retain_graph=True)
+
+    return _row(f"sampler double backward N={N} C={C} {H}x{W}", ours, theirs, timing)
+
+
 # --------------------------------------------------------------------------------------
 # Training step
 # --------------------------------------------------------------------------------------
@@ -494,7 +527,9 @@ def run(repeats: int = 5, quick: bool = False, rounds: int = ROUNDS) -> list[dic
     sizes = QUICK_SAMPLER_SIZES if quick else SAMPLER_SIZES
     batch = QUICK_TRAIN_BATCH if quick else TRAIN_BATCH
     timing = (repeats, QUICK_WARMUP if quick else WARMUP, rounds)
-    return _sampler_rows(torch, sizes, timing) + _train_rows(torch, batch, timing)
+    double = QUICK_DOUBLE_BACKWARD_SIZE if quick else DOUBLE_BACKWARD_SIZE
+    return (_sampler_rows(torch, sizes, timing) + [_double_backward_row(torch, double, timing)]
+            + _train_rows(torch, batch, timing))
 
 
 def format_table(rows: list[dict]) -> str:

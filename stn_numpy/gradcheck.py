@@ -14,6 +14,11 @@ Typical use::
     dx = my_backward(dout, x)
     report = check_gradient(lambda x: my_forward(x), x, dx, df=dout)
     assert report.max_rel_error < 1e-7, report
+
+The second order is checked the same way, like PyTorch's ``gradgradcheck``: a backward
+is itself a function of its arguments (the upstream gradient and the forward's inputs),
+and a double backward is that function's backward. :func:`numerical_double_backward`
+takes central differences of the backward itself, one argument at a time.
 """
 
 from __future__ import annotations
@@ -22,7 +27,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["numerical_gradient", "rel_error", "check_gradient", "GradientReport"]
+__all__ = [
+    "numerical_gradient",
+    "rel_error",
+    "check_gradient",
+    "GradientReport",
+    "numerical_double_backward",
+    "check_double_backward",
+]
 
 
 def numerical_gradient(f, x: np.ndarray, df=None, h: float = 1e-6) -> np.ndarray:
@@ -138,3 +150,79 @@ def check_gradient(f, x: np.ndarray, analytic: np.ndarray, df=None, h: float = 1
     numeric = numerical_gradient(f, x, df=df, h=h)
     abs_err = float(np.max(np.abs(analytic - numeric))) if numeric.size else 0.0
     return GradientReport(abs_err, rel_error(analytic, numeric))
+
+
+# --------------------------------------------------------------------------------------
+# Second order: central differences of a backward
+# --------------------------------------------------------------------------------------
+
+
+def numerical_double_backward(backward, args, ddout, h: float = 1e-6) -> list[np.ndarray]:
+    """Central-difference gradients of ``S = sum_k <ddout[k], backward(*args)[k]>`` with
+    respect to every array in ``args``.
+
+    ``backward(*args)`` returns a tuple of gradients (say ``(dU, dgrid)`` of
+    ``grid_sample_backward(dV, U, grid)``); ``ddout`` holds an upstream gradient for each,
+    None for zero. A double backward must return exactly these gradients.
+
+    Parameters
+    ----------
+    backward : callable
+        ``backward(*args) -> tuple of arrays``; extra settings bound beforehand (e.g. with
+        ``functools.partial`` or a lambda).
+    args : sequence of ndarray, float64
+        The point; each array is perturbed in place and restored.
+    ddout : sequence of ndarray or None
+        One per output of ``backward``, of its shape.
+    h : float
+        Step size.
+
+    Returns
+    -------
+    list of ndarray, one per argument, of its shape
+    """
+    args = list(args)
+
+    def scalar(i):
+        def S(x):
+            outs = backward(*args[:i], x, *args[i + 1:])
+            if len(outs) != len(ddout):
+                raise ValueError(f"ddout must hold one gradient per output of backward, "
+                                 f"{len(outs)}, got {len(ddout)}")
+            return sum(float(np.sum(np.asarray(o, dtype=np.float64) * d))
+                       for o, d in zip(outs, ddout, strict=True) if d is not None)
+        return S
+
+    return [numerical_gradient(scalar(i), x, h=h) for i, x in enumerate(args)]
+
+
+def check_double_backward(backward, args, ddout, analytic, h: float = 1e-6) -> GradientReport:
+    """Compare a double backward's gradients ``analytic`` (one per argument of ``backward``)
+    with :func:`numerical_double_backward`, as PyTorch's ``gradgradcheck`` does.
+
+    Returns
+    -------
+    GradientReport
+        The worst argument: ``max_abs_error`` and ``max_rel_error`` (:func:`rel_error` of
+        each argument's gradient, so a small gradient is judged on its own scale) are
+        maxima over the arguments.
+
+    Raises
+    ------
+    TypeError
+        An argument is not a float64 ndarray.
+    ValueError
+        ``analytic`` does not hold one gradient of each argument's shape.
+    """
+    args = list(args)
+    for x in args:
+        _check_x(x)
+    analytic = [np.asarray(a) for a in analytic]
+    if len(analytic) != len(args) or any(
+            a.shape != x.shape for a, x in zip(analytic, args, strict=True)):
+        raise ValueError(f"analytic must hold one gradient per argument, of shapes "
+                         f"{[x.shape for x in args]}, got {[a.shape for a in analytic]}")
+    numeric = numerical_double_backward(backward, args, ddout, h=h)
+    pairs = list(zip(analytic, numeric, strict=True))
+    abs_err = max((float(np.max(np.abs(a - n))) for a, n in pairs if n.size), default=0.0)
+    return GradientReport(abs_err, max((rel_error(a, n) for a, n in pairs), default=0.0))

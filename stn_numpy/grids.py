@@ -634,3 +634,241 @@ def tps_grid_backward(dgrid: np.ndarray, theta: np.ndarray, size, *, lattice=(4,
     dgrid = _check_dgrid(dgrid, N, H, W, theta.dtype)
     M = _tps_matrix((rows, cols), H, W, align_corners).astype(theta.dtype, copy=False)
     return M.T @ dgrid.reshape(N, H * W, 2)
+
+
+# --------------------------------------------------------------------------------------
+# Double backward: the backward of each *_grid_backward.
+#
+# A backward ``dtheta = J(theta)^T dgrid`` is linear in dgrid. For an upstream gradient
+# ``ddtheta`` of its output, the scalar ``<ddtheta, J(theta)^T dgrid> = <J(theta) ddtheta,
+# dgrid>`` has the gradients
+#     d_dgrid = J(theta) ddtheta        (the grid's directional derivative along ddtheta)
+#     d_theta = sum_g dgrid_g (d^2 grid_g / dtheta^2) ddtheta    (a Hessian-vector product).
+# The affine, attention and TPS grids are linear in theta without a constant term, so
+# d_dgrid is the grid of ddtheta itself and d_theta is zero; the similarity and projective
+# grids are not, and have both.
+# --------------------------------------------------------------------------------------
+
+__all__ += [
+    "affine_grid_double_backward",
+    "attention_grid_double_backward",
+    "similarity_affine_double_backward",
+    "similarity_grid_double_backward",
+    "projective_grid_double_backward",
+    "tps_grid_double_backward",
+]
+
+
+def _check_ddtheta(ddtheta, theta: np.ndarray) -> np.ndarray:
+    ddtheta = _check_params("ddtheta", ddtheta, theta.shape)
+    if ddtheta.dtype != theta.dtype:
+        raise TypeError(f"ddtheta must have theta's dtype {theta.dtype}, got {ddtheta.dtype}")
+    return ddtheta
+
+
+def affine_grid_double_backward(ddtheta: np.ndarray, dgrid: np.ndarray, theta: np.ndarray,
+                                size, align_corners=False):
+    """Gradients of ``<ddtheta, affine_grid_backward(dgrid, theta, ...)>`` with respect to
+    ``dgrid`` and ``theta``.
+
+    The backward ``dtheta[n] = dgrid[n]^T base`` is bilinear in nothing but dgrid: it does
+    not read theta at all. So ``d_dgrid = affine_grid(ddtheta)`` (the grid is linear in
+    theta, eq. 1, with no constant term: its derivative along ddtheta is the grid of
+    ddtheta) and ``d_theta = 0``: an affine grid has no curvature, every second-order
+    effect of a spatial transformer with an affine head comes from the sampler.
+
+    Parameters
+    ----------
+    ddtheta : ndarray, shape (N, 2, 3)
+        Upstream gradient of the backward's ``dtheta``, dtype of ``theta``.
+    dgrid, theta, size, align_corners
+        Exactly the arguments of :func:`affine_grid_backward`.
+
+    Returns
+    -------
+    d_dgrid : ndarray, shape (N, H, W, 2)
+    d_theta : ndarray, shape (N, 2, 3)
+        Zero.
+    """
+    theta = _check_params("theta", theta, (None, 2, 3))
+    N, _, H, W = _check_output_size(size, theta.shape[0], align_corners)
+    _check_dgrid(dgrid, N, H, W, theta.dtype)
+    return affine_grid(_check_ddtheta(ddtheta, theta), size, align_corners), np.zeros_like(theta)
+
+
+def attention_grid_double_backward(ddtheta: np.ndarray, dgrid: np.ndarray, theta: np.ndarray,
+                                   size, align_corners=False):
+    """Gradients of ``<ddtheta, attention_grid_backward(dgrid, theta, ...)>`` with
+    respect to ``dgrid`` and ``theta``.
+
+    Linear in theta without a constant term, like the affine grid:
+    ``d_dgrid = attention_grid(ddtheta)``, i.e. ``(ds x_t + dt_x, ds y_t + dt_y)``, and
+    ``d_theta = 0``.
+
+    Parameters
+    ----------
+    ddtheta : ndarray, shape (N, 3)
+        Upstream gradient of the backward's ``dtheta``.
+    dgrid, theta, size, align_corners
+        Exactly the arguments of :func:`attention_grid_backward`.
+
+    Returns
+    -------
+    d_dgrid : ndarray, shape (N, H, W, 2)
+    d_theta : ndarray, shape (N, 3)
+        Zero.
+    """
+    theta = _check_params("theta", theta, (None, 3))
+    N, _, H, W = _check_output_size(size, theta.shape[0], align_corners)
+    _check_dgrid(dgrid, N, H, W, theta.dtype)
+    return (attention_grid(_check_ddtheta(ddtheta, theta), size, align_corners),
+            np.zeros_like(theta))
+
+
+def similarity_affine_double_backward(ddtheta: np.ndarray, dA: np.ndarray, theta: np.ndarray):
+    """Gradients of ``<ddtheta, similarity_affine_backward(dA, theta)>`` with respect to
+    ``dA`` and ``theta``.
+
+    With ``A = s R(a)``, ``s = exp(l)``, and ``ddtheta = (da', dl', dt')``:
+    ``d_dA = da' s R'(a) + dl' s R(a)`` beside ``dt'`` (A's derivative along ddtheta).
+    The backward's angle and log-scale entries are ``Q = <dA, s R'(a)>`` and
+    ``P = <dA, s R(a)>`` (2 x 2 parts); since ``R'' = -R`` and ``d s / d l = s``,
+    ``d_theta_a = -da' P + dl' Q``, ``d_theta_l = da' Q + dl' P``, and zero for the
+    translation, on which the backward does not depend.
+
+    Parameters
+    ----------
+    ddtheta : ndarray, shape (N, 4)
+        Upstream gradient of the backward's ``dtheta``.
+    dA, theta
+        Exactly the arguments of :func:`similarity_affine_backward`.
+
+    Returns
+    -------
+    d_dA : ndarray, shape (N, 2, 3)
+    d_theta : ndarray, shape (N, 4)
+    """
+    A = similarity_affine(theta)
+    ddtheta = _check_ddtheta(ddtheta, theta)
+    Q, P = similarity_affine_backward(dA, theta)[:, :2].T
+    da, dl = ddtheta[:, 0], ddtheta[:, 1]
+    c, si = A[:, 0, 0], A[:, 1, 0]  # s cos a, s sin a
+    diag, off = dl * c - da * si, dl * si + da * c  # s (dl' cos a - da' sin a), ...
+    d_dA = np.stack([np.stack([diag, -off, ddtheta[:, 2]], -1),
+                     np.stack([off, diag, ddtheta[:, 3]], -1)], axis=1)
+    d_theta = np.zeros_like(A[:, 0, :2], shape=(len(A), 4))
+    d_theta[:, 0] = dl * Q - da * P
+    d_theta[:, 1] = da * Q + dl * P
+    return d_dA, d_theta
+
+
+def similarity_grid_double_backward(ddtheta: np.ndarray, dgrid: np.ndarray, theta: np.ndarray,
+                                    size, align_corners=False):
+    """Gradients of ``<ddtheta, similarity_grid_backward(dgrid, theta, ...)>`` with
+    respect to ``dgrid`` and ``theta``.
+
+    The chain of the backward, undone link by link: with ``dA =
+    affine_grid_backward(dgrid, A)``, :func:`similarity_affine_double_backward` gives
+    ``(d_dA, d_theta)``, and :func:`affine_grid_double_backward` carries ``d_dA`` to
+    ``d_dgrid = affine_grid(d_dA)`` (adding nothing to theta: the affine backward does
+    not read A).
+
+    Parameters
+    ----------
+    ddtheta : ndarray, shape (N, 4)
+        Upstream gradient of the backward's ``dtheta``.
+    dgrid, theta, size, align_corners
+        Exactly the arguments of :func:`similarity_grid_backward`.
+
+    Returns
+    -------
+    d_dgrid : ndarray, shape (N, H, W, 2)
+    d_theta : ndarray, shape (N, 4)
+    """
+    A = similarity_affine(theta)
+    dA = affine_grid_backward(dgrid, A, size, align_corners)
+    d_dA, d_theta = similarity_affine_double_backward(ddtheta, dA, theta)
+    return affine_grid(d_dA, size, align_corners), d_theta
+
+
+def projective_grid_double_backward(ddtheta: np.ndarray, dgrid: np.ndarray, theta: np.ndarray,
+                                    size, align_corners=False):
+    """Gradients of ``<ddtheta, projective_grid_backward(dgrid, theta, ...)>`` with
+    respect to ``dgrid`` and ``theta``.
+
+    With ``p = (x_t, y_t, 1)``, ``(a, b, w) = h p`` and the directions ``a' = ddh[0:3] p``,
+    ``b' = ddh[3:6] p``, ``w' = ddh[6:8] (x_t, y_t)``, the scalar is, per target point,
+    ``dgrid_x (a' - x_s w') / w + dgrid_y (b' - y_s w') / w``. Hence
+    ``d_dgrid = ((a' - x_s w') / w, (b' - y_s w') / w)``, the grid's derivative along
+    ddtheta, and, differentiating ``a'/w - a w'/w^2`` (and the same in b) by a, b and w:
+
+        dS/da = -dgrid_x w' / w^2,     dS/db = -dgrid_y w' / w^2,
+        dS/dw = (2 w' (dgrid_x x_s + dgrid_y y_s) - dgrid_x a' - dgrid_y b') / w^2,
+
+    which ``a, b, w`` (linear in h) carry to ``d_theta[0:3] = sum dS/da p``,
+    ``d_theta[3:6] = sum dS/db p``, ``d_theta[6:8] = sum dS/dw (x_t, y_t)``.
+
+    Parameters
+    ----------
+    ddtheta : ndarray, shape (N, 8)
+        Upstream gradient of the backward's ``dtheta``.
+    dgrid, theta, size, align_corners
+        Exactly the arguments of :func:`projective_grid_backward`.
+
+    Returns
+    -------
+    d_dgrid : ndarray, shape (N, H, W, 2)
+    d_theta : ndarray, shape (N, 8)
+
+    Raises
+    ------
+    NonFiniteError
+        The denominator vanishes at some target point, as in :func:`projective_grid`.
+    """
+    theta = _check_params("theta", theta, (None, 8))
+    N, _, H, W = _check_output_size(size, theta.shape[0], align_corners)
+    dgrid = _check_dgrid(dgrid, N, H, W, theta.dtype)
+    ddtheta = _check_ddtheta(ddtheta, theta)
+    base, abw, xy_s = _homography_terms(theta, H, W, align_corners)
+    w = abw[..., 2]
+    a_ = np.einsum("nj,hwj->nhw", ddtheta[:, 0:3], base)
+    b_ = np.einsum("nj,hwj->nhw", ddtheta[:, 3:6], base)
+    w_ = np.einsum("nj,hwj->nhw", ddtheta[:, 6:8], base[..., :2])
+    d_dgrid = np.stack([a_ - xy_s[..., 0] * w_, b_ - xy_s[..., 1] * w_], axis=-1) / w[..., None]
+    g = dgrid / (w * w)[..., None]
+    dS_dw = 2 * w_ * (g * xy_s).sum(-1) - g[..., 0] * a_ - g[..., 1] * b_
+    d_theta = np.empty_like(theta)
+    d_theta[:, 0:3] = -np.einsum("nhw,hwj->nj", g[..., 0] * w_, base)
+    d_theta[:, 3:6] = -np.einsum("nhw,hwj->nj", g[..., 1] * w_, base)
+    d_theta[:, 6:8] = np.einsum("nhw,hwj->nj", dS_dw, base[..., :2])
+    return d_dgrid, d_theta
+
+
+def tps_grid_double_backward(ddtheta: np.ndarray, dgrid: np.ndarray, theta: np.ndarray, size,
+                             *, lattice=(4, 4), align_corners: bool = False):
+    """Gradients of ``<ddtheta, tps_grid_backward(dgrid, theta, ...)>`` with respect to
+    ``dgrid`` and ``theta``.
+
+    The grid ``M theta[n]`` is linear in the control points, so ``d_dgrid =
+    tps_grid(ddtheta) = M ddtheta[n]`` and ``d_theta = 0``.
+
+    Parameters
+    ----------
+    ddtheta : ndarray, shape (N, K, 2)
+        Upstream gradient of the backward's ``dtheta``.
+    dgrid, theta, size, lattice, align_corners
+        Exactly the arguments of :func:`tps_grid_backward`.
+
+    Returns
+    -------
+    d_dgrid : ndarray, shape (N, H, W, 2)
+    d_theta : ndarray, shape (N, K, 2)
+        Zero.
+    """
+    rows, cols = _check_lattice(lattice)
+    theta = _check_params("theta", theta, (None, rows * cols, 2))
+    N, _, H, W = _check_output_size(size, theta.shape[0], align_corners)
+    _check_dgrid(dgrid, N, H, W, theta.dtype)
+    ddtheta = _check_ddtheta(ddtheta, theta)
+    return (tps_grid(ddtheta, size, lattice=lattice, align_corners=align_corners),
+            np.zeros_like(theta))

@@ -754,3 +754,10 @@ def _matmul(A, B: np.ndarray) -> np.ndarray:
     if B.shape[1] == 1:
         return (A @ B[:, 0])[:, None]
     return A @ B
+
+
+# The second order lives in its own module (read on its own); re-exported here, where the
+# sampler's API is. Imported last: it builds on the helpers above.
+from .sampling_second_order import grid_sample_double_backward  # noqa: E402
+
+__all__ += ["grid_sample_double_backward"]

@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 
-from stn_numpy.gradcheck import check_gradient, numerical_gradient, rel_error
+from stn_numpy.gradcheck import (
+    check_double_backward,
+    check_gradient,
+    numerical_double_backward,
+    numerical_gradient,
+    rel_error,
+)
 
 
 def test_numerical_gradient_of_known_functions(rng):
@@ -89,3 +95,33 @@ def test_read_only_x_is_named():
                   lambda: check_gradient(np.sin, x, np.cos(x))):
         with pytest.raises(ValueError, match=r"x is read-only.*x\.copy\(\)"):
             check()
+
+
+def test_double_backward_of_a_known_backward(rng):
+    # f(x, y) = sum(x^2 y): backward (2 x y, x^2); its double backward along (a, b) is
+    # (2 y a + 2 x b, 2 x a).
+    x, y, a, b = (rng.standard_normal(4) for _ in range(4))
+
+    def backward(x, y):
+        return 2 * x * y, x**2
+
+    numeric = numerical_double_backward(backward, [x.copy(), y.copy()], [a, b])
+    np.testing.assert_allclose(numeric[0], 2 * y * a + 2 * x * b, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(numeric[1], 2 * x * a, rtol=1e-7, atol=1e-9)
+    good = check_double_backward(backward, [x, y], [a, b], [2 * y * a + 2 * x * b, 2 * x * a])
+    assert good.max_rel_error < 1e-8
+    # The second output's upstream gradient is None (zero): its term drops out.
+    assert check_double_backward(backward, [x, y], [a, None], [2 * y * a, 2 * x * a]) \
+        .max_rel_error < 1e-8
+    bad = check_double_backward(backward, [x, y], [a, b], [2 * y * a, 2 * x * a])
+    assert bad.max_rel_error > 1e-2
+
+
+def test_check_double_backward_rejects_mismatched_gradients(rng):
+    x = rng.standard_normal(3)
+    with pytest.raises(ValueError, match="one gradient per argument"):
+        check_double_backward(lambda x: (x,), [x], [x], [x, x])
+    with pytest.raises(ValueError, match="one gradient per output"):
+        numerical_double_backward(lambda x: (x, x), [x], [x])
+    with pytest.raises(TypeError, match="float64"):
+        check_double_backward(lambda x: (x,), [x.astype(np.float32)], [x], [x])

@@ -9,20 +9,25 @@ from stn_numpy import (
     NonFiniteError,
     affine_grid,
     affine_grid_backward,
+    affine_grid_double_backward,
     attention_grid,
     attention_grid_backward,
+    attention_grid_double_backward,
     projective_grid,
     projective_grid_backward,
+    projective_grid_double_backward,
     similarity_affine,
     similarity_affine_backward,
     similarity_grid,
     similarity_grid_backward,
+    similarity_grid_double_backward,
     target_coordinates,
     tps_grid,
     tps_grid_backward,
+    tps_grid_double_backward,
     tps_lattice,
 )
-from stn_numpy.gradcheck import numerical_gradient, rel_error
+from stn_numpy.gradcheck import check_double_backward, numerical_gradient, rel_error
 
 
 def random_params(rng, kind, N):
@@ -370,3 +375,86 @@ def test_similarity_refuses_bad_parameters():
         similarity_affine_backward(np.zeros((2, 2, 2)), np.zeros((2, 4)))
     with pytest.raises(TypeError, match="dA"):
         similarity_affine_backward(np.zeros((2, 2, 3), np.float32), np.zeros((2, 4)))
+
+
+# ---------------------------------------------------------------------------------------
+# Second order: the double backward of every generator
+# ---------------------------------------------------------------------------------------
+
+DOUBLE_BACKWARDS = {
+    "affine": affine_grid_double_backward,
+    "attention": attention_grid_double_backward,
+    "similarity": similarity_grid_double_backward,
+    "projective": projective_grid_double_backward,
+    "tps": tps_grid_double_backward,
+}
+
+
+@pytest.mark.parametrize("kind", list(GENERATORS))
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_double_backward_matches_finite_differences_of_the_backward(rng, kind, align_corners):
+    _, backward, kw = GENERATORS[kind]
+    N, H, W = 2, 3, 4
+    theta = random_params(rng, kind, N)
+    size = (N, 3, H, W)
+    dgrid = rng.standard_normal((N, H, W, 2))
+    ddtheta = rng.standard_normal(theta.shape)
+    d_dgrid, d_theta = DOUBLE_BACKWARDS[kind](ddtheta, dgrid, theta, size,
+                                              align_corners=align_corners, **kw)
+    report = check_double_backward(
+        lambda g, t: (backward(g, t, size, align_corners=align_corners, **kw),),
+        [dgrid.copy(), theta.copy()], [ddtheta], [d_dgrid, d_theta])
+    assert report.max_rel_error < 1e-7, report
+    if kind in ("affine", "attention", "tps"):  # linear in theta: no curvature
+        assert np.all(d_theta == 0)
+    else:
+        assert np.abs(d_theta).max() > 1e-3
+
+
+def test_double_backward_of_a_linear_generator_is_its_grid_of_ddtheta(rng):
+    theta = random_params(rng, "affine", 2)
+    dd = rng.standard_normal(theta.shape)
+    d_dgrid, _ = affine_grid_double_backward(dd, np.ones((2, 3, 4, 2)), theta, (2, 1, 3, 4))
+    assert np.array_equal(d_dgrid, affine_grid(dd, (2, 1, 3, 4)))
+
+
+@pytest.mark.parametrize("kind", ["similarity", "projective"])
+def test_curved_generators_double_backward_matches_torch(rng, kind):
+    torch = pytest.importorskip("torch", reason="PyTorch not installed: pip install torch==2.13.0")
+    N, H, W = 2, 3, 5
+    theta = random_params(rng, kind, N)
+    size = (N, 1, H, W)
+    dgrid, ddtheta = rng.standard_normal((N, H, W, 2)), rng.standard_normal(theta.shape)
+    base = torch.tensor(target_coordinates(H, W))
+    t = torch.tensor(theta, requires_grad=True)
+    dg = torch.tensor(dgrid, requires_grad=True)
+    if kind == "similarity":
+        a, log_s, tx, ty = t.T
+        s = torch.exp(log_s)
+        x_s = s[:, None, None] * (torch.cos(a)[:, None, None] * base[..., 0]
+                                  - torch.sin(a)[:, None, None] * base[..., 1])
+        y_s = s[:, None, None] * (torch.sin(a)[:, None, None] * base[..., 0]
+                                  + torch.cos(a)[:, None, None] * base[..., 1])
+        grid = torch.stack([x_s + tx[:, None, None], y_s + ty[:, None, None]], -1)
+    else:
+        p = torch.cat([base, torch.ones(H, W, 1, dtype=base.dtype)], -1)
+        h = torch.cat([t, torch.ones(N, 1, dtype=t.dtype)], 1).reshape(N, 3, 3)
+        abw = torch.einsum("hwj,nij->nhwi", p, h)
+        grid = abw[..., :2] / abw[..., 2:]
+    (dt,) = torch.autograd.grad(grid, t, dg, create_graph=True)
+    ours = DOUBLE_BACKWARDS[kind](ddtheta, dgrid, theta, size)
+    theirs = torch.autograd.grad(dt, (dg, t), torch.tensor(ddtheta))
+    for a, b in zip(ours, theirs, strict=True):
+        assert rel_error(a, b.detach().numpy()) <= 1e-12
+
+
+def test_double_backward_rejects_a_ddtheta_of_another_shape_or_dtype(rng):
+    theta = random_params(rng, "projective", 2)
+    dgrid = np.zeros((2, 3, 4, 2))
+    with pytest.raises(ValueError, match="ddtheta"):
+        projective_grid_double_backward(np.zeros((2, 7)), dgrid, theta, (2, 1, 3, 4))
+    with pytest.raises(TypeError, match="ddtheta"):
+        projective_grid_double_backward(np.zeros((2, 8), np.float32), dgrid, theta, (2, 1, 3, 4))
+    with pytest.raises(ValueError, match="dgrid"):
+        tps_grid_double_backward(np.zeros((2, 16, 2)), dgrid[:, :2], tps_lattice()[None]
+                                 .repeat(2, 0), (2, 1, 3, 4))

@@ -93,3 +93,77 @@ def test_backward_after_eval_forward_is_a_clear_error(rng):
 def test_size_arguments_are_ints_never_truncated(rng, kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         small_stn("tps", rng, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# Second order: an R1-style penalty |dL/dU|^2 through a small transformer
+# ---------------------------------------------------------------------------------------
+
+
+def r1_penalty(stn, U, w):
+    """``R = |dL/dU|^2`` for ``L = <w, V>`` through ``stn`` (localisation net Flatten +
+    Linear), and ``dR/dtheta`` (theta held free of U), ``dR/dweight``, ``dR/dbias``.
+
+    dL/dU sums the sampler path ``S^T w`` and the localisation path ``dtheta W``; its
+    upstream gradient ``2 dL/dU`` goes back through each backward's double backward.
+    """
+    from stn_numpy import grids
+    from stn_numpy.sampling import grid_sample_backward, grid_sample_double_backward
+
+    stn.forward(U)
+    g = stn.backward(w)
+    theta, size, kw = stn.theta, stn._size, stn._grid_kwargs()
+    opts = (stn.mode, stn.padding_mode, stn.align_corners)
+    generator, generator_backward, _ = TRANSFORMS[stn.transform]
+    double_backward = getattr(grids, f"{stn.transform}_grid_double_backward")
+    grid = generator(theta, size, **kw)
+    _, dgrid = grid_sample_backward(w, U, grid, *opts)
+    dtheta = generator_backward(dgrid, theta, size, **kw).reshape(len(U), -1)
+    weight = stn.localization[-1].params["weight"]
+    gg = (2 * g).reshape(len(U), -1)
+    # Linear's backward dU_loc = dtheta W, bilinear in dtheta and W.
+    d_dtheta, d_weight = gg @ weight.T, dtheta.T @ gg
+    d_dgrid, d_theta = double_backward(d_dtheta.reshape(theta.shape), dgrid, theta, size, **kw)
+    _, _, d_grid = grid_sample_double_backward(2 * g, d_dgrid, w, U, grid, *opts)
+    d_theta = d_theta + generator_backward(d_grid, theta, size, **kw)
+    flat = d_theta.reshape(len(U), -1)
+    return float(np.sum(g * g)), d_theta, d_weight + flat.T @ U.reshape(len(U), -1), flat.sum(0)
+
+
+@pytest.mark.parametrize("transform,mode", [(t, "bilinear") for t in TRANSFORMS]
+                         + [("similarity", "bicubic")])
+def test_r1_penalty_gradients_match_finite_differences(rng, transform, mode):
+    lattice = (2, 3)
+    n_params = identity_parameters(transform, lattice).size
+    stn = SpatialTransformer(Sequential(Flatten(), Linear(20, n_params, rng, np.float64)),
+                             transform, mode=mode, padding_mode="reflection", lattice=lattice)
+    head = stn.localization[-1].params
+    head["weight"][...] = 0.02 * rng.standard_normal(head["weight"].shape)
+    head["bias"][...] += 0.1 * rng.standard_normal(head["bias"].shape)
+    U = rng.standard_normal((2, 1, 4, 5))
+    w = rng.standard_normal(U.shape)
+    R, d_theta, d_weight, d_bias = r1_penalty(stn, U, w)
+    theta = stn.theta.copy()
+
+    def penalty():
+        return r1_penalty(stn, U, w)[0]
+
+    for name, analytic in (("weight", d_weight), ("bias", d_bias)):
+        num = numerical_gradient(lambda _: penalty(), head[name])
+        assert rel_error(analytic, num) < 1e-6, name
+
+    # dR/dtheta: theta as a free variable (the localisation net's output held aside).
+    from stn_numpy.sampling import grid_sample_backward
+    generator, generator_backward, _ = TRANSFORMS[transform]
+    kw = stn._grid_kwargs()
+    weight = head["weight"]
+
+    def penalty_of_theta(t):
+        grid = generator(t, stn._size, **kw)
+        dU, dgrid = grid_sample_backward(w, U, grid, mode, "reflection", False)
+        dtheta = generator_backward(dgrid, t, stn._size, **kw).reshape(len(U), -1)
+        g = dU + (dtheta @ weight).reshape(U.shape)
+        return np.sum(g * g)
+
+    assert penalty_of_theta(theta) == pytest.approx(R, rel=1e-12)
+    assert rel_error(d_theta, numerical_gradient(penalty_of_theta, theta)) < 1e-6

@@ -16,6 +16,10 @@ For engineers checking a PyTorch, JAX, CUDA, C++ or any other spatial-transforme
   ``.npz`` file with a JSON manifest, for a test that cannot call Python;
   :func:`check_against_golden` re-checks a callable (or this package, after an upgrade)
   against such a file (:mod:`~stn_numpy.verify.golden`).
+* :func:`second_order_matrix` does the same for a double backward (the gradients of
+  ``<ddU, dU> + <ddgrid, dgrid>``), called as ``other(U, grid, dV, ddU, ddgrid, mode,
+  padding_mode, align_corners) -> (d_dV, d_U, d_grid)``; PyTorch's by default
+  (:mod:`~stn_numpy.verify.second_order`). Golden files carry these cases too.
 * :mod:`~stn_numpy.verify.atlas` measures how each library's settings map onto these
   conventions and writes the table; :mod:`~stn_numpy.verify.mutants` holds samplers with
   bugs re-created from real reports, each of which the checks above flag.
@@ -27,6 +31,8 @@ For engineers checking a PyTorch, JAX, CUDA, C++ or any other spatial-transforme
       stn-numpy verify --against mypkg.kernels:sample    # your callable
       stn-numpy verify --export golden.npz
       stn-numpy verify --check golden.npz [--against mypkg.kernels:sample]
+      stn-numpy verify --order 2 [--against mypkg.kernels:double_backward]
+      stn-numpy verify --order 2 --check golden.npz [--against ...]
       stn-numpy verify --atlas docs/atlas.md             # regenerate the atlas page
 """
 
@@ -45,6 +51,11 @@ from .parity import (
     pixel_coordinates,
     torch_impl,
 )
+from .second_order import (
+    numpy_double_backward,
+    second_order_matrix,
+    torch_double_backward,
+)
 
 __all__ = [
     "ADAPTERS",
@@ -61,8 +72,11 @@ __all__ = [
     "load_golden",
     "main",
     "make_grid",
+    "numpy_double_backward",
     "numpy_impl",
     "parity_matrix",
     "pixel_coordinates",
+    "second_order_matrix",
+    "torch_double_backward",
     "torch_impl",
 ]

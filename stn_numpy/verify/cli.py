@@ -37,6 +37,11 @@ def _add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              + " (default torch), or MODULE:FUNCTION naming a callable "
                                "other(U, grid, dV, mode, padding_mode, align_corners) -> "
                                "(V, dU, dgrid)")
+    parser.add_argument("--order", type=int, choices=(1, 2), default=1,
+                        help="2: compare double backwards instead (torch, numpy, or "
+                             "MODULE:FUNCTION naming other(U, grid, dV, ddU, ddgrid, mode, "
+                             "padding_mode, align_corners) -> (d_dV, d_U, d_grid)); with "
+                             "--check, the file's second-order cases")
     parser.add_argument("--tol", type=_positive_float, default=None,
                         help="pass threshold on the relative error (default: 1e-10 for "
                              "float64, 1e-5 for float32; --check: the file's)")
@@ -54,6 +59,11 @@ def _run(args: argparse.Namespace) -> int:
         if (args.export or args.atlas) and args.against:
             raise _CallableSpecError(f"--{'export' if args.export else 'atlas'} takes no "
                                      f"--against; drop it")
+        if args.order == 2 and (args.export or args.atlas):
+            raise _CallableSpecError(f"--{'export' if args.export else 'atlas'} takes no "
+                                     f"--order (an export holds both orders)")
+        if args.order == 2:
+            return _second_order(args)
         other = _load_other(args.against) if args.against else None
         if args.atlas:
             return _atlas(args.atlas)
@@ -73,6 +83,28 @@ def _run(args: argparse.Namespace) -> int:
     except (TorchNotInstalledError, LibraryNotInstalledError, GoldenFormatError, OSError,
             _CallableSpecError) as exc:
         return _error(exc)
+    print(title)
+    print(format_table(results))
+    return 0 if all(r.passed for r in results) else 1
+
+
+def _second_order(args: argparse.Namespace) -> int:
+    """``--order 2``: double backwards beside this package's (parity or golden cases)."""
+    from .second_order import second_order_matrix
+
+    spec = args.against or ("numpy" if args.check else "torch")
+    if spec in ADAPTERS:
+        raise _CallableSpecError(f"--against {spec} with --order 2: that library has no "
+                                 f"double backward; wrap one as MODULE:FUNCTION")
+    other = spec if spec in ("torch", "numpy") else _load_other(spec)
+    label = {"torch": lambda: f"torch {import_torch().__version__}",
+             "numpy": lambda: "stn_numpy"}.get(spec, lambda: _label(spec, other))()
+    if args.check:
+        results = check_against_golden(args.check, other, tol=args.tol, order=2)
+        title = f"{label} double backward vs golden vectors in {args.check}"
+    else:
+        results = second_order_matrix(other, dtype=args.dtype, seed=args.seed, tol=args.tol)
+        title = f"stn_numpy vs {label}: double backward ({args.dtype}, seed {args.seed})"
     print(title)
     print(format_table(results))
     return 0 if all(r.passed for r in results) else 1

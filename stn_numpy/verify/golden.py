@@ -34,6 +34,15 @@ under test and compares each output with ``rel_error`` against ``tolerance``:
     ``size (4,) int64`` = ``(N, C, Ho, Wo)``, ``dgrid``; outputs ``grid`` and ``dtheta``,
     the gradient of ``sum(grid * dgrid)``. theta is ``(N, 2, 3)``,
     ``(N, 3)`` = (s, t_x, t_y), ``(N, 8)`` (h_33 = 1) and ``(N, K, 2)``.
+``grid_sample_double_backward`` (settings as ``grid_sample``)
+    The second order: inputs ``U``, ``grid``, ``dV`` and the upstream gradients ``ddU
+    (N, C, H, W)`` and ``ddgrid (N, Ho, Wo, 2)`` of the backward's ``dU`` and ``dgrid``;
+    outputs ``d_dV``, ``d_U``, ``d_grid``, the gradients of ``<ddU, dU> + <ddgrid, dgrid>``
+    with respect to ``dV``, ``U`` and ``grid`` (see
+    :func:`stn_numpy.grid_sample_double_backward`). The 18 combinations, key
+    ``second_order/{mode}/{padding_mode}/align_corners={..}``, on the inputs of the
+    first-order cases (kinks included); listed after every other case. Files written
+    before these cases existed hold none and check as before.
 ``spatial_transformer``
     A whole layer: ``theta = W2 relu(W1 flatten(U) + b1) + b2`` reshaped to
     ``(N, 2, 3)``, ``V = grid_sample(U, affine_grid(theta, U.shape))`` (bilinear, zeros,
@@ -89,6 +98,14 @@ from .parity import (
     sampler_key,
     special_coords,
 )
+from .second_order import (
+    SECOND_ORDER_OUTPUTS,
+    compare_double_backward,
+    numpy_double_backward,
+    resolve_double_backward,
+    second_order_inputs,
+    second_order_key,
+)
 
 __all__ = ["GoldenFormatError", "check_against_golden", "export_golden", "load_golden"]
 
@@ -143,6 +160,8 @@ _GRID_TRANSFORMS = {
     "tps_grid": (tps_grid, tps_grid_backward),
 }
 _SAMPLER_IO = (("U", "grid", "dV"), ("V", "dU", "dgrid"))
+_SECOND_ORDER_IO = (("U", "grid", "dV", "ddU", "ddgrid"), SECOND_ORDER_OUTPUTS)
+_SECOND_ORDER = "grid_sample_double_backward"
 _GRID_IO = (("theta", "size", "dgrid"), ("grid", "dtheta"))
 _STN_PARAMS = ("localization.1.weight", "localization.1.bias", "localization.3.weight",
                "localization.3.bias")
@@ -264,6 +283,14 @@ def _build_cases(seed, dtype, shape, out_hw) -> tuple[list[dict], dict[str, np.n
                   "align_corners": False, "inputs": list(_STN_IO[0]),
                   "outputs": list(_STN_IO[1])})
     arrays.update({f"spatial_transformer/{k}": v.astype(dtype) for k, v in stn.items()})
+    # Last, so that every case above keeps the inputs it had before these existed.
+    for i, combo in enumerate(COMBOS):
+        key = second_order_key(*combo)
+        cases.append({**_sampler_case(key, *combo), "kind": _SECOND_ORDER,
+                      "inputs": list(_SECOND_ORDER_IO[0]), "outputs": list(_SECOND_ORDER_IO[1])})
+        inputs = second_order_inputs(seed, i, shape, out_hw, combo[2], dtype)
+        arrays.update({f"{key}/{n}": a for n, a in zip(_SECOND_ORDER_IO[0], inputs,
+                                                        strict=True)})
     return cases, arrays
 
 
@@ -295,6 +322,10 @@ def _outputs(case: dict, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]
                                                    *args), strict=True))
     if kind == "spatial_transformer":
         return _spatial_transformer(**inputs)
+    if kind == _SECOND_ORDER:
+        args = case["mode"], case["padding_mode"], case["align_corners"]
+        return dict(zip(SECOND_ORDER_OUTPUTS, numpy_double_backward(
+            *(inputs[n] for n in _SECOND_ORDER_IO[0]), *args), strict=True))
     forward, backward = _GRID_TRANSFORMS[kind]
     size = tuple(int(s) for s in inputs["size"])
     kwargs = {"align_corners": case["align_corners"]}
@@ -406,18 +437,18 @@ def _check_manifest(path, manifest):
         _fail(path, "cases", "must be a non-empty list")
     if not isinstance(manifest.get("arrays"), dict):
         _fail(path, "arrays", "must map every key to its shape and dtype")
-    known = {"grid_sample", "spatial_transformer", *_GRID_TRANSFORMS}
+    known = {"grid_sample", "spatial_transformer", _SECOND_ORDER, *_GRID_TRANSFORMS}
     for i, case in enumerate(manifest["cases"]):
         if not isinstance(case, dict) or case.get("kind") not in known or not isinstance(
                 case.get("key"), str):
             _fail(path, f"cases[{i}]", "needs a 'key' and a 'kind' among " + ", ".join(known))
-        io = {"grid_sample": _SAMPLER_IO, "spatial_transformer": _STN_IO}.get(case["kind"],
-                                                                          _GRID_IO)
+        io = {"grid_sample": _SAMPLER_IO, "spatial_transformer": _STN_IO,
+              _SECOND_ORDER: _SECOND_ORDER_IO}.get(case["kind"], _GRID_IO)
         if case.get("inputs") != list(io[0]) or case.get("outputs") != list(io[1]):
             _fail(path, f"cases[{i}] ({case['key']})", f"inputs and outputs must be "
                   f"{list(io[0])} and {list(io[1])}")
-        if case["kind"] == "grid_sample" and (case.get("mode"), case.get("padding_mode"),
-                                              case.get("align_corners")) not in COMBOS:
+        settings = (case.get("mode"), case.get("padding_mode"), case.get("align_corners"))
+        if case["kind"] in ("grid_sample", _SECOND_ORDER) and settings not in COMBOS:
             _fail(path, f"cases[{i}] ({case['key']})", "unknown mode, padding_mode or "
                   "align_corners")
         if not isinstance(case.get("align_corners"), bool):
@@ -440,14 +471,19 @@ def _check_shapes(path, case, shapes):
         if shapes[name] != tuple(expected):
             _fail(path, f"{key}/{name}", f"shape {shapes[name]}, expected {tuple(expected)}")
 
-    if case["kind"] == "grid_sample":
+    if case["kind"] in ("grid_sample", _SECOND_ORDER):
         U, grid = shapes["U"], shapes["grid"]
         if len(U) != 4 or len(grid) != 4 or grid[3] != 2 or grid[0] != U[0]:
             _fail(path, f"{key}/grid", f"shape {grid} does not fit U of shape {U}")
         need("dV", U[:2] + grid[1:3])
-        need("V", U[:2] + grid[1:3])
-        need("dU", U)
-        need("dgrid", grid)
+        if case["kind"] == "grid_sample":
+            need("V", U[:2] + grid[1:3])
+            need("dU", U)
+            need("dgrid", grid)
+        else:
+            for name, like in (("ddU", U), ("ddgrid", grid), ("d_dV", U[:2] + grid[1:3]),
+                               ("d_U", U), ("d_grid", grid)):
+                need(name, like)
     elif case["kind"] == "spatial_transformer":
         U = shapes["U"]
         if len(U) != 4:
@@ -566,7 +602,8 @@ def load_golden(path) -> tuple[dict, dict[str, np.ndarray]]:
 # --------------------------------------------------------------------------------------
 
 
-def check_against_golden(path, other=None, *, tol: float | None = None) -> list[ParityResult]:
+def check_against_golden(path, other=None, *, tol: float | None = None,
+                         order: int = 1) -> list[ParityResult]:
     """Re-run the cases of a golden file and compare with its stored outputs.
 
     Parameters
@@ -580,6 +617,10 @@ def check_against_golden(path, other=None, *, tol: float | None = None) -> list[
         stored inputs of every grid_sample case.
     tol : float, optional
         Defaults to the file's recorded tolerance.
+    order : {1, 2}
+        2: only the double backward cases, with ``other`` a double backward as
+        :func:`~stn_numpy.verify.second_order.resolve_double_backward` takes it (None:
+        this package). With 1 and ``other=None`` they are checked among every case.
 
     Returns
     -------
@@ -589,7 +630,11 @@ def check_against_golden(path, other=None, *, tol: float | None = None) -> list[
     errors as ``err_V``, ``err_dU`` and ``err_params`` (the worst of theta, the loss and
     every parameter gradient).
     """
+    if order not in (1, 2):
+        raise ValueError(f"order must be 1 or 2, got {order!r}")
     manifest, arrays = load_golden(path)
+    if order == 2:
+        return _check_second_order(path, manifest, arrays, other, tol)
     sampler, affine = resolve(other, "numpy")
     everything = other is None or other == "numpy"
     tol = float(manifest["tolerance"]) if tol is None else float(tol)
@@ -603,6 +648,9 @@ def check_against_golden(path, other=None, *, tol: float | None = None) -> list[
             grid, dtheta = affine(get["theta"], tuple(int(s) for s in get["size"]),
                                   get["dgrid"], case["align_corners"])
             results.append(_grid_row(case, get, grid, dtheta, tol))
+        elif kind == _SECOND_ORDER:
+            if everything:
+                results.append(_check_double_backward(numpy_double_backward, case, get, tol))
         elif everything and kind in _GRID_TRANSFORMS:
             out = _outputs(case, get)
             results.append(_grid_row(case, get, out["grid"], out["dtheta"], tol))
@@ -629,6 +677,27 @@ def _check_sampler(sampler, case, get, tol):
     row = compare_sampler(sampler, get["U"], get["grid"], get["dV"], case["mode"],
                           case["padding_mode"], case["align_corners"], tol=tol, repeat=False,
                           reference=reference)
+    return _with_key(row, case["key"])
+
+
+def _check_second_order(path, manifest, arrays, other, tol):
+    """The double backward cases of a file, ``other`` (a double backward) on each."""
+    fn = resolve_double_backward("numpy" if other is None else other)
+    tol = float(manifest["tolerance"]) if tol is None else float(tol)
+    results = [_check_double_backward(fn, case, {n: arrays[f"{case['key']}/{n}"]
+                                                 for n in case["inputs"] + case["outputs"]}, tol)
+               for case in manifest["cases"] if case["kind"] == _SECOND_ORDER]
+    if not results:
+        raise GoldenFormatError(f"{path}: no second-order cases (files written before "
+                                f"they were added hold none)")
+    return results
+
+
+def _check_double_backward(fn, case, get, tol):
+    stored = tuple(get[n] for n in _SECOND_ORDER_IO[1])
+    row = compare_double_backward(fn, *(get[n] for n in _SECOND_ORDER_IO[0]), case["mode"],
+                                  case["padding_mode"], case["align_corners"], tol=tol,
+                                  repeat=False, reference=lambda *args: stored)
     return _with_key(row, case["key"])
 
 

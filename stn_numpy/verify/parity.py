@@ -109,7 +109,10 @@ class ParityResult:
     reason when it cannot express the case (the row neither passes nor fails). ``where``
     maps an array name to the location of its worst error; ``key`` overrides
     :attr:`case` (a golden file's edge and transform cases). ``err_params`` is a whole
-    layer's worst parameter-side error (theta, loss, parameter gradients).
+    layer's worst parameter-side error (theta, loss, parameter gradients). A double
+    backward row (``op="grid_sample_double_backward"``, see
+    :mod:`~stn_numpy.verify.second_order`) carries ``err_d_dV``, ``err_d_U`` and
+    ``err_d_grid``.
 
     ``status`` is ``"PASS"`` (every error present at most ``tol``, NaN fails, and the two
     calls agreed bit for bit), ``"FAIL"``, ``"ERROR"`` (``failure``) or ``"N/A"``.
@@ -126,6 +129,9 @@ class ParityResult:
     err_dtheta: float | None = None
     err_adjoint: float | None = None
     err_params: float | None = None
+    err_d_dV: float | None = None
+    err_d_U: float | None = None
+    err_d_grid: float | None = None
     repeat_diff: float | None = None
     tol: float
     failure: str | None = None
@@ -138,7 +144,8 @@ class ParityResult:
         """The errors present, by name (``V``, ``dU``, ``dgrid``, ``grid``, ``dtheta``, ...)."""
         named = {"V": self.err_V, "dU": self.err_dU, "dgrid": self.err_dgrid,
                  "grid": self.err_grid, "dtheta": self.err_dtheta, "adjoint": self.err_adjoint,
-                 "params": self.err_params}
+                 "params": self.err_params, "d_dV": self.err_d_dV, "d_U": self.err_d_U,
+                 "d_grid": self.err_d_grid}
         return {name: err for name, err in named.items() if err is not None}
 
     @property
@@ -170,6 +177,9 @@ class ParityResult:
 
 
 _COLUMNS = ("V", "dU", "dgrid", "grid", "dtheta", "adjoint", "params")
+# Shown only when some row has them (a first-order table keeps its width); a table of
+# double backward rows alone shows only these.
+_SECOND_ORDER_COLUMNS = ("d_dV", "d_U", "d_grid")
 
 
 def format_table(results: Sequence[ParityResult], tol: float | None = None) -> str:
@@ -181,17 +191,20 @@ def format_table(results: Sequence[ParityResult], tol: float | None = None) -> s
     Below the table, each failing row says where its worst error is, or why it errored.
     """
     results = [r if tol is None else dataclasses.replace(r, tol=tol) for r in results]
+    first_order = not results or any(r.op != "grid_sample_double_backward" for r in results)
+    columns = (_COLUMNS if first_order else ()) + tuple(
+        c for c in _SECOND_ORDER_COLUMNS if any(c in r.errors for r in results))
     width = max((len(r.case) + 2 for r in results if r.key is not None), default=0)
     label = (lambda r: f"{r.case:<{width}}") if width else _label
     header = (f"{'case':<{width}}" if width else
               f"{'mode':<12}{'padding':<12}{'align_corners':<15}") + "".join(
-        f"{'err ' + name:>12}" for name in _COLUMNS) + f"{'repeat':>10}{'result':>8}"
+        f"{'err ' + name:>12}" for name in columns) + f"{'repeat':>10}{'result':>8}"
     lines = [header, "-" * len(header)]
     notes = []
     for r in results:
         cells = "".join(
             f"{'-':>12}" if name not in r.errors else f"{r.errors[name]:>12.1e}"
-            for name in _COLUMNS)
+            for name in columns)
         repeat = "-" if r.repeat_diff is None else ("same" if r.repeat_diff == 0
                                                     else f"{r.repeat_diff:.1e}")
         lines.append(f"{label(r)}{cells}{repeat:>10}{r.status:>8}")

@@ -1,0 +1,183 @@
+"""Second order: another implementation's double backward beside this package's.
+
+A double backward takes upstream gradients ``ddU`` and ``ddgrid`` of a backward's outputs
+``(dU, dgrid)`` and returns the gradients of ``<ddU, dU> + <ddgrid, dgrid>`` with respect
+to the backward's arguments ``dV``, ``U`` and ``grid`` (see
+:func:`stn_numpy.grid_sample_double_backward`). Another implementation is called as::
+
+    other(U, grid, dV, ddU, ddgrid, mode, padding_mode, align_corners) -> (d_dV, d_U, d_grid)
+
+on NumPy arrays: the first-order interface's arrays, then the two upstream gradients, then
+the settings (:func:`numpy_double_backward` is this package behind it; a gradient the
+implementation cannot reach, such as ``d_U`` of nearest, may be zeros). PyTorch 2.12 and
+later provide one through autograd (:func:`torch_double_backward`).
+
+The inputs of each of the 18 rows are the parity matrix's (:func:`~stn_numpy.verify.make_grid`
+puts half the points on the samplers' kinks) plus two upstream gradients. At the kinks
+every choice is the first order's (right-hand derivatives at integers, zero gradient on
+the clip limits), which PyTorch 2.13 makes too: measured against it, the worst error of
+the 18 rows is below 1e-15 in float64, so the first order's tolerances (1e-10 float64,
+1e-5 float32) apply unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._torch import import_torch
+from ..gradcheck import rel_error
+from ..sampling import grid_sample_double_backward
+from .parity import (
+    COMBOS,
+    ParityResult,
+    Unsupported,
+    default_tol,
+    sampler_inputs,
+    sampler_key,
+)
+
+__all__ = [
+    "SECOND_ORDER_OUTPUTS",
+    "compare_double_backward",
+    "numpy_double_backward",
+    "resolve_double_backward",
+    "second_order_inputs",
+    "second_order_key",
+    "second_order_matrix",
+    "torch_double_backward",
+]
+
+SECOND_ORDER_OUTPUTS = ("d_dV", "d_U", "d_grid")
+
+
+def second_order_key(mode, padding_mode, align_corners) -> str:
+    """The key prefix of a double backward case, e.g. ``second_order/bilinear/zeros/...``."""
+    return "second_order/" + sampler_key(mode, padding_mode, align_corners)
+
+
+def second_order_inputs(seed, case, shape, out_hw, align_corners, dtype):
+    """``(U, grid, dV, ddU, ddgrid)``: the first-order row's inputs of ``case`` and two
+    upstream gradients from a stream of their own (so those inputs stay the same)."""
+    U, grid, dV = sampler_inputs(seed, case, shape, out_hw, align_corners, dtype)
+    rng = np.random.default_rng([seed, case, 2])
+    ddU = rng.standard_normal(U.shape).astype(dtype)
+    ddgrid = rng.standard_normal(grid.shape).astype(dtype)
+    return U, grid, dV, ddU, ddgrid
+
+
+def numpy_double_backward(U, grid, dV, ddU, ddgrid, mode, padding_mode, align_corners):
+    """This package's double backward behind the ``other`` interface (module docstring)."""
+    return grid_sample_double_backward(ddU, ddgrid, dV, U, grid, mode, padding_mode,
+                                       align_corners)
+
+
+def torch_double_backward(U, grid, dV, ddU, ddgrid, mode, padding_mode, align_corners):
+    """PyTorch's double backward on the CPU: ``torch.autograd.grad`` twice, the first with
+    ``create_graph=True``. An input its graph does not reach comes back as zeros."""
+    torch = import_torch()
+    dV_t, U_t, grid_t = (torch.from_numpy(np.array(a)).requires_grad_() for a in (dV, U, grid))
+    V = torch.nn.functional.grid_sample(U_t, grid_t, mode=mode, padding_mode=padding_mode,
+                                        align_corners=align_corners)
+    dU, dgrid = torch.autograd.grad(V, (U_t, grid_t), dV_t, create_graph=True)
+    outs = torch.autograd.grad((dU, dgrid), (dV_t, U_t, grid_t),
+                               (torch.from_numpy(np.array(ddU)),
+                                torch.from_numpy(np.array(ddgrid))), allow_unused=True)
+    return tuple(np.zeros_like(a) if o is None else o.detach().numpy()
+                 for o, a in zip(outs, (dV, U, grid), strict=True))
+
+
+def resolve_double_backward(other):
+    """The double backward that ``other`` names: None or ``"torch"`` (PyTorch), ``"numpy"``
+    (this package), or a callable with the interface of the module docstring."""
+    if other is None or other == "torch":
+        import_torch()
+        return torch_double_backward
+    if other == "numpy":
+        return numpy_double_backward
+    if callable(other):
+        return other
+    raise TypeError(f"other must be None, 'torch', 'numpy' or a callable "
+                    f"other(U, grid, dV, ddU, ddgrid, mode, padding_mode, align_corners) -> "
+                    f"(d_dV, d_U, d_grid), got {other!r}")
+
+
+def _call(fn, U, grid, dV, ddU, ddgrid, mode, padding_mode, align_corners):
+    """``fn``'s three gradients as arrays, shapes checked; inputs passed as copies."""
+    out = fn(U.copy(), grid.copy(), dV.copy(), ddU.copy(), ddgrid.copy(), mode, padding_mode,
+             align_corners)
+    try:
+        arrays = tuple(np.asarray(a) for a in out)
+        if len(arrays) != 3:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"must return (d_dV, d_U, d_grid), got {type(out).__name__}") from None
+    for name, a, shape in zip(SECOND_ORDER_OUTPUTS, arrays, (dV.shape, U.shape, grid.shape),
+                              strict=True):
+        if a.shape != shape:
+            raise ValueError(f"returned {name} of shape {a.shape}, expected {shape}")
+    return arrays
+
+
+def compare_double_backward(other, U, grid, dV, ddU, ddgrid, mode, padding_mode,
+                            align_corners, *, tol: float, repeat: bool = True,
+                            reference=None) -> ParityResult:
+    """One row: ``other``'s double backward beside this package's on these inputs.
+
+    As :func:`~stn_numpy.verify.parity.compare_sampler`: :class:`Unsupported` makes the
+    row N/A, any other exception or a wrong shape an ERROR; ``repeat`` calls ``other``
+    twice and requires the same bits; ``reference`` (same interface) replaces this
+    package, e.g. by a golden file's stored outputs. The row's key is
+    :func:`second_order_key`.
+    """
+    row = {"op": "grid_sample_double_backward", "mode": mode, "padding_mode": padding_mode,
+           "align_corners": align_corners, "tol": tol,
+           "key": second_order_key(mode, padding_mode, align_corners)}
+    args = (U, grid, dV, ddU, ddgrid, mode, padding_mode, align_corners)
+    try:
+        theirs = _call(other, *args)
+        again = _call(other, *args) if repeat else None
+    except Unsupported as exc:
+        return ParityResult(**row, unsupported=str(exc))
+    except Exception as exc:  # noqa: BLE001 - the other implementation's failure is the row's
+        return ParityResult(**row, failure=f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+    ours = (reference or numpy_double_backward)(*args)
+    errs, where = {}, {}
+    for name, a, b in zip(SECOND_ORDER_OUTPUTS, ours, theirs, strict=True):
+        errs[f"err_{name}"] = err = rel_error(a, b)
+        if not err <= tol:
+            diff = np.abs(np.asarray(a, np.float64) - b)
+            idx = np.unravel_index(int(np.argmax(np.where(np.isnan(diff), np.inf, diff))),
+                                   diff.shape)
+            where[name] = (f"worst at {name}[{', '.join(map(str, idx))}]: ours {a[idx]:.6g}, "
+                           f"theirs {b[idx]:.6g}")
+    if again is not None:
+        errs["repeat_diff"] = float(max(
+            0.0 if np.array_equal(a, b, equal_nan=True) else np.max(np.abs(a - b))
+            for a, b in zip(theirs, again, strict=True)))
+    return ParityResult(**row, **errs, where=where)
+
+
+def second_order_matrix(other=None, *, dtype=np.float64, seed: int = 0, shape=(2, 3, 5, 6),
+                        out_hw=(7, 8), tol: float | None = None,
+                        repeat: bool = True) -> list[ParityResult]:
+    """Compare ``other``'s double backward with this package's on all 18 combinations.
+
+    Parameters
+    ----------
+    other : None, "torch", "numpy" or callable
+        See :func:`resolve_double_backward`; PyTorch by default.
+    dtype, seed, shape, out_hw, tol, repeat
+        As in :func:`~stn_numpy.verify.parity_matrix`, whose inputs each row reuses.
+
+    Returns
+    -------
+    list of ParityResult
+        One per combination, in the order of ``parity_matrix``'s sampler rows, carrying
+        ``err_d_dV``, ``err_d_U`` and ``err_d_grid``.
+    """
+    fn = resolve_double_backward(other)
+    dtype = np.dtype(dtype)
+    tol = default_tol(dtype) if tol is None else float(tol)
+    return [compare_double_backward(
+        fn, *second_order_inputs(seed, case, shape, out_hw, combo[2], dtype), *combo, tol=tol,
+        repeat=repeat) for case, combo in enumerate(COMBOS)]

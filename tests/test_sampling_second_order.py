@@ -1,0 +1,184 @@
+"""Tests for stn_numpy.sampling_second_order: finite differences of the backward, PyTorch's
+double backward at generic points and at kinks, the terms that vanish, bad input."""
+
+import itertools
+
+import numpy as np
+import pytest
+from conftest import smooth_grid
+
+from stn_numpy import grid_sample, grid_sample_backward, grid_sample_double_backward
+from stn_numpy.gradcheck import check_double_backward, rel_error
+from stn_numpy.sampling import MODES, PADDING_MODES
+from stn_numpy.verify import make_grid
+
+ALL_COMBOS = list(itertools.product(MODES, PADDING_MODES, [True, False]))
+
+
+def random_case(rng, grid, C=2, H=4, W=5):
+    N, Ho, Wo, _ = grid.shape
+    U = rng.standard_normal((N, C, H, W))
+    dV = rng.standard_normal((N, C, Ho, Wo))
+    return U, dV, rng.standard_normal(U.shape), rng.standard_normal(grid.shape)
+
+
+@pytest.mark.parametrize("mode,padding_mode,align_corners", ALL_COMBOS)
+def test_matches_finite_differences_of_the_backward(rng, mode, padding_mode, align_corners):
+    grid = smooth_grid(rng, 2, 3, 4, 4, 5, align_corners)
+    U, dV, ddU, ddgrid = random_case(rng, grid)
+    opts = (mode, padding_mode, align_corners)
+    analytic = grid_sample_double_backward(ddU, ddgrid, dV, U, grid, *opts)
+    report = check_double_backward(lambda dv, u, g: grid_sample_backward(dv, u, g, *opts),
+                                   [dV, U, grid], [ddU, ddgrid], analytic)
+    # Linear in dV and U (exact up to round-off); smooth in the grid away from kinks, O(h^2).
+    assert report.max_rel_error < 1e-7, report
+
+
+def torch_double_backward(ddU, ddgrid, dV, U, grid, mode, padding_mode, align_corners):
+    """PyTorch's double backward: autograd.grad twice, the first with create_graph."""
+    torch = pytest.importorskip("torch", reason="PyTorch not installed: pip install torch==2.13.0")
+    dV_t, U_t, grid_t = (torch.tensor(a, requires_grad=True) for a in (dV, U, grid))
+    V = torch.nn.functional.grid_sample(U_t, grid_t, mode=mode, padding_mode=padding_mode,
+                                        align_corners=align_corners)
+    dU, dgrid = torch.autograd.grad(V, (U_t, grid_t), dV_t, create_graph=True)
+    outs = torch.autograd.grad((dU, dgrid), (dV_t, U_t, grid_t),
+                               (torch.tensor(ddU), torch.tensor(ddgrid)), allow_unused=True)
+    # An input PyTorch's graph does not reach (U for nearest) comes back as None: zero.
+    return [np.zeros_like(a) if o is None else o.numpy() for o, a in zip(outs, (dV, U, grid),
+                                                                          strict=True)]
+
+
+@pytest.mark.parametrize("mode,padding_mode,align_corners", ALL_COMBOS)
+@pytest.mark.parametrize("points", ["generic", "kinks"])
+def test_matches_torch_double_backward(rng, mode, padding_mode, align_corners, points):
+    N, H, W, Ho, Wo = 3, 5, 6, 8, 9
+    if points == "generic":
+        grid = rng.uniform(-1.4, 1.4, (N, Ho, Wo, 2))
+    else:  # half the points exactly on integers, half-integers, borders, reflection lines
+        grid = make_grid(N, Ho, Wo, H, W, align_corners, rng=rng)
+    U, dV, ddU, ddgrid = random_case(rng, grid, C=3, H=H, W=W)
+    opts = (mode, padding_mode, align_corners)
+    ours = grid_sample_double_backward(ddU, ddgrid, dV, U, grid, *opts)
+    theirs = torch_double_backward(ddU, ddgrid, dV, U, grid, *opts)
+    for name, a, b in zip(("d_dV", "d_U", "d_grid"), ours, theirs, strict=True):
+        assert a.shape == b.shape
+        assert rel_error(a, b) <= 1e-10, name
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_none_upstream_gradients_are_zeros(rng, mode):
+    grid = rng.uniform(-1.2, 1.2, (2, 3, 4, 2))
+    U, dV, ddU, ddgrid = random_case(rng, grid)
+    for ddU_, ddgrid_ in [(ddU, None), (None, ddgrid), (None, None)]:
+        got = grid_sample_double_backward(ddU_, ddgrid_, dV, U, grid, mode)
+        want = grid_sample_double_backward(
+            np.zeros_like(U) if ddU_ is None else ddU_,
+            np.zeros_like(grid) if ddgrid_ is None else ddgrid_, dV, U, grid, mode)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_d_dV_from_ddU_is_the_forward_of_ddU(rng, mode):
+    # <ddU, dU> = <ddU, S^T dV> = <S ddU, dV>: its gradient in dV samples ddU.
+    grid = rng.uniform(-1.2, 1.2, (2, 3, 4, 2))
+    U, dV, ddU, _ = random_case(rng, grid)
+    d_dV, d_U, _ = grid_sample_double_backward(ddU, None, dV, U, grid, mode)
+    assert rel_error(d_dV, grid_sample(ddU, grid, mode)) < 1e-14
+    assert np.all(d_U == 0)  # dU does not depend on U
+
+
+@pytest.mark.parametrize("padding_mode", PADDING_MODES)
+def test_bilinear_has_no_second_derivative_along_one_axis_but_a_mixed_one(rng, padding_mode):
+    grid = smooth_grid(rng, 2, 3, 4, 4, 5, False)
+    U, dV, _, ddgrid = random_case(rng, grid)
+    ddgrid[..., 1] = 0  # only the x-component of dgrid is differentiated
+    _, _, d_grid = grid_sample_double_backward(None, ddgrid, dV, U, grid, "bilinear",
+                                               padding_mode)
+    assert np.all(d_grid[..., 0] == 0)  # d^2 k / dx^2 = 0: the x-x term vanishes
+    assert np.abs(d_grid[..., 1]).max() > 1e-3  # the x-y twist does not
+    _, _, d_grid = grid_sample_double_backward(None, ddgrid, dV, U, grid, "bicubic",
+                                               padding_mode)
+    assert np.abs(d_grid[..., 0]).max() > 1e-3  # bicubic: k'' != 0
+
+
+@pytest.mark.parametrize("padding_mode", PADDING_MODES)
+def test_nearest_reaches_dV_alone(rng, padding_mode):
+    grid = rng.uniform(-1.2, 1.2, (2, 3, 4, 2))
+    U, dV, ddU, ddgrid = random_case(rng, grid)
+    d_dV, d_U, d_grid = grid_sample_double_backward(ddU, ddgrid, dV, U, grid, "nearest",
+                                                    padding_mode)
+    assert np.all(d_U == 0) and np.all(d_grid == 0)
+    np.testing.assert_array_equal(d_dV, grid_sample(ddU, grid, "nearest", padding_mode))
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_border_clipped_coordinates_carry_nothing_from_ddgrid(rng, align_corners):
+    grid = rng.uniform(1.5, 2.0, (1, 2, 3, 2))  # beyond the right and bottom border
+    U, dV, _, ddgrid = random_case(rng, grid)
+    d_dV, d_U, d_grid = grid_sample_double_backward(None, ddgrid, dV, U, grid, "bilinear",
+                                                    "border", align_corners)
+    assert not d_dV.any() and not d_U.any() and not d_grid.any()
+
+
+def test_float32_follows_float64(rng):
+    grid = rng.uniform(-1.2, 1.2, (2, 3, 4, 2))
+    args = random_case(rng, grid)
+    U, dV, ddU, ddgrid = args
+    ours64 = grid_sample_double_backward(ddU, ddgrid, dV, U, grid, "bicubic")
+    ours32 = grid_sample_double_backward(*(a.astype(np.float32) for a in (ddU, ddgrid, dV, U,
+                                                                          grid)), "bicubic")
+    for a, b in zip(ours32, ours64, strict=True):
+        assert a.dtype == np.float32 and rel_error(a, b) < 1e-5
+
+
+def test_rejects_bad_arguments(rng):
+    grid = rng.uniform(-1, 1, (2, 3, 4, 2))
+    U, dV, ddU, ddgrid = random_case(rng, grid)
+    with pytest.raises(ValueError, match="ddU"):
+        grid_sample_double_backward(ddU[:1], ddgrid, dV, U, grid)
+    with pytest.raises(ValueError, match="ddgrid"):
+        grid_sample_double_backward(ddU, ddgrid[..., :1], dV, U, grid)
+    with pytest.raises(ValueError, match="dV"):
+        grid_sample_double_backward(ddU, ddgrid, dV[:, :1], U, grid)
+    with pytest.raises(TypeError, match="ddgrid"):
+        grid_sample_double_backward(ddU, ddgrid.astype(np.float32), dV, U, grid)
+    with pytest.raises(ValueError, match="mode"):
+        grid_sample_double_backward(ddU, ddgrid, dV, U, grid, "linear")
+    with pytest.raises(ValueError, match="grid"):
+        grid_sample_double_backward(ddU, ddgrid, dV, U, np.full_like(grid, np.inf))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_results_do_not_depend_on_blocks_or_threads(rng, mode):
+    from stn_numpy import _parallel, sampling
+
+    grid = rng.uniform(-1.5, 1.5, (5, 4, 3, 2))
+    U, dV, ddU, ddgrid = random_case(rng, grid, H=6, W=7)
+    results = []
+    original = sampling._BLOCK
+    try:
+        for block, threads in ((4 * 3 * (2 + 4), 1), (10**9, 2), (2 * 4 * 3 * (2 + 4), 2)):
+            sampling._BLOCK = block
+            _parallel.set_num_threads(threads)
+            results.append(grid_sample_double_backward(ddU, ddgrid, dV, U, grid, mode,
+                                                       "reflection"))
+    finally:
+        sampling._BLOCK = original
+        _parallel.set_num_threads(None)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("U_shape,out_hw", [((0, 2, 3, 4), (2, 2)), ((1, 2, 3, 4), (0, 2)),
+                                            ((1, 0, 3, 4), (2, 2)), ((1, 1, 1, 1), (2, 2))])
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_and_one_pixel_inputs_give_the_documented_shapes(U_shape, out_hw, mode):
+    U = np.ones(U_shape)
+    grid = np.zeros((U_shape[0], *out_hw, 2))
+    dV = np.ones(U_shape[:2] + out_hw)
+    out = grid_sample_double_backward(np.ones(U_shape), np.ones(grid.shape), dV, U, grid, mode,
+                                      "border")
+    assert [a.shape for a in out] == [dV.shape, U.shape, grid.shape]
+    assert all(np.isfinite(a).all() for a in out)
