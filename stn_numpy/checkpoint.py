@@ -153,7 +153,8 @@ def model_from_params(config: dict, params: dict, source="parameters") -> Model:
     if missing:
         raise ValueError(f"{source}: field 'model' lacks {missing}")
     try:
-        model = build_model(*(config[k] for k in keys), st_size=config.get("st_size"))
+        model = build_model(*(config[k] for k in keys), st_size=config.get("st_size"),
+                            loc_net=config.get("loc_net"))  # None before it existed
     except (TypeError, ValueError) as e:
         raise ValueError(f"{source}: field 'model': {e}") from None
     own = model.params

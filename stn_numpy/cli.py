@@ -39,7 +39,7 @@ _RESUME_OPTIONS = {"epochs", "out", "data_dir", "progress"}
 
 def _add_train(sub):
     from .data import DATASETS
-    from .models import ARCHITECTURES
+    from .models import ARCHITECTURES, LOC_NETS
     from .sampling import MODES, PADDING_MODES
     from .train import LR_SCHEDULES, OPTIMIZERS, TrainConfig
     from .transformer import TRANSFORMS
@@ -49,7 +49,8 @@ def _add_train(sub):
                        formatter_class=_HelpFormatter)
     p.add_argument("--model", choices=ARCHITECTURES, default=d.model,
                    help="stn: transformer + classifier; cnn: the classifier alone; "
-                        "paper-stcnn / paper-cnn: the paper's distorted-MNIST pair")
+                        "paper-stcnn / paper-cnn and paper-stfcn / paper-fcn: the paper's "
+                        "distorted-MNIST pairs")
     p.add_argument("--dataset", choices=sorted(DATASETS), default=d.dataset,
                    help="MNIST or one of the paper's distorted variants")
     p.add_argument("--epochs", type=parse_positive_int, default=None,
@@ -77,6 +78,9 @@ def _add_train(sub):
     p.add_argument("--st-size", type=parse_positive_int, default=None,
                    help="side of the transformer's output, on which the classifier runs "
                         "(default: the input's)")
+    p.add_argument("--loc-net", choices=LOC_NETS, default=None,
+                   help="the localisation net of a paper model with a transformer "
+                        "(default: its own, cnn for paper-stcnn and fcn for paper-stfcn)")
     p.add_argument("--loc-lr-scale", type=float, default=d.loc_lr_scale,
                    help="the localisation net learns at --lr times this")
     p.add_argument("--mode", choices=MODES, default=d.mode, help="the sampling kernel")

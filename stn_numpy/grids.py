@@ -47,6 +47,10 @@ __all__ = [
     "affine_grid_backward",
     "attention_grid",
     "attention_grid_backward",
+    "similarity_affine",
+    "similarity_affine_backward",
+    "similarity_grid",
+    "similarity_grid_backward",
     "projective_grid",
     "projective_grid_backward",
     "tps_grid",
@@ -315,6 +319,121 @@ def attention_grid_backward(dgrid: np.ndarray, theta: np.ndarray, size, align_co
     dtheta[:, 0] = np.einsum("nhwi,hwi->n", dgrid, xy_t)
     dtheta[:, 1:] = dgrid.sum(axis=(1, 2))
     return dtheta
+
+
+# --------------------------------------------------------------------------------------
+# Similarity: rotation, isotropic scale and translation, 4 parameters.
+# --------------------------------------------------------------------------------------
+
+
+def similarity_affine(theta: np.ndarray) -> np.ndarray:
+    """The affine matrix of similarity parameters: ``A = s R(a)`` beside ``(t_x, t_y)``.
+
+    ``theta = (a, log s, t_x, t_y)`` gives::
+
+        [[s cos a, -s sin a, t_x],
+         [s sin a,  s cos a, t_y]],   s = exp(log s).
+
+    In the image's coordinates (x right, y down) a positive ``a`` turns the sampling grid
+    clockwise on screen, so V shows U's content turned counter-clockwise by ``a``; the
+    angle ``a`` is what :func:`stn_numpy.measures.rotation_angle` reads from ``A``.
+
+    Parameters
+    ----------
+    theta : ndarray, shape (N, 4), float32 or float64
+        ``(angle in radians, log scale, t_x, t_y)``; the identity is all zeros.
+
+    Returns
+    -------
+    A : ndarray, shape (N, 2, 3), dtype of ``theta``
+
+    Raises
+    ------
+    NonFiniteError
+        ``exp(log s)`` overflows the dtype.
+    """
+    theta = _check_params("theta", theta, (None, 4))
+    angle, log_s, tx, ty = theta.T
+    with np.errstate(over="ignore"):
+        s = np.exp(log_s)
+    if not np.isfinite(s).all():
+        raise NonFiniteError(f"theta's log scale (column 1) must give a finite scale "
+                             f"exp(log s) in {theta.dtype}, got log s up to {log_s.max()!r}")
+    c, si = s * np.cos(angle), s * np.sin(angle)
+    return np.stack([np.stack([c, -si, tx], -1), np.stack([si, c, ty], -1)], axis=1)
+
+
+def similarity_affine_backward(dA: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """Gradient of :func:`similarity_affine` with respect to ``theta = (a, log s, t_x, t_y)``.
+
+    With ``A = s R(a)``, ``dA/da = s R(a + pi/2)`` and ``dA/d(log s) = A``, so
+    ``da = sum_ij dA_ij (s R'(a))_ij = s (cos a (dA_10 - dA_01) - sin a (dA_00 + dA_11))``,
+    ``d(log s) = sum_ij dA_ij A_ij`` over the 2 x 2 part, ``dt = dA[:, :, 2]``.
+
+    Parameters
+    ----------
+    dA : ndarray, shape (N, 2, 3)
+        Upstream gradient of the affine matrix, same dtype as ``theta``.
+    theta : ndarray, shape (N, 4)
+        As in :func:`similarity_affine`.
+
+    Returns
+    -------
+    dtheta : ndarray, shape (N, 4)
+    """
+    A = similarity_affine(theta)
+    dA = check_float_array("dA", dA, shape=A.shape)
+    if dA.dtype != A.dtype:
+        raise TypeError(f"dA must have theta's dtype {A.dtype}, got {dA.dtype}")
+    dtheta = np.empty_like(A[:, 0, :2], shape=(len(A), 4))
+    c, si = A[:, 0, 0], A[:, 1, 0]  # s cos a, s sin a
+    dtheta[:, 0] = c * (dA[:, 1, 0] - dA[:, 0, 1]) - si * (dA[:, 0, 0] + dA[:, 1, 1])
+    dtheta[:, 1] = np.einsum("nij,nij->n", dA[:, :, :2], A[:, :, :2])
+    dtheta[:, 2:] = dA[:, :, 2]
+    return dtheta
+
+
+def similarity_grid(theta: np.ndarray, size, align_corners: bool = False) -> np.ndarray:
+    """Similarity grid: ``(x_s, y_s) = s R(a) (x_t, y_t) + (t_x, t_y)``.
+
+    The affine grid (paper eq. 1) of ``A =`` :func:`similarity_affine` ``(theta)``: a
+    rotation by ``a``, an isotropic scale ``s = exp(log s)`` and a translation, with no
+    shear. A head that predicts the angle itself learns to undo rotations far sooner than
+    one that predicts the six entries of A, which must learn to move together.
+
+    Parameters
+    ----------
+    theta : ndarray, shape (N, 4)
+        ``(a, log s, t_x, t_y)`` per sample, angle in radians; the identity is all zeros.
+    size, align_corners
+        As in :func:`affine_grid`.
+
+    Returns
+    -------
+    grid : ndarray, shape (N, H, W, 2)
+    """
+    return affine_grid(similarity_affine(theta), size, align_corners)
+
+
+def similarity_grid_backward(dgrid: np.ndarray, theta: np.ndarray, size, align_corners=False):
+    """Gradient of :func:`similarity_grid` with respect to ``theta = (a, log s, t_x, t_y)``.
+
+    The chain rule through A: ``dA =`` :func:`affine_grid_backward` ``(dgrid, A)``, then
+    :func:`similarity_affine_backward` ``(dA, theta)``.
+
+    Parameters
+    ----------
+    dgrid : ndarray, shape (N, H, W, 2)
+        Upstream gradient ``dL/dgrid``, same dtype as ``theta``.
+    theta, size, align_corners
+        As in :func:`similarity_grid`.
+
+    Returns
+    -------
+    dtheta : ndarray, shape (N, 4)
+    """
+    A = similarity_affine(theta)
+    return similarity_affine_backward(affine_grid_backward(dgrid, A, size, align_corners), theta)
 
 
 # --------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 distortion it was shown.
 
 Every measure reads the affine parameters ``theta`` (N, 2, 3) the localisation net predicts
-(an ``attention`` head's (s, t_x, t_y) is the affine ``[[s, 0, t_x], [0, s, t_y]]``) and the
+(an ``attention`` head's (s, t_x, t_y) is the affine ``[[s, 0, t_x], [0, s, t_y]]``, a
+``similarity`` head's (a, log s, t_x, t_y) is ``s R(a)`` beside ``t``) and the
 parameters the generator drew for each image (:mod:`stn_numpy.data.distort`,
 ``return_params=True``). ``theta`` maps the output grid (x_t, y_t) to input points
 (x_s, y_s) = A (x_t, y_t) + b in normalised coordinates (Jaderberg et al. 2015, eq. 1):
@@ -12,7 +13,8 @@ parameters the generator drew for each image (:mod:`stn_numpy.data.distort`,
   (positive turns the digit counter-clockwise on screen). The generator's inverse map for
   an angle ``a`` is ``R(a)^T``; a transformer that undoes it predicts ``A = R(a)``, whose
   angle is ``-a``. Fitted against the applied angle, a slope of -1 undoes every rotation,
-  0 none.
+  0 none. A ``similarity`` head's rotation is its angle parameter itself, in degrees and
+  not wrapped into (-180, 180], so a head that turns past a half-turn shows as such.
 * **scale** (``rts``): the output window's side measured in digit frames,
   ``sqrt(|det A|) * W / digit``, against the applied scale; a window that grows with the
   digit gives a positive slope and R^2 near 1.
@@ -28,17 +30,21 @@ from __future__ import annotations
 import numpy as np
 
 from ._checks import check_float_array
+from .grids import similarity_affine
 
-__all__ = ["MEASURED", "affine_theta", "format_measures", "ink_inside", "linear_fit",
-           "rotation_angle", "scale_translation", "transformer_measures", "transformer_theta"]
+__all__ = ["MEASURABLE", "MEASURED", "affine_theta", "format_measures", "ink_inside", "linear_fit",
+           "rotation_angle", "scale_translation", "transformer_measures", "transformer_params",
+           "transformer_theta"]
 
+# the heads whose parameters give one affine matrix, and so can be measured
+MEASURABLE = ("affine", "attention", "similarity")
 # datasets -> the measures that apply to them
 MEASURED = {"rot": ("rotation",), "rts": ("rotation", "scale", "translation"),
             "t": ("ink_inside",), "tc": ("ink_inside",)}
 
 
 def affine_theta(theta: np.ndarray, transform: str) -> np.ndarray:
-    """The affine matrix ``(N, 2, 3)`` of an ``affine`` or ``attention`` head's parameters.
+    """The affine matrix ``(N, 2, 3)`` of an ``affine``, ``attention`` or ``similarity`` head.
 
     ``theta`` is the head's output, flat ``(N, P)`` or in the generator's shape; other
     transforms have no single affine matrix and raise ``ValueError``.
@@ -50,8 +56,10 @@ def affine_theta(theta: np.ndarray, transform: str) -> np.ndarray:
         s, tx, ty = theta.reshape(len(theta), 3).T
         zero = np.zeros_like(s)
         return np.stack([np.stack([s, zero, tx], -1), np.stack([zero, s, ty], -1)], axis=1)
-    raise ValueError(f"transform must be 'affine' or 'attention' to be measured, "
-                     f"got {transform!r}")
+    if transform == "similarity":
+        return similarity_affine(theta.reshape(len(theta), 4))
+    raise ValueError(f"transform must be 'affine', 'attention' or 'similarity' to be "
+                     f"measured, got {transform!r}")
 
 
 def rotation_angle(theta: np.ndarray) -> np.ndarray:
@@ -169,13 +177,17 @@ def linear_fit(x, y) -> dict:
     return {"slope": slope, "intercept": intercept, "r2": r2, "n": int(x.size)}
 
 
-def transformer_theta(model, X, batch_size: int | None = None) -> np.ndarray:
-    """The affine ``theta`` ``(N, 2, 3)`` the model's transformer predicts for images ``X``."""
+def transformer_params(model, X, batch_size: int | None = None) -> np.ndarray:
+    """The flat parameters ``(N, P)`` the model's localisation net predicts for images ``X``."""
     st = model.transformer
     if st is None:
         raise ValueError(f"model {model.config['arch']!r} has no spatial transformer")
-    flat = model._batched(lambda x: st.localization.forward(x, train=False), X, batch_size)
-    return affine_theta(flat, st.transform)
+    return model._batched(lambda x: st.localization.forward(x, train=False), X, batch_size)
+
+
+def transformer_theta(model, X, batch_size: int | None = None) -> np.ndarray:
+    """The affine ``theta`` ``(N, 2, 3)`` the model's transformer predicts for images ``X``."""
+    return affine_theta(transformer_params(model, X, batch_size), model.transformer.transform)
 
 
 def transformer_measures(model, X, params: dict, dataset: str) -> dict:
@@ -184,7 +196,7 @@ def transformer_measures(model, X, params: dict, dataset: str) -> dict:
     Parameters
     ----------
     model : Model
-        A model with an ``affine`` or ``attention`` transformer.
+        A model with an ``affine``, ``attention`` or ``similarity`` transformer.
     X : ndarray, shape (N, 1, H, W)
         Test images of ``dataset``.
     params : dict
@@ -200,14 +212,17 @@ def transformer_measures(model, X, params: dict, dataset: str) -> dict:
         ``"ink_inside"`` (``{"mean", "min", "values"}``).
     """
     st = model.transformer
-    if st is None or st.transform not in ("affine", "attention") or dataset not in MEASURED:
+    if st is None or st.transform not in MEASURABLE or dataset not in MEASURED:
         return {}
-    theta = transformer_theta(model, X)
+    flat = transformer_params(model, X)
+    theta = affine_theta(flat, st.transform)
     size = X.shape[2:]
     out = {}
     for name in MEASURED[dataset]:
         if name == "rotation":
-            applied, recovered = params["angle"], rotation_angle(theta)
+            recovered = (np.rad2deg(flat[:, 0].astype(np.float64))
+                         if st.transform == "similarity" else rotation_angle(theta))
+            applied = params["angle"]
         elif name == "ink_inside":
             values = ink_inside(theta, params["digits"], params["box"], size, st.align_corners)
             out[name] = {"mean": float(values.mean()), "min": float(values.min()),

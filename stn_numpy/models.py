@@ -26,6 +26,19 @@ and the localisation net of ``paper-stcnn``::
     [maxpool 2] -> conv 20@5x5 -> maxpool 2 -> relu -> conv 20@5x5 -> maxpool 2 -> relu
     -> flatten -> fc ->20 -> relu -> fc 20->P
 
+``paper-fcn`` and ``paper-stfcn`` are the paper's fully connected pair (Appendix A.1 gives
+two hidden layers of 128 to 256 units for the FCN and a 3-layer FCN of 32 units for the
+ST-FCN's localisation net; this project takes 128 units for both hidden layers)::
+
+    flatten -> fc ->128 -> relu -> fc 128->128 -> relu -> fc 128->10
+
+and the localisation net of ``paper-stfcn``::
+
+    [maxpool 2] -> flatten -> fc ->32 -> relu -> fc 32->32 -> relu -> fc 32->P
+
+Either localisation net can sit in front of either paper classifier (``loc_net="cnn"`` or
+``"fcn"`` in :func:`build_model`); by default each model takes its own.
+
 The paper feeds its localisation net a 2x max-pooled copy of the input; that leading pool
 is used for inputs of at least ``PAPER_POOL_FROM`` pixels a side (RTS's 42x42, TC's 60x60),
 since a pooled 28x28 image is too small for two 5x5 convolutions with pooling. The
@@ -65,17 +78,23 @@ from .layers import (
 from .sampling import MODES, PADDING_MODES
 from .transformer import TRANSFORMS, SpatialTransformer, identity_parameters
 
-__all__ = ["ARCHITECTURES", "MIN_INPUT_SIZE", "MIN_ST_SIZE", "Model", "Normalize", "build_model"]
+__all__ = ["ARCHITECTURES", "LOC_NETS", "MIN_INPUT_SIZE", "MIN_ST_SIZE", "Model", "Normalize",
+           "build_model"]
 
-ARCHITECTURES = ("stn", "cnn", "paper-stcnn", "paper-cnn")
+ARCHITECTURES = ("stn", "cnn", "paper-stcnn", "paper-cnn", "paper-stfcn", "paper-fcn")
+# The localisation nets a paper model may take instead of its own (``loc_net``).
+LOC_NETS = ("cnn", "fcn")
 # The smallest side whose feature maps stay at least 1 x 1: the classifier needs 16
 # (conv 5x5 -> 12, pool -> 6, conv 5x5 -> 2, pool -> 1), the localisation net 18
 # (conv 7x7 -> 12, pool -> 6, conv 5x5 -> 2, pool -> 1). The paper's classifier needs 24
 # (conv 9x9 -> 16, pool -> 8, conv 7x7 -> 2, pool -> 1), its localisation net 16
-# (conv 5x5 -> 12, pool -> 6, conv 5x5 -> 2, pool -> 1), 32 when it pools first.
-MIN_INPUT_SIZE = {"cnn": 16, "stn": 18, "paper-cnn": 24, "paper-stcnn": 24}
+# (conv 5x5 -> 12, pool -> 6, conv 5x5 -> 2, pool -> 1), 32 when it pools first. The fully
+# connected nets take any size.
+MIN_INPUT_SIZE = {"cnn": 16, "stn": 18, "paper-cnn": 24, "paper-stcnn": 24, "paper-fcn": 1,
+                  "paper-stfcn": 1}
 # The transformer's output feeds the classifier, so it needs the classifier's minimum.
-MIN_ST_SIZE = {"stn": 16, "paper-stcnn": 24}
+MIN_ST_SIZE = {"stn": 16, "paper-stcnn": 24, "paper-stfcn": 1}
+_MIN_LOC_SIZE = {"cnn": 16, "fcn": 1}
 PAPER_POOL_FROM = 32
 PAPER_FILTERS = (16, 32)
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -159,13 +178,43 @@ def _paper_localization(H: int, W: int, n_params: int, rng, dtype) -> Sequential
     )
 
 
+PAPER_FCN_UNITS, PAPER_FCN_LOC_UNITS = 128, 32
+
+
+def _paper_fcn_classifier(H: int, W: int, rng, dtype) -> Sequential:
+    units = PAPER_FCN_UNITS
+    return Sequential(
+        Normalize(), Flatten(),
+        Linear(H * W, units, rng, dtype), ReLU(),
+        Linear(units, units, rng, dtype), ReLU(),
+        Linear(units, 10, rng, dtype),
+    )
+
+
+def _paper_fcn_localization(H: int, W: int, n_params: int, rng, dtype) -> Sequential:
+    pool_first = min(H, W) >= PAPER_POOL_FROM
+    if pool_first:
+        H, W = H // 2, W // 2
+    units = PAPER_FCN_LOC_UNITS
+    return Sequential(
+        Normalize(), *([MaxPool2d(2)] if pool_first else []), Flatten(),
+        Linear(H * W, units, rng, dtype), ReLU(),
+        Linear(units, units, rng, dtype), ReLU(),
+        Linear(units, n_params, rng, dtype),
+    )
+
+
 # arch -> (classifier, localisation net or None)
 _BUILDERS = {
     "stn": (_classifier, _localization),
     "cnn": (_classifier, None),
     "paper-stcnn": (_paper_classifier, _paper_localization),
     "paper-cnn": (_paper_classifier, None),
+    "paper-stfcn": (_paper_fcn_classifier, _paper_fcn_localization),
+    "paper-fcn": (_paper_fcn_classifier, None),
 }
+_PAPER_LOC_NETS = {"cnn": _paper_localization, "fcn": _paper_fcn_localization}
+_OWN_LOC_NET = {"paper-stcnn": "cnn", "paper-stfcn": "fcn"}
 
 
 class Model:
@@ -271,15 +320,17 @@ class Model:
 
 def build_model(arch: str = "stn", input_size=(28, 28), transform: str = "affine",
                 mode: str = "bilinear", padding_mode: str = "zeros", align_corners=False,
-                seed: int = 0, dtype=np.float32, st_size=None) -> Model:
+                seed: int = 0, dtype=np.float32, st_size=None, loc_net=None) -> Model:
     """Build a model of ``ARCHITECTURES`` for ``input_size = (H, W)``, seeded by ``seed``.
 
     ``transform``, ``mode``, ``padding_mode`` and ``align_corners`` configure the
     transformer of ``stn`` and ``paper-stcnn`` (see
     :class:`~stn_numpy.transformer.SpatialTransformer`); ``st_size`` (an int or a pair
     ``(H_o, W_o)``, None for the input's size) is the size of the transformer's output, on
-    which the classifier then runs. Dropout masks come from the same seeded generator, so
-    one seed fixes the whole run.
+    which the classifier then runs. ``loc_net`` (``"cnn"`` or ``"fcn"``, None for the
+    model's own) puts the other paper localisation net in front of a paper model's
+    classifier. Dropout masks come from the same seeded generator, so one seed fixes the
+    whole run.
 
     Every argument is checked first, for ``cnn`` too (which ignores the transformer's),
     so a configuration that could not be rebuilt never reaches a checkpoint.
@@ -289,14 +340,21 @@ def build_model(arch: str = "stn", input_size=(28, 28), transform: str = "affine
     ValueError
         Unknown ``arch``, ``transform``, ``mode``, ``padding_mode``, a non-bool
         ``align_corners``; ``input_size`` not a pair or below ``MIN_INPUT_SIZE[arch]``
-        (16 for ``cnn``, 18 for ``stn``, 24 for the paper's models); ``seed`` not an int
-        >= 0; ``st_size`` below ``MIN_ST_SIZE[arch]`` or given for a model without
-        transformer.
+        (16 for ``cnn``, 18 for ``stn``, 24 for the paper's convolutional models, 16 for
+        a convolutional localisation net); ``seed`` not an int >= 0; ``st_size`` below
+        ``MIN_ST_SIZE[arch]`` or given for a model without transformer; ``loc_net`` not in
+        ``LOC_NETS`` or given for a model that is not a paper model with a transformer.
     TypeError
         ``input_size`` not of ints; ``dtype`` not float32 or float64.
     """
     check_choice("arch", arch, ARCHITECTURES)
-    H, W = _check_input_size(input_size, arch)
+    if loc_net is not None:
+        check_choice("loc_net", loc_net, LOC_NETS)
+        if arch not in _OWN_LOC_NET:
+            raise ValueError(f"loc_net chooses a paper model's localisation net; arch={arch!r} "
+                             f"has none to choose (use one of {sorted(_OWN_LOC_NET)})")
+    loc_net = _OWN_LOC_NET.get(arch) if loc_net is None else loc_net
+    H, W = _check_input_size(input_size, arch, loc_net)
     check_choice("transform", transform, TRANSFORMS)
     check_choice("mode", mode, MODES)
     check_choice("padding_mode", padding_mode, PADDING_MODES)
@@ -310,10 +368,12 @@ def build_model(arch: str = "stn", input_size=(28, 28), transform: str = "affine
     config = {"arch": arch, "input_size": [H, W], "transform": transform, "mode": mode,
               "padding_mode": padding_mode, "align_corners": bool(align_corners),
               "seed": seed, "dtype": np.dtype(dtype).name,
-              "st_size": None if st_size is None else [Ho, Wo]}
+              "st_size": None if st_size is None else [Ho, Wo], "loc_net": loc_net}
     classifier = make_classifier(Ho, Wo, rng, dtype)
     if make_localization is None:
         return Model(classifier, config)
+    if loc_net is not None:
+        make_localization = _PAPER_LOC_NETS[loc_net]
     n_params = identity_parameters(transform).size
     stn = SpatialTransformer(make_localization(H, W, n_params, rng, dtype), transform,
                              out_size=(Ho, Wo), mode=mode, padding_mode=padding_mode,
@@ -340,7 +400,7 @@ def _check_st_size(st_size, arch: str, input_size, has_transformer: bool) -> tup
     return Ho, Wo
 
 
-def _check_input_size(input_size, arch: str) -> tuple[int, int]:
+def _check_input_size(input_size, arch: str, loc_net) -> tuple[int, int]:
     try:
         H, W = (operator.index(s) for s in input_size)
     except TypeError:
@@ -348,7 +408,10 @@ def _check_input_size(input_size, arch: str) -> tuple[int, int]:
     except ValueError:
         raise ValueError(f"input_size must be a pair (H, W), got {input_size!r}") from None
     minimum = MIN_INPUT_SIZE[arch]
+    if loc_net is not None and loc_net != _OWN_LOC_NET[arch]:
+        minimum = max(MIN_ST_SIZE[arch], _MIN_LOC_SIZE[loc_net])
     if H < minimum or W < minimum:
-        raise ValueError(f"input_size must be at least {minimum}x{minimum} for arch={arch!r}, "
+        where = f"arch={arch!r}" + ("" if loc_net is None else f", loc_net={loc_net!r}")
+        raise ValueError(f"input_size must be at least {minimum}x{minimum} for {where}, "
                          f"got {(H, W)}")
     return H, W

@@ -36,7 +36,7 @@ from ._parallel import usable_cores
 from .checkpoint import atomic_write, load_checkpoint, model_from_params, save_checkpoint
 from .data import DATASETS, load_mnist
 from .layers import Dropout, Sequential, cross_entropy
-from .models import ARCHITECTURES, Model, build_model
+from .models import ARCHITECTURES, LOC_NETS, Model, build_model
 from .optim import SGD, Adam
 from .transformer import TRANSFORMS, SpatialTransformer
 
@@ -74,6 +74,7 @@ class TrainConfig:
     transform: str = "affine"
     st_size: int | None = None  # None: the transformer's output has the input's size
     loc_lr_scale: float = 1.0  # the localisation net learns at lr * loc_lr_scale
+    loc_net: str | None = None  # a paper model's localisation net: "cnn", "fcn"; None: its own
     mode: str = "bilinear"
     padding_mode: str = "zeros"
     align_corners: bool = False
@@ -85,6 +86,8 @@ class TrainConfig:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("transform", self.transform, TRANSFORMS)
+        if self.loc_net is not None:
+            check_choice("loc_net", self.loc_net, LOC_NETS)
         check_positive_int("epochs", self.epochs)
         check_positive_int("batch_size", self.batch_size)
         check_int("seed", self.seed)
@@ -316,7 +319,8 @@ def train(config: TrainConfig | None = None, resume: bool = False, data=None, lo
     input_size = X_train.shape[2:]
     if saved is None:
         model = build_model(cfg.model, input_size, cfg.transform, cfg.mode, cfg.padding_mode,
-                            cfg.align_corners, seed=cfg.seed, st_size=cfg.st_size)
+                            cfg.align_corners, seed=cfg.seed, st_size=cfg.st_size,
+                            loc_net=cfg.loc_net)
     else:
         model = model_from_params(saved[2]["model"], saved[0], source=str(ckpt_path))
     optimizer = _make_optimizer(cfg, model.params)

@@ -41,6 +41,7 @@ __all__ = ["SpatialTransformer", "TRANSFORMS", "identity_parameters"]
 TRANSFORMS = {
     "affine": (grids.affine_grid, grids.affine_grid_backward, (2, 3)),
     "attention": (grids.attention_grid, grids.attention_grid_backward, (3,)),
+    "similarity": (grids.similarity_grid, grids.similarity_grid_backward, (4,)),
     "projective": (grids.projective_grid, grids.projective_grid_backward, (8,)),
     "tps": (grids.tps_grid, grids.tps_grid_backward, None),
 }
@@ -53,6 +54,8 @@ def identity_parameters(transform: str, lattice=(4, 4)) -> np.ndarray:
         return np.array([1.0, 0, 0, 0, 1, 0])
     if transform == "attention":
         return np.array([1.0, 0, 0])
+    if transform == "similarity":
+        return np.zeros(4)
     if transform == "projective":
         return np.array([1.0, 0, 0, 0, 1, 0, 0, 0])
     return grids.tps_lattice(lattice).ravel()
@@ -65,9 +68,9 @@ class SpatialTransformer(Layer):
     ----------
     localization : Sequential
         Maps U ``(N, C, H, W)`` to ``(N, P)``; its last layer must be a :class:`Linear` with
-        ``P`` outputs (6 affine, 3 attention, 8 projective, ``2 K`` TPS). That layer is
-        re-initialised to zero weights and the identity bias.
-    transform : {"affine", "attention", "projective", "tps"}
+        ``P`` outputs (6 affine, 3 attention, 4 similarity, 8 projective, ``2 K`` TPS). That
+        layer is re-initialised to zero weights and the identity bias.
+    transform : {"affine", "attention", "similarity", "projective", "tps"}
     out_size : (H_o, W_o) or None
         Size of V; the input's size when None.
     mode, padding_mode, align_corners

@@ -13,6 +13,10 @@ from stn_numpy import (
     attention_grid_backward,
     projective_grid,
     projective_grid_backward,
+    similarity_affine,
+    similarity_affine_backward,
+    similarity_grid,
+    similarity_grid_backward,
     target_coordinates,
     tps_grid,
     tps_grid_backward,
@@ -26,6 +30,8 @@ def random_params(rng, kind, N):
         return np.array([[1.0, 0, 0], [0, 1, 0]]) + 0.3 * rng.standard_normal((N, 2, 3))
     if kind == "attention":
         return np.array([1.0, 0, 0]) + 0.3 * rng.standard_normal((N, 3))
+    if kind == "similarity":
+        return rng.standard_normal((N, 4)) * np.array([2.0, 0.3, 0.3, 0.3])
     if kind == "projective":
         theta = np.array([1.0, 0, 0, 0, 1, 0, 0, 0]) + 0.2 * rng.standard_normal((N, 8))
         theta[:, 6:] = rng.uniform(-0.3, 0.3, (N, 2))  # keeps the denominator w > 0.4
@@ -36,6 +42,7 @@ def random_params(rng, kind, N):
 GENERATORS = {
     "affine": (affine_grid, affine_grid_backward, {}),
     "attention": (attention_grid, attention_grid_backward, {}),
+    "similarity": (similarity_grid, similarity_grid_backward, {}),
     "projective": (projective_grid, projective_grid_backward, {}),
     "tps": (tps_grid, tps_grid_backward, {"lattice": (3, 4)}),
 }
@@ -54,7 +61,8 @@ def test_gradient_matches_finite_differences(rng, kind, align_corners):
                              theta.copy(), dgrid)
     assert dtheta.shape == theta.shape
     # Affine, attention and TPS grids are linear in theta (exact up to round-off);
-    # the homography's quotient leaves O(h^2) truncation, still far below 1e-7.
+    # the homography's quotient and the similarity's sine, cosine and exponential leave
+    # O(h^2) truncation, still far below 1e-7.
     assert rel_error(dtheta, num) < 1e-7
 
 
@@ -247,7 +255,7 @@ def test_shape_keyed_caches_stay_within_their_byte_budget():
             1, 409, 409, 2))
 
 
-@pytest.mark.parametrize("transform", ["affine", "attention", "projective", "tps"])
+@pytest.mark.parametrize("transform", ["affine", "attention", "similarity", "projective", "tps"])
 def test_empty_batch_through_every_generator_and_its_backward(transform):
     from stn_numpy.transformer import TRANSFORMS
 
@@ -307,3 +315,58 @@ def test_affine_grid_is_bit_identical_for_any_worker_count_and_batch(monkeypatch
         np.testing.assert_array_equal(affine_grid(theta[n:n + 1], alone)[0], results[0][0][n])
         np.testing.assert_array_equal(
             affine_grid_backward(dgrid[n:n + 1], theta[n:n + 1], alone)[0], results[0][1][n])
+
+
+def test_similarity_is_a_scaled_rotation_whose_identity_is_zero(rng):
+    size = (3, 1, 5, 6)
+    np.testing.assert_array_equal(similarity_grid(np.zeros((3, 4)), size),
+                                  affine_grid(np.tile(np.eye(2, 3), (3, 1, 1)), size))
+    theta = random_params(rng, "similarity", 3)
+    A = similarity_affine(theta)
+    s = np.exp(theta[:, 1])
+    # A = s R(a): columns orthogonal, each of length s, det = s^2, and A's angle is a.
+    np.testing.assert_allclose(np.einsum("nij,nik->njk", A[:, :, :2], A[:, :, :2]),
+                               s[:, None, None] ** 2 * np.eye(2), rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(np.arctan2(A[:, 1, 0], A[:, 0, 0]),
+                               np.angle(np.exp(1j * theta[:, 0])), atol=1e-14)
+    np.testing.assert_array_equal(A[:, :, 2], theta[:, 2:])
+    # (1, 0) turns to (cos a, sin a): with y pointing down, clockwise on screen for a > 0.
+    quarter = similarity_affine(np.array([[np.pi / 2, 0.0, 0, 0]]))
+    np.testing.assert_allclose(quarter[0, :, :2] @ [1, 0], [0, 1], atol=1e-15)
+
+
+def test_similarity_affine_backward_matches_finite_differences(rng):
+    theta = random_params(rng, "similarity", 4)
+    dA = rng.standard_normal((4, 2, 3))
+    num = numerical_gradient(similarity_affine, theta.copy(), dA)
+    assert rel_error(similarity_affine_backward(dA, theta), num) < 1e-8
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_similarity_matches_torch_autograd_through_affine_grid(rng, align_corners):
+    torch = pytest.importorskip("torch", reason="PyTorch parity needs torch==2.13.0")
+    theta = random_params(rng, "similarity", 3)
+    size = (3, 2, 5, 7)
+    dgrid = rng.standard_normal((3, 5, 7, 2))
+    theta_t = torch.tensor(theta, requires_grad=True)
+    a, log_s, tx, ty = theta_t.unbind(1)
+    s = torch.exp(log_s)
+    A = torch.stack([torch.stack([s * torch.cos(a), -s * torch.sin(a), tx], -1),
+                     torch.stack([s * torch.sin(a), s * torch.cos(a), ty], -1)], 1)
+    grid_t = torch.nn.functional.affine_grid(A, size, align_corners=align_corners)
+    grid_t.backward(torch.tensor(dgrid))
+    assert rel_error(similarity_grid(theta, size, align_corners),
+                     grid_t.detach().numpy()) <= 1e-10
+    assert rel_error(similarity_grid_backward(dgrid, theta, size, align_corners),
+                     theta_t.grad.numpy()) <= 1e-10
+
+
+def test_similarity_refuses_bad_parameters():
+    with pytest.raises(ValueError, match="theta"):
+        similarity_grid(np.zeros((2, 3)), (2, 1, 4, 4))
+    with pytest.raises(NonFiniteError, match="log scale"):
+        similarity_grid(np.array([[0.0, 1e4, 0, 0]]), (1, 1, 4, 4))
+    with pytest.raises(ValueError, match="dA"):
+        similarity_affine_backward(np.zeros((2, 2, 2)), np.zeros((2, 4)))
+    with pytest.raises(TypeError, match="dA"):
+        similarity_affine_backward(np.zeros((2, 2, 3), np.float32), np.zeros((2, 4)))

@@ -110,3 +110,28 @@ def test_transformer_measures_of_an_untrained_model():
     m = transformer_measures(build_model("paper-stcnn"), X[:, None], params, "rot")
     assert m["rotation"]["slope"] == pytest.approx(0, abs=1e-6)
     assert transformer_measures(build_model("paper-cnn"), X[:, None], params, "rot") == {}
+
+
+def test_a_similarity_heads_rotation_is_its_angle_and_its_scale_and_shift_read_directly():
+    # theta = (a, log s, t_x, t_y) is A = s R(a) beside t: the affine measures agree, and
+    # the rotation is the angle itself, unwrapped (a head past a half-turn shows as such).
+    rng = np.random.default_rng(2)
+    digits = rng.random((6, 28, 28)) * (rng.random((6, 28, 28)) > 0.7)
+    X, params = rotate(digits, rng, return_params=True)
+    params["digits"] = digits
+    model = build_model("paper-stcnn", transform="similarity")
+    head = model.transformer.localization[-1].params
+    bias = np.array([0.0, np.log(0.8), 0.1, -0.2], np.float32)
+    head["bias"][...] = bias
+    np.testing.assert_allclose(affine_theta(bias[None], "similarity"),
+                               similarity(0.0, 0.8, (0.1, -0.2)), rtol=1e-6)
+    m = transformer_measures(model, X[:, None], params, "rot")
+    assert m["rotation"]["slope"] == pytest.approx(0, abs=1e-6)
+    assert set(m) == {"rotation"}
+    from stn_numpy.measures import transformer_params
+
+    flat = transformer_params(model, X[:, None])
+    np.testing.assert_allclose(flat, np.tile(bias, (6, 1)), rtol=1e-6)
+    head["bias"][0] = 3 * np.pi  # past a half-turn: 540 degrees, not 180
+    rotation = transformer_measures(model, X[:, None], params, "rot")["rotation"]
+    np.testing.assert_allclose(rotation["recovered"], 540.0, rtol=1e-6)

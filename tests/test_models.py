@@ -161,7 +161,7 @@ def test_smallest_input_size(arch, smallest):
     ({"input_size": (28.0, 28)}, TypeError, r"input_size must be a pair \(H, W\) of ints"),
     ({"input_size": 28}, TypeError, r"input_size must be a pair \(H, W\) of ints"),
     ({"input_size": (28, 28, 1)}, ValueError, r"input_size must be a pair \(H, W\)"),
-    ({"transform": "similarity"}, ValueError, "transform must be one of"),
+    ({"transform": "rigid"}, ValueError, "transform must be one of"),
     ({"mode": "linear"}, ValueError, "mode must be one of"),
     ({"padding_mode": "wrap"}, ValueError, "padding_mode must be one of"),
     ({"align_corners": "yes"}, ValueError, "align_corners must be one of"),
@@ -260,5 +260,79 @@ def test_paper_stcnn_gradients_with_a_smaller_output():
     picks = rng.choice(X.size, size=40, replace=False)
     num = central_differences(loss_of, X.reshape(-1), picks)
     assert rel_error(dX.reshape(-1)[picks], num) < 1e-5
+    check_parameter_gradients(model, {k: v.copy() for k, v in model.grads.items()}, loss_of,
+                              rng, 8)
+
+
+@pytest.mark.parametrize("size, st_size, pooled", [(28, None, False), (42, 28, True)])
+def test_paper_fcn_models_shapes(size, st_size, pooled):
+    # The FCN: two hidden layers of 128 units; the ST-FCN's localisation net: 32, 32, P.
+    X = np.random.default_rng(0).random((2, size, size))
+    fcn = build_model("paper-fcn", (size, size))
+    assert fcn.predict(X).shape == (2, 10)
+    assert [p.shape for k, p in fcn.params.items() if k.endswith("weight")] == [
+        (128, size * size), (128, 128), (10, 128)]
+    st = build_model("paper-stfcn", (size, size), st_size=st_size)
+    side = st_size or size
+    assert st.predict(X).shape == (2, 10) and st.transform(X).shape == (2, 1, side, side)
+    loc = st.transformer.localization
+    assert (type(loc[1]).__name__ == "MaxPool2d") == pooled
+    assert [p.shape[0] for k, p in loc.params.items() if k.endswith("weight")] == [32, 32, 6]
+    if st_size is None:
+        np.testing.assert_allclose(st.transform(X)[:, 0], X, atol=1e-5)
+    assert st.config["loc_net"] == "fcn" and fcn.config["loc_net"] is None
+
+
+@pytest.mark.parametrize("arch, loc_net, first", [("paper-stcnn", "fcn", "Flatten"),
+                                                  ("paper-stfcn", "cnn", "Conv2d")])
+def test_loc_net_puts_the_other_localisation_net_in_front(arch, loc_net, first):
+    model = build_model(arch, (28, 28), transform="similarity", loc_net=loc_net)
+    loc = model.transformer.localization
+    assert type(loc[1]).__name__ == first and loc[-1].out_features == 4
+    assert model.config["loc_net"] == loc_net
+    X = np.random.default_rng(1).random((2, 28, 28))
+    np.testing.assert_allclose(model.transform(X)[:, 0], X, atol=1e-5)  # zeros: identity
+
+
+def test_loc_net_checks():
+    with pytest.raises(ValueError, match="loc_net must be one of"):
+        build_model("paper-stcnn", loc_net="rnn")
+    with pytest.raises(ValueError, match="arch='stn' has none to choose"):
+        build_model("stn", loc_net="fcn")
+    with pytest.raises(ValueError, match="arch='paper-cnn' has none to choose"):
+        build_model("paper-cnn", loc_net="cnn")
+    # The convolutional localisation net needs 16 pixels a side, the FCN classifier none.
+    with pytest.raises(ValueError, match="at least 16x16 for arch='paper-stfcn', loc_net='cnn'"):
+        build_model("paper-stfcn", (15, 28), loc_net="cnn")
+    assert build_model("paper-stfcn", (5, 7)).predict(np.zeros((1, 5, 7))).shape == (1, 10)
+
+
+def test_a_config_without_loc_net_rebuilds_the_models_own():
+    # Checkpoints written before loc_net existed name none: the model's own is rebuilt.
+    from stn_numpy.checkpoint import model_from_params
+
+    model = build_model("paper-stcnn", (28, 28))
+    config = {k: v for k, v in model.config.items() if k != "loc_net"}
+    again = model_from_params(config, model.params)
+    assert again.config == model.config
+
+
+@pytest.mark.parametrize("arch, loc_net", [("paper-stfcn", None), ("paper-stcnn", "fcn")])
+def test_fully_connected_models_gradients_match_finite_differences(arch, loc_net):
+    rng = np.random.default_rng(5)
+    model = build_model(arch, (32, 32), transform="similarity", seed=3, dtype=np.float64,
+                        st_size=24, loc_net=loc_net)
+    head = model.transformer.localization[-1].params
+    head["weight"][...] = 0.05 * rng.standard_normal(head["weight"].shape)
+    X = rng.random((2, 1, 32, 32))
+    y = np.array([2, 9])
+
+    def loss_of(x=X):
+        return cross_entropy(model.forward(x, train=True), y)[0]
+
+    dX = model.backward(cross_entropy(model.forward(X, train=True), y)[1])
+    picks = rng.choice(X.size, size=40, replace=False)
+    assert rel_error(dX.reshape(-1)[picks], central_differences(loss_of, X.reshape(-1),
+                                                                picks)) < 1e-5
     check_parameter_gradients(model, {k: v.copy() for k, v in model.grads.items()}, loss_of,
                               rng, 8)

@@ -53,7 +53,7 @@ def test_rejects_bad_localization(rng):
     with pytest.raises(TypeError, match="last layer is a Linear"):
         SpatialTransformer(Sequential(Flatten()), "affine")
     with pytest.raises(ValueError, match="transform must be one of"):
-        SpatialTransformer(loc, "similarity")
+        SpatialTransformer(loc, "rigid")
 
 
 @pytest.mark.parametrize("transform", list(TRANSFORMS))
