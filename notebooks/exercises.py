@@ -226,33 +226,19 @@ def check_maxpool_backward(maxpool_backward):
 
 
 # ---- notebook 03 --------------------------------------------------------------------------
-def similarity_theta(params):
-    """The affine theta (N, 2, 3) of similarity parameters (angle, log scale, t_x, t_y) (N, 4).
-
-    ``A = exp(log s) [[cos a, -sin a, t_x], [sin a, cos a, t_y]]``, translation not scaled.
-    """
-    a, log_s, tx, ty = np.moveaxis(np.asarray(params, dtype=float), -1, 0)
-    s = np.exp(log_s)
-    return np.stack([np.stack([s * np.cos(a), -s * np.sin(a), tx], -1),
-                     np.stack([s * np.sin(a), s * np.cos(a), ty], -1)], -2)
-
-
 def check_similarity_backward(similarity_backward):
-    """``similarity_backward(dtheta, params) -> dparams`` (N, 4): dtheta (N, 2, 3) pulled back."""
+    """``similarity_backward(dA, theta) -> dtheta`` (N, 4): dA (N, 2, 3) pulled back to
+    ``theta = (angle, log scale, t_x, t_y)`` through ``A = stn.similarity_affine(theta)``."""
     def comparisons(fn):
         rng = np.random.default_rng(11)
-        params = np.column_stack([rng.uniform(-1.5, 1.5, 3), rng.normal(0, 0.3, 3),
-                                  rng.normal(0, 0.2, 3), rng.normal(0, 0.2, 3)])
-        dtheta = rng.normal(size=(3, 2, 3))
-        num = numerical_gradient(similarity_theta, params.copy(), df=dtheta)
-        yield "dparams vs central differences", rel_error(fn(dtheta, params), num), 1e-8, \
-            "dL/da = sum of dtheta * dA/da over the four entries of A; t_x and t_y are copies"
-        if hasattr(stn, "similarity_grid_backward"):  # the package's own similarity grid
-            size = (3, 1, 6, 5)
-            dgrid = rng.normal(size=(3, 6, 5, 2))
-            mine = fn(stn.affine_grid_backward(dgrid, similarity_theta(params), size), params)
-            yield "through affine_grid vs similarity_grid_backward", \
-                rel_error(mine, stn.similarity_grid_backward(dgrid, params, size)), 1e-12, None
+        theta = np.column_stack([rng.uniform(-1.5, 1.5, 3), rng.normal(0, 0.3, 3),
+                                 rng.normal(0, 0.2, 3), rng.normal(0, 0.2, 3)])
+        dA = rng.normal(size=(3, 2, 3))
+        num = numerical_gradient(stn.similarity_affine, theta.copy(), df=dA)
+        yield "dtheta vs central differences", rel_error(fn(dA, theta), num), 1e-8, \
+            "d/da of A is s times the derivative of R(a); t_x and t_y are copied"
+        yield "dtheta vs stn.similarity_affine_backward", \
+            rel_error(fn(dA, theta), stn.similarity_affine_backward(dA, theta)), 1e-12, None
     _run("similarity_backward", similarity_backward, comparisons)
 
 

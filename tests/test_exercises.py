@@ -112,9 +112,9 @@ def _border_pad_leaky(x, W):
     return np.clip(x, 0, W - 1), ((x > 0) & (x <= W - 1)).astype(float)
 
 
-def _similarity_without_scale(dtheta, params):
-    d = SOLVED["similarity_backward"](dtheta, params)
-    d[:, 0] /= np.exp(params[:, 1])  # forgets that A carries the scale s
+def _similarity_without_scale(dA, theta):
+    d = SOLVED["similarity_backward"](dA, theta)
+    d[:, 0] /= np.exp(theta[:, 1])  # forgets that A carries the scale s
     return d
 
 
