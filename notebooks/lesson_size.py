@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         m = measure(path)
         problems = over_limits(path)
         failed |= bool(problems)
-        verdict = "; ".join(problems) or ("within" if is_lesson(path) else "none (appendix)")
+        verdict = "; ".join(problems) or ("within" if is_lesson(path) else "none (not a lesson)")
         print(f"{path.name:45s} {m['prose_words']:11d} {m['code_lines']:10d} "
               f"{m['code_cells']:5d}  {verdict}")
     return 1 if args.check and failed else 0
