@@ -46,7 +46,19 @@ def _run(name, fn, comparisons):
     except NotImplementedError:
         print(f"{name}: {NOT_WRITTEN}")
         return
+    except AssertionError as err:
+        if str(err).startswith(f"{name}: "):
+            raise
+        raise AssertionError(f"{name}: {err}") from None
     print(f"{name}: passed")
+
+
+def _err(mine, ref):
+    """rel_error of ``mine`` against ``ref``, after checking that the shapes agree."""
+    mine = np.asarray(mine, dtype=float)
+    if mine.shape != np.shape(ref):
+        raise AssertionError(f"returned an array of shape {mine.shape}, expected {np.shape(ref)}")
+    return rel_error(mine, ref)
 
 
 # ---- pixel-coordinate test cases shared by the sampler exercises ---------------------------
@@ -100,12 +112,12 @@ def check_bilinear_forward(bilinear_forward):
     """``bilinear_forward(U, x, y) -> V``: U (C, H, W), points (P,) in pixels, V (C, P)."""
     def comparisons(fn):
         U, x, y, _ = _sampler_case(1)
-        yield "V vs stn.reference.grid_sample", rel_error(fn(U, x, y), _reference(U, x, y)), \
+        yield "V vs stn.reference.grid_sample", _err(fn(U, x, y), _reference(U, x, y)), \
             1e-12, "points outside the image read 0 (zero padding); check the corner weights"
         ones = np.ones((1, _H, _W))
         inside = (x >= 0) & (x <= _W - 1) & (y >= 0) & (y <= _H - 1)
         yield "weights sum to 1 inside the image", \
-            rel_error(fn(ones, x[inside], y[inside]), np.ones((1, inside.sum()))), 1e-12, None
+            _err(fn(ones, x[inside], y[inside]), np.ones((1, inside.sum()))), 1e-12, None
     _run("bilinear_forward", bilinear_forward, comparisons)
 
 
@@ -114,11 +126,11 @@ def check_bilinear_backward_dU(bilinear_backward_dU):
     def comparisons(fn):
         U, x, y, dV = _sampler_case(2, P=400)  # 400 points on 45 pixels: many repeats
         dU_ref, _ = _reference(U, x, y, dV)
-        yield "dU vs stn.reference.grid_sample_backward", rel_error(fn(dV, U.shape, x, y), dU_ref),\
+        yield "dU vs stn.reference.grid_sample_backward", _err(fn(dV, U.shape, x, y), dU_ref),\
             1e-12, "several points read the same pixel: add with np.add.at, not dU[idx] +="
         U, x, y, dV = _off_kink_case(3)
         num = numerical_gradient(lambda u: _reference(u, x, y), U.copy(), df=dV)
-        yield "dU vs central differences", rel_error(fn(dV, U.shape, x, y), num), 1e-8, None
+        yield "dU vs central differences", _err(fn(dV, U.shape, x, y), num), 1e-8, None
     _run("bilinear_backward_dU", bilinear_backward_dU, comparisons)
 
 
@@ -130,13 +142,13 @@ def check_bilinear_dxy(bilinear_dxy):
         num_x = numerical_gradient(lambda v: _reference(U, v, y), x.copy(), df=dV)
         num_y = numerical_gradient(lambda v: _reference(U, x, v), y.copy(), df=dV)
         yield "dx, dy vs central differences (off the kinks)", \
-            max(rel_error(dx, num_x), rel_error(dy, num_y)), 1e-8, \
+            max(_err(dx, num_x), _err(dy, num_y)), 1e-8, \
             "a column difference interpolated along y (and a row difference along x)"
         U, x, y, dV = _sampler_case(5)
         dx, dy = fn(U, x, y, dV)
         _, d_ref = _reference(U, x, y, dV)
         yield "dx, dy vs stn.reference, integers included", \
-            max(rel_error(dx, d_ref[:, 0]), rel_error(dy, d_ref[:, 1])), 1e-12, \
+            max(_err(dx, d_ref[:, 0]), _err(dy, d_ref[:, 1])), 1e-12, \
             "at an integer x the floor form takes the pixels x and x + 1 (eq. 7 as printed " \
             "does not); outside the image U reads 0"
     _run("bilinear_dxy", bilinear_dxy, comparisons)
@@ -152,11 +164,11 @@ def check_affine_grid_backward(affine_grid_backward):
             dgrid = rng.normal(size=(2, 4, 7, 2))
             mine = fn(dgrid, theta, size, ac)
             yield f"dtheta vs stn.affine_grid_backward, ac={ac!s:5}", \
-                rel_error(mine, stn.affine_grid_backward(dgrid, theta, size, ac)), 1e-12, \
+                _err(mine, stn.affine_grid_backward(dgrid, theta, size, ac)), 1e-12, \
                 "dtheta = sum over points of dL/ds_i (x_t, y_t, 1); use stn.target_coordinates"
             num = numerical_gradient(lambda th, ac=ac: stn.affine_grid(th, size, ac), theta,
                                      df=dgrid)
-            yield f"dtheta vs central differences, ac={ac!s:5}", rel_error(mine, num), 1e-8, None
+            yield f"dtheta vs central differences, ac={ac!s:5}", _err(mine, num), 1e-8, None
     _run("affine_grid_backward", affine_grid_backward, comparisons)
 
 
@@ -171,9 +183,9 @@ def check_border_pad(border_pad):
         V = _reference(ramp, x, y, padding_mode="border")[0]
         _, d_ref = _reference(ramp, x, y, np.ones((1, x.size)), padding_mode="border")
         xp, dxp = fn(x, _W)
-        yield "x' vs the reference sampler on a ramp", rel_error(xp, V), 1e-12, \
+        yield "x' vs the reference sampler on a ramp", _err(xp, V), 1e-12, \
             "border padding clips x to [0, W - 1]"
-        yield "dx'/dx vs the reference sampler", rel_error(dxp, d_ref[:, 0]), 1e-12, \
+        yield "dx'/dx vs the reference sampler", _err(dxp, d_ref[:, 0]), 1e-12, \
             "the clip's derivative is 0 beyond the ends and on them (x = 0 and x = W - 1 too)"
     _run("border_pad", border_pad, comparisons)
 
@@ -188,7 +200,7 @@ def check_linear_backward(linear_backward):
         dx, dw, db = fn(dout, x, w, b)
         for label, mine, arg in (("dx", dx, x), ("dw", dw, w), ("db", db, b)):
             num = numerical_gradient(lambda _: x @ w.T + b, arg, df=dout)
-            yield f"{label} vs central differences", rel_error(mine, num), 1e-8, \
+            yield f"{label} vs central differences", _err(mine, num), 1e-8, \
                 "a gradient has the shape of its variable: that fixes every transpose"
     _run("linear_backward", linear_backward, comparisons)
 
@@ -200,10 +212,10 @@ def check_softmax_cross_entropy(softmax_cross_entropy):
         z, y = 3 * rng.normal(size=(6, 10)), rng.integers(0, 10, size=6)
         loss, dz = fn(z, y)
         ref_loss, ref_dz = cross_entropy(z, y)
-        yield "loss vs stn.layers.cross_entropy", rel_error(loss, ref_loss), 1e-12, \
+        yield "loss vs stn.layers.cross_entropy", _err(loss, ref_loss), 1e-12, \
             "the mean over the batch of -log softmax(z)[y]"
         num = numerical_gradient(lambda v: np.array(fn(v, y)[0]), z.copy())
-        yield "dlogits vs central differences", rel_error(dz, num), 1e-7, "(softmax - onehot) / N"
+        yield "dlogits vs central differences", _err(dz, num), 1e-7, "(softmax - onehot) / N"
         with np.errstate(all="ignore"):
             big, dbig = fn(np.array([[1000.0, 0.0, -1000.0]]), np.array([1]))
         finite = float(np.isfinite(big) and np.isfinite(dbig).all())
@@ -220,7 +232,7 @@ def check_maxpool_backward(maxpool_backward):
         pool = MaxPool2d(2)
         dout = rng.normal(size=pool.forward(x).shape)
         yield "dx vs stn.layers.MaxPool2d.backward", \
-            rel_error(fn(dout, x, 2), pool.backward(dout)), 1e-12, \
+            _err(fn(dout, x, 2), pool.backward(dout)), 1e-12, \
             "route each dout to the first maximum of its window in row-major order"
     _run("maxpool_backward", maxpool_backward, comparisons)
 
@@ -235,10 +247,10 @@ def check_similarity_backward(similarity_backward):
                                  rng.normal(0, 0.2, 3), rng.normal(0, 0.2, 3)])
         dA = rng.normal(size=(3, 2, 3))
         num = numerical_gradient(stn.similarity_affine, theta.copy(), df=dA)
-        yield "dtheta vs central differences", rel_error(fn(dA, theta), num), 1e-8, \
+        yield "dtheta vs central differences", _err(fn(dA, theta), num), 1e-8, \
             "d/da of A is s times the derivative of R(a); t_x and t_y are copied"
         yield "dtheta vs stn.similarity_affine_backward", \
-            rel_error(fn(dA, theta), stn.similarity_affine_backward(dA, theta)), 1e-12, None
+            _err(fn(dA, theta), stn.similarity_affine_backward(dA, theta)), 1e-12, None
     _run("similarity_backward", similarity_backward, comparisons)
 
 
