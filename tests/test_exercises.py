@@ -5,6 +5,7 @@ The solutions are read from the cells tagged ``solution`` of ``notebooks/solutio
 executed here (nbval executes them too, but only in the slow notebook run), so they cannot rot.
 """
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -12,10 +13,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from notebooks import exercises
-
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 SOLUTIONS = NOTEBOOK_DIR / "solutions.ipynb"
+
+
+def load_notebook_module(name):
+    """A helper module of notebooks/ (``exercises``, ``lesson_size``), imported from its file
+    as the kernels import it from their working directory, whatever pytest put on sys.path."""
+    spec = importlib.util.spec_from_file_location(name, NOTEBOOK_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+exercises = load_notebook_module("exercises")
 
 
 def _cells(path):
