@@ -3,10 +3,11 @@ verify.
 
     stn-numpy train [--model stn] [--dataset mnist] [--epochs 10] ... [--out runs/NAME]
     stn-numpy evaluate runs/NAME/checkpoint.npz [--dataset mnist | --data FILE.npz]
-    stn-numpy experiment [--config full] [--out runs/experiment] [--runs DIR] [--readme README.md]
+    stn-numpy experiment [--config full] [--out runs/experiment] [--runs DIR]
+                         [--page docs/experiment.md]
     stn-numpy bench
     stn-numpy verify [--against torch|scipy|jax|opencv|skimage|MODULE:FUNCTION]
-                     [--export golden.npz | --check golden.npz | --atlas [README.md]]
+                     [--export golden.npz | --check golden.npz | --atlas [docs/atlas.md]]
 """
 
 from __future__ import annotations
@@ -176,8 +177,9 @@ def _add_experiment(sub) -> None:
                    help=f"folder for the runs' checkpoints (default: {DEFAULT_RUNS}/<config>)")
     p.add_argument("--data-dir", default=None,
                    help="folder with the MNIST .gz files (else $STN_NUMPY_DATA, else data/mnist)")
-    p.add_argument("--readme", metavar="MARKDOWN", default=None,
-                   help="after the runs, rewrite the results block of this file (between "
+    p.add_argument("--page", "--readme", dest="readme", metavar="MARKDOWN", default=None,
+                   help="after the runs, rewrite the results block of this markdown page, "
+                        "docs/experiment.md (between "
                         "<!-- experiment:start --> and <!-- experiment:end -->)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 

@@ -2,9 +2,15 @@
 
 Jaderberg et al. (2015), Sec. 4.1 and Table 1: the same classifier with and without a
 spatial transformer in front, trained on rotated (R), rotated-translated-scaled (RTS),
-projective (P), elastic (E) and translated-cluttered (TC) MNIST. ``run_experiment`` trains
-``paper-cnn`` and ``paper-stcnn`` (affine head) on each, the projective and TPS heads too
-on P and E, and two seeds on RTS and TC. After every finished run it writes:
+projective (P), elastic (E) and translated-cluttered (TC) MNIST. ``run_experiment`` fills
+every row of the paper's Table 1: the fully connected ``paper-fcn`` and convolutional
+``paper-cnn`` baselines, and ``paper-stfcn`` and ``paper-stcnn`` with affine, projective and
+TPS heads, on R, RTS, P and E; the CNN and the affine ST-CNN on TC. Rows of this project's
+own put a similarity head (angle, log scale, translation) in front of the CNN, with the
+convolutional and with the fully connected localisation net, on R and RTS. The CNN rows
+and the affine and similarity ST-CNNs train two seeds on RTS and TC. The *curve* runs
+train the affine and similarity heads with each localisation net for ``curve_epochs`` on R
+and record the rotation they undo after every epoch. After every finished run it writes:
 
 * ``<runs>/<run>/`` -- the run folder of :func:`stn_numpy.train.train` (checkpoint, metrics)
   plus ``progress.json`` (per-epoch test error and transformer measures),
@@ -20,10 +26,10 @@ on P and E, and two seeds on RTS and TC. After every finished run it writes:
   ``<out>/epochs.png`` (every run's test error and transformer measure against epoch).
 
 ``results.md`` names files only relative to ``<out>``, so the folder can be committed.
-:func:`readme_block` gives the README's account of the same results (the tables, the
-settings and the main figures, linked relative to the README), and :func:`update_readme`
-writes it between the README's ``README_START`` and ``README_END`` markers, so that every
-number there comes from the runs (``stn-numpy experiment --readme README.md``).
+:func:`readme_block` gives the experiment page's account of the same results (the tables,
+the settings and the main figures, linked relative to the page), and :func:`update_readme`
+writes it between the page's ``README_START`` and ``README_END`` markers, so that every
+number there comes from the runs (``stn-numpy experiment --page docs/experiment.md``).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +56,13 @@ DEFAULT_RUNS = "runs/experiment/runs"
 
 # Table 1 of the paper, test error in %: (dataset, model) -> error.
 PAPER_ERRORS = {
+    ("rot", "FCN"): 2.1, ("rts", "FCN"): 5.2, ("proj", "FCN"): 3.1, ("elastic", "FCN"): 3.2,
+    ("rot", "ST-FCN Aff"): 1.2, ("rts", "ST-FCN Aff"): 0.8, ("proj", "ST-FCN Aff"): 1.5,
+    ("elastic", "ST-FCN Aff"): 2.7,
+    ("rot", "ST-FCN Proj"): 1.3, ("rts", "ST-FCN Proj"): 0.9, ("proj", "ST-FCN Proj"): 1.4,
+    ("elastic", "ST-FCN Proj"): 2.6,
+    ("rot", "ST-FCN TPS"): 1.1, ("rts", "ST-FCN TPS"): 0.8, ("proj", "ST-FCN TPS"): 1.4,
+    ("elastic", "ST-FCN TPS"): 2.4,
     ("rot", "CNN"): 1.2, ("rts", "CNN"): 0.8, ("proj", "CNN"): 1.5, ("elastic", "CNN"): 1.4,
     ("rot", "ST-CNN Aff"): 0.7, ("rts", "ST-CNN Aff"): 0.5, ("proj", "ST-CNN Aff"): 0.8,
     ("elastic", "ST-CNN Aff"): 1.2,
@@ -60,8 +73,16 @@ PAPER_ERRORS = {
     ("tc", "CNN"): 3.5, ("tc", "ST-CNN Aff"): 1.7,
 }
 COLUMNS = (("rot", "R"), ("rts", "RTS"), ("proj", "P"), ("elastic", "E"), ("tc", "TC"))
-ROWS = ("CNN", "ST-CNN Aff", "ST-CNN Proj", "ST-CNN TPS")
-HEAD_NAMES = {"affine": "Aff", "projective": "Proj", "tps": "TPS"}
+ROWS = ("FCN", "CNN", "ST-FCN Aff", "ST-FCN Proj", "ST-FCN TPS", "ST-CNN Aff", "ST-CNN Proj",
+        "ST-CNN TPS", "ST-CNN Sim", "ST-CNN Sim, FCN loc")
+HEAD_NAMES = {"affine": "Aff", "projective": "Proj", "tps": "TPS", "similarity": "Sim"}
+ST_ARCHS = ("paper-stcnn", "paper-stfcn")
+# rows that train every seed of the config on RTS and TC (the others: the first seed)
+SEEDED_ROWS = ("CNN", "ST-CNN Aff", "ST-CNN Sim")
+PAPER_HEADS = ("affine", "projective", "tps")
+# (arch, transform, loc_net) of the curve runs: both heads with both localisation nets
+CURVE_MODELS = (("paper-stcnn", "affine", None), ("paper-stcnn", "affine", "fcn"),
+                ("paper-stcnn", "similarity", None), ("paper-stcnn", "similarity", "fcn"))
 # The transformer's output side per dataset (None: the input's). RTS (42x42) and TC
 # (60x60) are sampled down to a digit's 28x28, where the classifier then runs.
 ST_SIZES = {"rts": 28, "tc": 28}
@@ -91,12 +112,21 @@ class ExperimentConfig:
     # instead of ``epochs``, e.g. at the CNN's compute where its classifier runs on a
     # smaller image.
     st_epochs: tuple[tuple[str, int], ...] = ()
+    # The curve runs (CURVE_MODELS on R): their epochs (0: none) and training images.
+    curve_epochs: int = 0
+    curve_train_limit: int | None = None
 
     def epochs_of(self, run: Run) -> int:
         """The epochs ``run`` trains for."""
+        if run.curve:
+            return self.curve_epochs
         if run.arch == "paper-stcnn":
             return dict(self.st_epochs).get(run.dataset, self.epochs)
         return self.epochs
+
+    def train_limit_of(self, run: Run) -> int | None:
+        """The training images ``run`` uses (None: all)."""
+        return self.curve_train_limit if run.curve else self.train_limit
 
     @classmethod
     def from_dict(cls, fields: dict) -> ExperimentConfig:
@@ -111,38 +141,74 @@ class ExperimentConfig:
 
 CONFIGS = {
     "full": ExperimentConfig(train_limit=None, test_limit=None, epochs=10, seeds=(0, 1),
-                             st_epochs=(("rts", 25), ("tc", 30))),
+                             st_epochs=(("rts", 25), ("tc", 30)), curve_epochs=30,
+                             curve_train_limit=20000),
     "tiny": ExperimentConfig(train_limit=256, test_limit=128, epochs=1, seeds=(0, 1),
-                             whole_split=False),
+                             whole_split=False, curve_epochs=2, curve_train_limit=128),
 }
 
 
 @dataclass(frozen=True)
 class Run:
+    """One training run: a model on a dataset with a seed.
+
+    ``loc_net`` names a localisation net other than the model's own (``"fcn"`` in front of
+    the CNN classifier); ``curve`` marks a run of the epoch-by-epoch rotation curve.
+    """
+
     dataset: str
     arch: str
     transform: str
     seed: int
+    loc_net: str | None = None
+    curve: bool = False
 
     @property
     def name(self) -> str:
-        head = f"-{self.transform}" if self.arch == "paper-stcnn" else ""
-        return f"{self.dataset}-{self.arch}{head}-seed{self.seed}"
+        head = f"-{self.transform}" if self.arch in ST_ARCHS else ""
+        loc = f"-{self.loc_net}loc" if self.loc_net else ""
+        prefix = "curve-" if self.curve else ""
+        return f"{prefix}{self.dataset}-{self.arch}{head}{loc}-seed{self.seed}"
 
     @property
     def row(self) -> str:
-        return "CNN" if self.arch == "paper-cnn" else f"ST-CNN {HEAD_NAMES[self.transform]}"
+        if self.arch not in ST_ARCHS:
+            return "CNN" if self.arch == "paper-cnn" else "FCN"
+        kind = "ST-CNN" if self.arch == "paper-stcnn" else "ST-FCN"
+        loc = f", {self.loc_net.upper()} loc" if self.loc_net else ""
+        return f"{kind} {HEAD_NAMES[self.transform]}{loc}"
+
+
+def _dataset_runs(dataset: str) -> list[Run]:
+    """The table's runs on ``dataset`` for seed 0: the CNN and the affine ST-CNN, the
+    similarity heads, the other ST-CNN heads, then the fully connected models."""
+    runs = [Run(dataset, "paper-cnn", "affine", 0), Run(dataset, "paper-stcnn", "affine", 0)]
+    if dataset == "tc":
+        return runs
+    if dataset in ("rot", "rts"):
+        runs += [Run(dataset, "paper-stcnn", "similarity", 0),
+                 Run(dataset, "paper-stcnn", "similarity", 0, loc_net="fcn")]
+    runs += [Run(dataset, "paper-stcnn", head, 0) for head in PAPER_HEADS[1:]]
+    runs += [Run(dataset, "paper-fcn", "affine", 0),
+             *(Run(dataset, "paper-stfcn", head, 0) for head in PAPER_HEADS)]
+    return runs
 
 
 def experiment_runs(config: ExperimentConfig) -> list[Run]:
-    """Every run of the experiment, grouped by dataset (each dataset is loaded once)."""
+    """Every run of the experiment, grouped by the data it loads (each set is loaded once):
+    the table's runs dataset by dataset, every seed of the config for ``SEEDED_ROWS`` on RTS
+    and TC, and right after R's the curve runs (``config.curve_epochs`` > 0)."""
     runs = []
     for dataset, _ in COLUMNS:
-        seeds = config.seeds if dataset in ("rts", "tc") else config.seeds[:1]
-        heads = ("affine", "projective", "tps") if dataset in ("proj", "elastic") else ("affine",)
-        for seed in seeds:
-            runs.append(Run(dataset, "paper-cnn", "affine", seed))
-            runs.extend(Run(dataset, "paper-stcnn", head, seed) for head in heads)
+        table = _dataset_runs(dataset)
+        for seed in config.seeds:
+            if seed == config.seeds[0]:
+                runs += [replace(run, seed=seed) for run in table]
+            elif dataset in ("rts", "tc"):
+                runs += [replace(run, seed=seed) for run in table if run.row in SEEDED_ROWS]
+        if dataset == "rot" and config.curve_epochs:
+            runs += [Run("rot", arch, head, config.seeds[0], loc_net, curve=True)
+                     for arch, head, loc_net in CURVE_MODELS]
     return runs
 
 
@@ -152,17 +218,19 @@ def _train_config(config: ExperimentConfig, run: Run, folder: Path, data_dir,
         model=run.arch, dataset=run.dataset, epochs=config.epochs_of(run),
         batch_size=config.batch_size, optimizer=config.optimizer, lr=config.lr,
         momentum=config.momentum, lr_schedule=config.lr_schedule, seed=run.seed,
-        out=str(folder), data_dir=data_dir, train_limit=config.train_limit,
+        out=str(folder), data_dir=data_dir, train_limit=config.train_limit_of(run),
         test_limit=config.test_limit, transform=run.transform,
-        st_size=ST_SIZES.get(run.dataset) if run.arch == "paper-stcnn" else None,
-        loc_lr_scale=config.loc_lr_scale, progress=progress)
+        st_size=ST_SIZES.get(run.dataset) if run.arch in ST_ARCHS else None,
+        loc_lr_scale=config.loc_lr_scale, loc_net=run.loc_net, progress=progress)
 
 
 def _run_settings(config: ExperimentConfig, run: Run) -> dict:
     """What ``run``'s training depends on: the config without the seed list and the other
-    runs' epochs."""
-    settings = {k: v for k, v in asdict(config).items() if k not in ("seeds", "st_epochs")}
-    return {**settings, "epochs": config.epochs_of(run)}
+    runs' epochs and images."""
+    others = ("seeds", "st_epochs", "curve_epochs", "curve_train_limit")
+    settings = {k: v for k, v in asdict(config).items() if k not in others}
+    return {**settings, "epochs": config.epochs_of(run),
+            "train_limit": config.train_limit_of(run)}
 
 
 def _finished(folder: Path, config: ExperimentConfig, run: Run) -> dict | None:
@@ -175,6 +243,22 @@ def _finished(folder: Path, config: ExperimentConfig, run: Run) -> dict | None:
         raise ValueError(f"{folder} was finished with other settings "
                          f"({done['config']}); choose another --runs folder")
     return done
+
+
+def _recorded_results(out: Path) -> dict[str, dict]:
+    """The results ``<out>/results.json`` records, by run name (none without the file)."""
+    path = out / "results.json"
+    if not path.is_file():
+        return {}
+    return {r["run"]: r for r in read_results(out)[0]}
+
+
+def _kept_if_same_settings(result: dict, config: ExperimentConfig, run: Run) -> dict | None:
+    """A result recorded in ``<out>/results.json`` whose run folder is gone (a fresh clone
+    holds the results and figures, not the checkpoints), kept when its own settings are
+    the config's: the committed results stay the record until a setting of theirs changes."""
+    stored = ExperimentConfig.from_dict(result["config"])
+    return result if _run_settings(stored, run) == _run_settings(config, run) else None
 
 
 def _summary(measures: dict) -> dict:
@@ -245,7 +329,8 @@ def _run_one(config: ExperimentConfig, run: Run, folder: Path, data, test_params
     X_test = data[2]
     measures = transformer_measures(model, X_test, test_params, run.dataset)
     result = {"run": run.name, "dataset": run.dataset, "arch": run.arch,
-              "transform": run.transform if run.arch == "paper-stcnn" else None,
+              "transform": run.transform if run.arch in ST_ARCHS else None,
+              "loc_net": run.loc_net, "curve": run.curve,
               "seed": run.seed, "st_size": cfg.st_size, "row": run.row,
               "train_images": len(data[0]), "test_images": len(X_test),
               "epochs": len(history), "test_error": 100 * (1 - history[-1]["test_acc"]),
@@ -299,22 +384,26 @@ def run_experiment(config="full", out=DEFAULT_OUT, runs=None, data_dir=None, pro
     out = Path(out)
     runs = Path(runs) if runs is not None else Path(DEFAULT_RUNS) / name
     out.mkdir(parents=True, exist_ok=True)
+    recorded = _recorded_results(out)
     results, data, loaded = [], None, None
     for run in experiment_runs(config):
         folder = runs / run.name
         done = _finished(folder, config, run)
+        if done is None and run.name in recorded and not (folder / "checkpoint.npz").exists():
+            done = _kept_if_same_settings(recorded[run.name], config, run)
         if done is not None:
             log(f"{run.name}: finished earlier, kept")
             results.append(done)
             continue
-        if loaded != run.dataset:
+        wanted = (run.dataset, config.train_limit_of(run))
+        if loaded != wanted:
             data = None  # free the previous dataset first
-            X_tr, y_tr = load_split(run.dataset, "train", data_dir, config.train_limit,
+            X_tr, y_tr = load_split(run.dataset, "train", data_dir, wanted[1],
                                     whole_split=config.whole_split)
             X_te, y_te, test_params = load_split(run.dataset, "test", data_dir,
                                                  config.test_limit, return_params=True,
                                                  whole_split=config.whole_split)
-            data, loaded = (X_tr, y_tr, X_te, y_te), run.dataset
+            data, loaded = (X_tr, y_tr, X_te, y_te), wanted
         log(f"{run.name}: training")
         folder.mkdir(parents=True, exist_ok=True)
         results.append(_run_one(config, run, folder, data, test_params, out, data_dir,
@@ -411,7 +500,9 @@ def write_results(results: list[dict], config: ExperimentConfig, out) -> None:
     """
     out = Path(out)
     _write_json(out / "results.json", {"config": asdict(config), "results": results})
+    results, curve_runs = _split_curves(results)
     drew_epochs = _plot_epochs(results, out / "epochs.png")
+    curve_lines = _curve_section(curve_runs, out, out)
     lines = ["# CNN against ST-CNN on distorted MNIST", "", *_error_table(results, config),
              "", "## Settings", "", *(f"* {item}" for item in _settings(results, config)),
              "", "## What the transformer does", "", *_measures_table(results)]
@@ -428,17 +519,74 @@ def write_results(results: list[dict], config: ExperimentConfig, out) -> None:
             cells = [f"{row['epoch']}: {_headline(row)}, {row['test_error']:.1f}"
                      for row in r["progress"]]
             lines.append(f"| {r['run']} | " + "; ".join(cells) + " |")
+    if curve_lines:
+        lines += ["", "## How fast the transformer learns to undo rotation", "", *curve_lines]
     lines += ["", "## Runs", "",
               "| run | epochs | test error % | wall time (s) |", "|---|---|---|---|"]
     lines += [f"| {r['run']} | {r['epochs']} | {r['test_error']:.2f} | {r['seconds']:.0f} |"
-              for r in results]
-    lines += ["", _total_time(results), "", "## Figures", ""]
+              for r in results + curve_runs]
+    lines += ["", _total_time(results + curve_runs), "", "## Figures", ""]
     if drew_epochs:
         lines += _epochs_figure(out, out)
     for r in results:
         lines += _run_figures(out, r["run"], out)
     text = "\n".join(lines).rstrip() + "\n"
     atomic_write(out / "results.md", lambda f: f.write(text.encode()))
+
+
+def _split_curves(results: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The table's results and the curve runs' results."""
+    return ([r for r in results if not r.get("curve")], [r for r in results if r.get("curve")])
+
+
+CURVE_TARGETS = (-0.5, -0.8)
+CURVE_FIGURE = "rotation-curve.png"
+
+
+def _first_epoch(progress: list[dict], target: float) -> str:
+    """The first epoch whose rotation slope is at or below ``target`` ("-" if none)."""
+    return next((str(row["epoch"]) for row in progress
+                 if "rotation" in row and row["rotation"]["slope"] <= target), "-")
+
+
+def _curve_section(curve_runs: list[dict], out: Path, link_dir) -> list[str]:
+    """The curve runs' table (the first epoch each reaches each of ``CURVE_TARGETS``, the
+    last slope, R² and error) and their figure ``<out>/CURVE_FIGURE``; nothing without
+    curve runs."""
+    from .plots import plot_rotation_curves
+
+    if not curve_runs:
+        return []
+    curves = []
+    for r in curve_runs:
+        rows = [row for row in r["progress"] if "rotation" in row]
+        curves.append((r["row"], [row["epoch"] for row in rows],
+                       [row["rotation"]["slope"] for row in rows],
+                       [row["rotation"]["r2"] for row in rows],
+                       [row["test_error"] for row in rows]))
+    plot_rotation_curves(curves, out / CURVE_FIGURE, CURVE_TARGETS,
+                         title="R: the rotation each transformer undoes after each epoch")
+    first = curve_runs[0]
+    lines = [
+        f"Each run trains {first['epochs']} epochs on the first {first['train_images']} "
+        f"images of R (digits rotated up to ±90°) with a cosine schedule over those epochs; "
+        f"after each epoch the rotation slope (recovered against applied, -1 undoes every "
+        f"rotation) and its R² are measured on the first {N_PROGRESS} test images, and at the "
+        f"end on all {first['test_images']}.",
+        "",
+        "| run | first epoch with slope ≤ -0.5 | ≤ -0.8 | final slope | final R² | "
+        "test error % |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in curve_runs:
+        rotation = r["measures"].get("rotation", {})
+        slope, r2 = rotation.get("slope", math.nan), rotation.get("r2", math.nan)
+        lines.append(f"| {r['row']} | {_first_epoch(r['progress'], CURVE_TARGETS[0])} | "
+                     f"{_first_epoch(r['progress'], CURVE_TARGETS[1])} | {slope:+.3f} | "
+                     f"{r2:.3f} | {r['test_error']:.2f} |")
+    return lines + [""] + _figure(out, CURVE_FIGURE, "rotation slope against epoch",
+                                  "Rotation slope, R² and test error after each epoch:",
+                                  link_dir)
 
 
 def _image_counts(results: list[dict], config: ExperimentConfig) -> tuple[list, list]:
@@ -452,8 +600,11 @@ def _error_table(results: list[dict], config: ExperimentConfig) -> list[str]:
     lines = [
         "Test error (%) of this project's runs, the paper's Table 1 in brackets "
         "(Jaderberg et al. 2015, trained about 640 epochs on the full set). Rows are the "
-        "classifier alone (`paper-cnn`) and with a spatial transformer (`paper-stcnn`) of the "
-        f"given head. RTS and TC: mean ± standard deviation over {len(config.seeds)} seeds.",
+        "fully connected and convolutional classifiers alone (`paper-fcn`, `paper-cnn`) and "
+        "with a spatial transformer of the given head in front (`paper-stfcn`, "
+        "`paper-stcnn`); Sim is this project's similarity head (angle, log scale, "
+        "translation), with the CNN's or the FCN's localisation net. RTS and TC: mean ± "
+        f"standard deviation over {len(config.seeds)} seeds for {', '.join(SEEDED_ROWS)}.",
         "",
         "| model | " + " | ".join(label for _, label in COLUMNS) + " |",
         "|---|" + "---|" * len(COLUMNS),
@@ -498,8 +649,8 @@ def _settings(results: list[dict], config: ExperimentConfig) -> list[str]:
         + (f" (momentum {config.momentum})" if config.optimizer == "sgd" else "")
         + f", lr {config.lr}, {config.lr_schedule} schedule; localisation net at "
         f"{config.loc_lr_scale} x lr",
-        f"seeds: {', '.join(map(str, config.seeds))} on RTS and TC, "
-        f"{config.seeds[0]} elsewhere",
+        f"seeds: {', '.join(map(str, config.seeds))} for {', '.join(SEEDED_ROWS)} on RTS "
+        f"and TC, {config.seeds[0]} elsewhere",
         "transformer output: " + ", ".join(f"{d} {s}x{s}" for d, s in ST_SIZES.items())
         + ", the input's size elsewhere",
     ]
@@ -558,7 +709,11 @@ def _run_figures(out: Path, run: str, link_dir) -> list[str]:
 # --------------------------------------------------------------------------------------
 
 README_START, README_END = "<!-- experiment:start -->", "<!-- experiment:end -->"
-README_FIGURES = ("rot", "rts", "proj", "tc")  # datasets whose first ST-CNN is pictured
+# the runs (of the first seed) whose snapshots and recovered-vs-applied plots are pictured
+README_FIGURES = (("rot", "paper-stcnn", "similarity", "fcn"),
+                  ("rot", "paper-stcnn", "similarity", None),
+                  ("rot", "paper-stcnn", "affine", None), ("rts", "paper-stcnn", "affine", None),
+                  ("proj", "paper-stcnn", "affine", None), ("tc", "paper-stcnn", "affine", None))
 
 
 def readme_block(results: list[dict], config: ExperimentConfig, out, readme_dir) -> str:
@@ -566,9 +721,9 @@ def readme_block(results: list[dict], config: ExperimentConfig, out, readme_dir)
 
     The test-error table beside the paper's (under a warning line for any config other
     than ``CONFIGS["full"]``), the settings in one line, the total training
-    time, the transformer measures of every ST run (the same text as ``results.md``) and
-    the figures: ``epochs.png``, and for each of ``README_FIGURES`` the first seed's affine
-    ST-CNN snapshots and recovered-vs-applied plot, where drawn.
+    time, the transformer measures of every ST run (the same text as ``results.md``), the
+    curve runs' table and figure, and the figures: ``epochs.png``, and for each of
+    ``README_FIGURES`` the first seed's snapshots and recovered-vs-applied plot, where drawn.
 
     Parameters
     ----------
@@ -589,13 +744,17 @@ def readme_block(results: list[dict], config: ExperimentConfig, out, readme_dir)
     out = Path(out)
     # A smoke test written into a README must not pass for the experiment's results.
     warning = [] if config == CONFIGS["full"] else [NOT_FULL_WARNING, ""]
+    results, curve_runs = _split_curves(results)
     lines = [*warning, *_error_table(results, config), "",
              "Settings: " + "; ".join(_settings(results, config)) + ".", "",
-             _total_time(results), "", *_measures_table(results), ""]
+             _total_time(results + curve_runs), "", *_measures_table(results), ""]
     lines += _epochs_figure(out, readme_dir)
+    curve_lines = _curve_section(curve_runs, out, readme_dir)
+    if curve_lines:
+        lines += ["How fast the transformer learns to undo rotation:", "", *curve_lines]
     finished = {r["run"] for r in results}
-    for dataset in README_FIGURES:
-        run = Run(dataset, "paper-stcnn", "affine", config.seeds[0]).name
+    for dataset, arch, transform, loc_net in README_FIGURES:
+        run = Run(dataset, arch, transform, config.seeds[0], loc_net).name
         if run in finished:
             lines += _run_figures(out, run, readme_dir)
     return "\n".join(lines).rstrip() + "\n"

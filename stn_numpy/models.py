@@ -78,8 +78,8 @@ from .layers import (
 from .sampling import MODES, PADDING_MODES
 from .transformer import TRANSFORMS, SpatialTransformer, identity_parameters
 
-__all__ = ["ARCHITECTURES", "LOC_NETS", "MIN_INPUT_SIZE", "MIN_ST_SIZE", "Model", "Normalize",
-           "build_model"]
+__all__ = ["ARCHITECTURES", "LOC_NET_ARCHS", "LOC_NETS", "MIN_INPUT_SIZE", "MIN_ST_SIZE", "Model",
+           "Normalize", "build_model", "check_loc_net_arch"]
 
 ARCHITECTURES = ("stn", "cnn", "paper-stcnn", "paper-cnn", "paper-stfcn", "paper-fcn")
 # The localisation nets a paper model may take instead of its own (``loc_net``).
@@ -215,6 +215,7 @@ _BUILDERS = {
 }
 _PAPER_LOC_NETS = {"cnn": _paper_localization, "fcn": _paper_fcn_localization}
 _OWN_LOC_NET = {"paper-stcnn": "cnn", "paper-stfcn": "fcn"}
+LOC_NET_ARCHS = tuple(_OWN_LOC_NET)  # the models whose localisation net loc_net chooses
 
 
 class Model:
@@ -350,9 +351,7 @@ def build_model(arch: str = "stn", input_size=(28, 28), transform: str = "affine
     check_choice("arch", arch, ARCHITECTURES)
     if loc_net is not None:
         check_choice("loc_net", loc_net, LOC_NETS)
-        if arch not in _OWN_LOC_NET:
-            raise ValueError(f"loc_net chooses a paper model's localisation net; arch={arch!r} "
-                             f"has none to choose (use one of {sorted(_OWN_LOC_NET)})")
+        check_loc_net_arch(arch)
     loc_net = _OWN_LOC_NET.get(arch) if loc_net is None else loc_net
     H, W = _check_input_size(input_size, arch, loc_net)
     check_choice("transform", transform, TRANSFORMS)
@@ -379,6 +378,13 @@ def build_model(arch: str = "stn", input_size=(28, 28), transform: str = "affine
                              out_size=(Ho, Wo), mode=mode, padding_mode=padding_mode,
                              align_corners=align_corners)
     return Model(Sequential(stn, *classifier), config)
+
+
+def check_loc_net_arch(arch: str) -> None:
+    """``ValueError`` unless ``arch`` is a model whose localisation net ``loc_net`` chooses."""
+    if arch not in LOC_NET_ARCHS:
+        raise ValueError(f"loc_net chooses a paper model's localisation net; arch={arch!r} "
+                         f"has none to choose (use one of {list(LOC_NET_ARCHS)})")
 
 
 def _check_st_size(st_size, arch: str, input_size, has_transformer: bool) -> tuple[int, int]:

@@ -13,8 +13,8 @@ import numpy as np
 
 from ._io import atomic_write
 
-__all__ = ["Curve", "plot_curves", "plot_epochs", "plot_recovered", "plot_snapshots",
-           "plot_transforms"]
+__all__ = ["Curve", "plot_curves", "plot_epochs", "plot_recovered", "plot_rotation_curves",
+           "plot_snapshots", "plot_transforms"]
 
 
 def _save(fig, path) -> None:
@@ -217,3 +217,41 @@ def _plot_measure(ax, curves, label, refs) -> None:
         ax.set_ylim(middle - _MIN_MEASURE_SPAN / 2, middle + _MIN_MEASURE_SPAN / 2)
     if refs:
         ax.legend(fontsize=7)
+
+
+def plot_rotation_curves(curves, path, targets=(-0.5, -0.8), title=None) -> None:
+    """How much rotation each run undoes, epoch by epoch: slope, R^2 and test error.
+
+    Parameters
+    ----------
+    curves : sequence of (str, list, list, list, list)
+        One per run: its label, the epochs, the rotation slope (recovered against applied;
+        -1 undoes every rotation), the fit's R^2 and the test error (%) after each.
+    path : str or Path
+        The image file to write.
+    targets : sequence of float
+        Slopes drawn as reference lines.
+    title : str, optional
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 3.4), layout="constrained")
+    slope_ax, r2_ax, error_ax = fig.subplots(1, 3)
+    for k, (label, epochs, slope, r2, errors) in enumerate(curves):
+        style = {"color": f"C{k}", "marker": "o", "ms": 3, "label": label}
+        slope_ax.plot(epochs, slope, **style)
+        r2_ax.plot(epochs, r2, **style)
+        error_ax.plot(epochs, errors, **style)
+    for j, value in enumerate((0.0, *targets, -1.0)):
+        slope_ax.axhline(value, color="0.4", lw=1, ls=_STYLES[1 + j % 3])
+    slope_ax.set(ylabel="rotation slope (-1: all undone)", ylim=(-1.1, 0.1))
+    r2_ax.set(ylabel="R² of the fit", ylim=(0, 1))
+    error_ax.set(ylabel="test error (%)")
+    error_ax.set_yscale("log")
+    for ax in (slope_ax, r2_ax, error_ax):
+        ax.set(xlabel="epoch")
+        ax.grid(alpha=0.3)
+    slope_ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    _save(fig, path)

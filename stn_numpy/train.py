@@ -36,7 +36,7 @@ from ._parallel import usable_cores
 from .checkpoint import atomic_write, load_checkpoint, model_from_params, save_checkpoint
 from .data import DATASETS, load_mnist
 from .layers import Dropout, Sequential, cross_entropy
-from .models import ARCHITECTURES, LOC_NETS, Model, build_model
+from .models import ARCHITECTURES, LOC_NETS, Model, build_model, check_loc_net_arch
 from .optim import SGD, Adam
 from .transformer import TRANSFORMS, SpatialTransformer
 
@@ -88,6 +88,7 @@ class TrainConfig:
         check_choice("transform", self.transform, TRANSFORMS)
         if self.loc_net is not None:
             check_choice("loc_net", self.loc_net, LOC_NETS)
+            check_loc_net_arch(self.model)
         check_positive_int("epochs", self.epochs)
         check_positive_int("batch_size", self.batch_size)
         check_int("seed", self.seed)

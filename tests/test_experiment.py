@@ -18,6 +18,8 @@ from stn_numpy.experiment import (
     README_END,
     README_START,
     ROWS,
+    SEEDED_ROWS,
+    ST_ARCHS,
     experiment_runs,
     read_results,
     readme_block,
@@ -36,32 +38,62 @@ def fake_results(config):
     results = []
     for i, run in enumerate(experiment_runs(config)):
         measures = {}
-        if run.arch == "paper-stcnn" and run.dataset in ("rot", "rts"):
+        if run.arch in ST_ARCHS and run.dataset in ("rot", "rts"):
             measures["rotation"] = {"slope": -0.05 * (i % 3), "intercept": 0.0, "r2": 0.1,
                                     "n": 100}
         if run.arch == "paper-stcnn" and run.dataset == "tc":
             measures["ink_inside"] = {"mean": 0.9, "min": 0.5}
+        epochs = config.epochs_of(run)
         progress = [{"epoch": e, "test_error": 10.0 / e + i, **measures}
-                    for e in range(1, config.epochs + 1)]
+                    for e in range(1, epochs + 1)]
         results.append({"run": run.name, "dataset": run.dataset, "arch": run.arch,
-                        "transform": run.transform, "seed": run.seed, "st_size": None,
+                        "transform": run.transform, "loc_net": run.loc_net,
+                        "curve": run.curve, "seed": run.seed, "st_size": None,
                         "row": run.row, "train_images": 256, "test_images": 128,
-                        "epochs": config.epochs, "test_error": 1.0 + i / 10,
+                        "epochs": epochs, "test_error": 1.0 + i / 10,
                         "seconds": 10.0 + i, "measures": measures, "progress": progress,
                         "config": json.loads(json.dumps(asdict(config)))})
     return results
 
 
-def test_every_model_kind_and_two_seeds_where_asked():
+def test_every_cell_of_table_1_and_two_seeds_where_asked():
     runs = experiment_runs(CONFIGS["full"])
-    kinds = {(r.dataset, r.row) for r in runs}
-    for dataset, _ in COLUMNS:
-        assert (dataset, "CNN") in kinds and (dataset, "ST-CNN Aff") in kinds
-    for dataset in ("proj", "elastic"):
-        assert (dataset, "ST-CNN Proj") in kinds and (dataset, "ST-CNN TPS") in kinds
+    table = [r for r in runs if not r.curve]
+    kinds = {(r.dataset, r.row) for r in table}
+    paper_rows = [row for row in ROWS if "Sim" not in row]
+    for dataset in ("rot", "rts", "proj", "elastic"):
+        assert {row for d, row in kinds if d == dataset} >= set(paper_rows)
+    for dataset in ("rot", "rts"):
+        assert (dataset, "ST-CNN Sim") in kinds and (dataset, "ST-CNN Sim, FCN loc") in kinds
+    assert {row for d, row in kinds if d == "tc"} == {"CNN", "ST-CNN Aff"}
+    assert {(d, row) for d, row in kinds if "Sim" in row} <= {(d, row) for d in ("rot", "rts")
+                                                              for row in ROWS}
     for dataset in ("rts", "tc"):
-        assert len({r.seed for r in runs if r.dataset == dataset}) >= 2
+        for row in SEEDED_ROWS:
+            seeds = {r.seed for r in table if r.dataset == dataset and r.row == row}
+            assert seeds == set(CONFIGS["full"].seeds) or (dataset, row) not in kinds
+    others = [r for r in table if r.row not in SEEDED_ROWS]
+    assert {r.seed for r in others} == {CONFIGS["full"].seeds[0]}
     assert len({r.name for r in runs}) == len(runs)
+    # The runs of the earlier experiment keep their names (and so their folders).
+    for name in ("rot-paper-cnn-seed0", "rts-paper-stcnn-affine-seed1",
+                 "proj-paper-stcnn-tps-seed0", "tc-paper-stcnn-affine-seed1"):
+        assert name in {r.name for r in runs}
+
+
+def test_curve_runs_train_both_heads_with_both_localisation_nets_on_r(tmp_path):
+    from stn_numpy.experiment import _train_config
+
+    config = CONFIGS["full"]
+    curves = [r for r in experiment_runs(config) if r.curve]
+    assert {(r.transform, r.loc_net) for r in curves} == {
+        ("affine", None), ("affine", "fcn"), ("similarity", None), ("similarity", "fcn")}
+    for run in curves:
+        cfg = _train_config(config, run, tmp_path, None, False)
+        assert run.dataset == "rot" and run.name.startswith("curve-rot-")
+        assert cfg.epochs == config.curve_epochs >= 30
+        assert cfg.train_limit == config.curve_train_limit and cfg.loc_net == run.loc_net
+    assert not any(r.curve for r in experiment_runs(replace(config, curve_epochs=0)))
 
 
 def test_st_epochs_lengthen_only_the_st_cnn_on_their_datasets(tmp_path):
@@ -74,6 +106,8 @@ def test_st_epochs_lengthen_only_the_st_cnn_on_their_datasets(tmp_path):
     assert epochs["tc-paper-stcnn-affine-seed0"] == 30
     assert epochs["rts-paper-cnn-seed1"] == epochs["tc-paper-cnn-seed0"] == 10
     assert epochs["rot-paper-stcnn-affine-seed0"] == epochs["proj-paper-stcnn-tps-seed0"] == 10
+    assert epochs["rts-paper-stfcn-affine-seed0"] == epochs["rts-paper-fcn-seed0"] == 10
+    assert epochs["rts-paper-stcnn-similarity-fcnloc-seed0"] == 20
     assert "epochs: 10, ST-CNN on RTS 20, ST-CNN on TC 30;" in readme_block(
         fake_results(config), config, tmp_path, tmp_path)
 
@@ -103,6 +137,58 @@ def test_finished_runs_are_kept_unless_their_own_settings_changed(tmp_path):
                   runs["rts-paper-cnn-seed0"])
 
 
+def test_results_recorded_in_out_are_kept_where_their_run_folders_are_gone(tmp_path):
+    # A fresh clone holds <out>/results.json and the figures, not the run folders: a
+    # recorded run whose own settings are the config's is kept, not trained again.
+    from stn_numpy.experiment import _kept_if_same_settings, _recorded_results
+
+    old = replace(CONFIGS["full"], curve_epochs=0, curve_train_limit=None)
+    results = fake_results(replace(old, epochs=1))
+    for r in results:
+        r["config"] = json.loads(json.dumps(asdict(old)))
+    out = tmp_path / "out"
+    out.mkdir()
+    write_results(results, old, out)
+    recorded = _recorded_results(out)
+    assert _recorded_results(tmp_path / "nothing") == {}
+    runs = {run.name: run for run in experiment_runs(CONFIGS["full"])}
+    kept = _kept_if_same_settings(recorded["rot-paper-cnn-seed0"], CONFIGS["full"],
+                                  runs["rot-paper-cnn-seed0"])
+    assert kept == recorded["rot-paper-cnn-seed0"]
+    longer = replace(CONFIGS["full"], epochs=12)
+    assert _kept_if_same_settings(recorded["rot-paper-cnn-seed0"], longer,
+                                  runs["rot-paper-cnn-seed0"]) is None
+
+
+def test_curve_section_tables_the_first_epoch_each_target_is_reached(tmp_path):
+    from stn_numpy.experiment import CURVE_FIGURE, _curve_section
+
+    config = replace(SMALL, curve_epochs=4, curve_train_limit=64)
+    results = fake_results(config)
+    curves = [r for r in results if r["curve"]]
+    assert len(curves) == 4
+    for r, slopes in zip(curves, ([-0.1, -0.6, -0.7, -0.9], [-0.1, -0.2, -0.3, -0.4],
+                                  [-0.85, -0.9, -0.95, -0.97], [0.0, -0.5, -0.8, -0.8]),
+                         strict=True):
+        for row, slope in zip(r["progress"], slopes, strict=True):
+            row["rotation"] = {"slope": slope, "intercept": 0.0, "r2": 0.5, "n": 100}
+        r["measures"] = {"rotation": {"slope": slopes[-1], "intercept": 0.0, "r2": 0.7,
+                                      "n": 100}}
+    lines = _curve_section(curves, tmp_path, tmp_path)
+    rows = [line for line in lines if line.startswith("| ST-CNN")]
+    assert [row.split(" | ")[1:3] for row in rows] == [["2", "4"], ["-", "-"], ["1", "1"],
+                                                       ["2", "3"]]
+    assert rows[0].endswith("| -0.900 | 0.700 | " + f"{curves[0]['test_error']:.2f} |")
+    assert (tmp_path / CURVE_FIGURE).read_bytes()[:4] == b"\x89PNG"
+    assert f"![rotation slope against epoch]({CURVE_FIGURE})" in lines
+    assert _curve_section([], tmp_path, tmp_path) == []
+    # results.md keeps the curve runs out of the table and gives them their own section.
+    write_results(results, config, tmp_path)
+    text = (tmp_path / "results.md").read_text()
+    assert "## How fast the transformer learns to undo rotation" in text
+    assert "ST-CNN Aff, FCN loc" not in text.split("## Settings")[0]
+
+
 def test_results_json_holds_the_results_as_given_and_reads_back(tmp_path):
     results = fake_results(SMALL)
     write_results(results, SMALL, tmp_path)
@@ -123,9 +209,10 @@ def test_epochs_figure_follows_each_runs_measure(tmp_path, monkeypatch):
     assert list(columns) == [f"{label} ({dataset})" for dataset, label in COLUMNS]
     rot_st = next(r for r in results if r["run"] == "rot-paper-stcnn-affine-seed0")
     curves, label = columns["R (rot)"]
+    table_rot = [r for r in results if r["dataset"] == "rot" and not r["curve"]]
     assert label.startswith("rotation slope") and [c.label for c in curves] == [
-        "CNN, seed 0", "ST-CNN Aff, seed 0"]
-    assert curves[0].measure is None
+        f"{r['row']}, seed 0" for r in table_rot]  # the curve runs have a figure of their own
+    assert curves[0].label == "CNN, seed 0" and curves[0].measure is None
     assert curves[1].measure == [row["rotation"]["slope"] for row in rot_st["progress"]]
     assert curves[1].errors == [row["test_error"] for row in rot_st["progress"]]
     assert columns["TC (tc)"][1].startswith("ink inside")
@@ -139,7 +226,7 @@ def results_folder(root, config):
     out.mkdir(parents=True)
     results = fake_results(config)
     for r in results:
-        if r["arch"] == "paper-stcnn":
+        if r["arch"] in ST_ARCHS:
             (out / f"{r['run']}-snapshots.png").write_bytes(b"png")
     (out / "rts-paper-stcnn-affine-seed0-recovered.png").write_bytes(b"png")
     write_results(results, config, out)
@@ -155,17 +242,22 @@ def test_readme_block_tables_settings_and_figures(tmp_path):
     assert f"{cnn}{np.std(rts, ddof=1):.2f} (0.8) |" in block
     table = [line for line in block.splitlines() if line.startswith("| ")]
     assert set(table) <= set((out / "results.md").read_text().splitlines())
-    measured = [r["run"] for r in results if r["measures"]]
-    assert [line.split(" | ")[0][2:] for line in table if "slope" in line or "ink" in line] \
-        == measured
+    measured = [r["run"] for r in results if r["measures"] and not r["curve"]]
+    names = {r["run"] for r in results}
+    assert [line.split(" | ")[0][2:] for line in table
+            if line.split(" | ")[0][2:] in names] == measured
     settings = next(line for line in block.splitlines() if line.startswith("Settings: "))
     for text in ("training images per dataset: 256", "test images: 128", "epochs: 3",
                  "batch size 64", "adam", "lr 0.001", "cosine schedule", "seeds: 0, 1"):
         assert text in settings
     assert f"Total training time: {sum(r['seconds'] for r in results) / 3600:.2f} h" in block
     links = [line for line in block.splitlines() if line.startswith("![")]
-    assert links == ["![epoch by epoch](notebooks/experiment/epochs.png)"] + [
+    assert links == [
+        "![epoch by epoch](notebooks/experiment/epochs.png)",
+        "![rotation slope against epoch](notebooks/experiment/rotation-curve.png)"] + [
         f"![{run} {kind}](notebooks/experiment/{run}-{kind}.png)" for run, kind in (
+            ("rot-paper-stcnn-similarity-fcnloc-seed0", "snapshots"),
+            ("rot-paper-stcnn-similarity-seed0", "snapshots"),
             ("rot-paper-stcnn-affine-seed0", "snapshots"),
             ("rts-paper-stcnn-affine-seed0", "snapshots"),
             ("rts-paper-stcnn-affine-seed0", "recovered"),
@@ -233,16 +325,16 @@ def test_cli_readme_regenerates_the_block_from_finished_runs(tmp_path, capsys):
         results, CONFIGS["tiny"], out, tmp_path)
 
 
-def test_committed_readme_block_is_what_the_committed_results_give():
-    # The README's experiment block is written by `stn-numpy experiment --out
-    # notebooks/experiment --readme README.md`, never by hand.
-    out = REPO / "notebooks" / "experiment"
+def test_committed_page_block_is_what_the_committed_results_give():
+    # The experiment page's block is written by `stn-numpy experiment --out
+    # notebooks/experiment --page docs/experiment.md`, never by hand.
+    out, page = REPO / "notebooks" / "experiment", REPO / "docs" / "experiment.md"
     if not (out / "results.json").is_file():
-        pytest.skip("notebooks/experiment/results.json is not committed: the README's "
-                    "experiment block has no results to be checked against")
+        pytest.skip("notebooks/experiment/results.json is not committed: the experiment "
+                    "page's block has no results to be checked against")
     results, config = read_results(out)
-    assert read_marked(REPO / "README.md", README_START, README_END) == readme_block(
-        results, config, out, REPO)
+    assert read_marked(page, README_START, README_END) == readme_block(
+        results, config, out, page.parent)
 
 
 def test_no_epochs_figure_without_per_epoch_data(tmp_path):
@@ -258,7 +350,7 @@ def test_tiny_experiment_end_to_end(tmp_path, mnist_dir, capsys):
     lines = []
     results = run_experiment("tiny", out=out, runs=runs, data_dir=mnist_dir, progress=False,
                              log=lines.append)
-    assert len(results) == len(experiment_runs(CONFIGS["tiny"])) == 18
+    assert len(results) == len(experiment_runs(CONFIGS["tiny"])) == 47
     text = (out / "results.md").read_text()
     assert str(tmp_path) not in text
     assert read_results(out) == (results, CONFIGS["tiny"])
@@ -269,22 +361,28 @@ def test_tiny_experiment_end_to_end(tmp_path, mnist_dir, capsys):
     rows = table[start + 1:start + 1 + len(ROWS)]
     assert [r.split(" | ")[0][2:] for r in rows] == list(ROWS)
     assert all(r.count(" | ") == len(COLUMNS) for r in rows)
-    assert "(1.2)" in rows[0] and "(1.7)" in rows[1]  # the paper's numbers beside ours
+    assert "(2.1)" in rows[0] and "(1.2)" in rows[1]  # the paper's numbers beside ours
+    assert "(1.7)" in rows[ROWS.index("ST-CNN Aff")]
     for r in results:
-        assert 0 <= r["test_error"] <= 100 and r["epochs"] == 1
+        assert 0 <= r["test_error"] <= 100 and r["epochs"] == (2 if r["curve"] else 1)
         folder = runs / r["run"]
         assert json.loads((folder / "result.json").read_text())["run"] == r["run"]
-        if r["arch"] == "paper-stcnn":
+        if r["arch"] in ST_ARCHS:
             with np.load(folder / "snapshots.npz") as f:
-                assert f["images"].shape[:2] == (1, 8)
+                assert f["images"].shape[:2] == (r["epochs"], 8)
             assert (out / f"{r['run']}-snapshots.png").is_file()
     assert set(results[1]["measures"]) == {"rotation"}
     assert "| rot-paper-stcnn-affine-seed0 | 1: " in text  # the epoch-by-epoch curve
     assert (out / f"{results[1]['run']}-recovered.png").is_file()
-    # evaluate prints the transformer's measures for an ST model.
-    rot_st = runs / results[1]["run"] / "checkpoint.npz"
-    assert main(["evaluate", str(rot_st), "--data-dir", mnist_dir, "--test-limit", "50"]) == 0
-    assert "rotation: recovered vs applied slope" in capsys.readouterr().out
+    assert "## How fast the transformer learns to undo rotation" in text
+    assert (out / "rotation-curve.png").is_file()
+    # evaluate prints the transformer's measures for an ST model, a similarity head's too.
+    for name in (results[1]["run"], "rot-paper-stcnn-similarity-seed0"):
+        checkpoint = runs / name / "checkpoint.npz"
+        capsys.readouterr()
+        assert main(["evaluate", str(checkpoint), "--data-dir", mnist_dir,
+                     "--test-limit", "50"]) == 0
+        assert "rotation: recovered vs applied slope" in capsys.readouterr().out
     # Finished runs are kept and skipped.
     lines.clear()
     again = run_experiment("tiny", out=out, runs=runs, data_dir=mnist_dir, progress=False,

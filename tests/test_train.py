@@ -366,3 +366,11 @@ def test_loc_lr_scale_reaches_only_the_localisation_net():
     assert set(opt.lr_scale.values()) == {0.25} and len(opt.lr_scale) == 8
     with pytest.raises(ValueError, match="loc_lr_scale must be > 0"):
         TrainConfig(loc_lr_scale=0).validate()
+
+
+def test_loc_net_is_checked_before_any_data_is_loaded():
+    TrainConfig(model="paper-stcnn", loc_net="fcn").validate()
+    with pytest.raises(ValueError, match="loc_net must be one of"):
+        TrainConfig(model="paper-stcnn", loc_net="mlp").validate()
+    with pytest.raises(ValueError, match="arch='stn' has none to choose"):
+        TrainConfig(model="stn", loc_net="fcn").validate()

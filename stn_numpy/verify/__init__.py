@@ -25,7 +25,7 @@ For engineers checking a PyTorch, JAX, CUDA, C++ or any other spatial-transforme
       stn-numpy verify --against mypkg.kernels:sample    # your callable
       stn-numpy verify --export golden.npz
       stn-numpy verify --check golden.npz [--against mypkg.kernels:sample]
-      stn-numpy verify --atlas README.md                 # regenerate the atlas section
+      stn-numpy verify --atlas docs/atlas.md             # regenerate the atlas page
 """
 
 from .._torch import TorchNotInstalledError, import_torch

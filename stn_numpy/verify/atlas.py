@@ -13,7 +13,7 @@ points inside; for JAX, whose sampler differentiates, the autodiff gradients are
 too. The notes beside the measurements say why, from the library's source or
 documentation (named in :mod:`~stn_numpy.verify.adapters`).
 
-``stn-numpy verify --atlas`` prints the table; ``stn-numpy verify --atlas README.md``
+``stn-numpy verify --atlas`` prints the table; ``stn-numpy verify --atlas docs/atlas.md``
 replaces the text between the ``<!-- atlas:start -->`` and ``<!-- atlas:end -->`` lines
 of that file (atomically). Errors print as ``0``, ``round-off`` (below 1e-12 in float64,
 1e-5 in float32) or one significant digit, so the table is the same on every machine.

@@ -29,10 +29,10 @@ under test and compares each output with ``rel_error`` against ``tolerance``:
     ``far_reflection`` (pixel coordinates up to 1e6 outside, reflection padding),
     ``nearest_ties`` (exact half-pixel ties, nearest mode) and ``on_border`` (points
     exactly on 0 and W - 1, H - 1).
-``affine_grid``, ``attention_grid``, ``projective_grid``, ``tps_grid`` (``align_corners``;
-``lattice`` for TPS)
-    inputs ``theta``, ``size (4,) int64`` = ``(N, C, Ho, Wo)``, ``dgrid``; outputs
-    ``grid`` and ``dtheta``, the gradient of ``sum(grid * dgrid)``. theta is ``(N, 2, 3)``,
+``affine_grid``, ``attention_grid``, ``projective_grid``, ``tps_grid``
+    settings ``align_corners`` (and ``lattice`` for TPS); inputs ``theta``,
+    ``size (4,) int64`` = ``(N, C, Ho, Wo)``, ``dgrid``; outputs ``grid`` and ``dtheta``,
+    the gradient of ``sum(grid * dgrid)``. theta is ``(N, 2, 3)``,
     ``(N, 3)`` = (s, t_x, t_y), ``(N, 8)`` (h_33 = 1) and ``(N, K, 2)``.
 ``spatial_transformer``
     A whole layer: ``theta = W2 relu(W1 flatten(U) + b1) + b2`` reshaped to

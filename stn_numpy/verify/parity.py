@@ -3,7 +3,7 @@
 Every combination of ``mode`` x ``padding_mode`` x ``align_corners`` (3 x 3 x 2 = 18) is
 run on the same inputs by this package and by the other implementation, and the forward
 output V and both gradients, dU and dgrid, are compared with
-:func:`stn_numpy.gradcheck.rel_error`,
+:func:`stn_numpy.gradcheck.rel_error`, ::
 
     rel_error(a, b) = max|a - b| / max(1e-8, max(|a| + |b|)),
 
