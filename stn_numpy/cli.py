@@ -1,12 +1,14 @@
-"""The ``stn-numpy`` command: a thin front end over train, evaluate, experiment, bench and
-verify.
+"""The ``stn-numpy`` command: a thin front end over train, evaluate, experiment, export, bench
+and verify.
 
     stn-numpy train [--model stn] [--dataset mnist] [--epochs 10] ... [--out runs/NAME]
     stn-numpy evaluate runs/NAME/checkpoint.npz [--dataset mnist | --data FILE.npz]
     stn-numpy experiment [--config full] [--out runs/experiment] [--runs DIR]
                          [--page docs/experiment.md]
+    stn-numpy export runs/NAME/checkpoint.npz model.onnx [--dtype float32]
     stn-numpy bench
-    stn-numpy verify [--against torch|scipy|jax|opencv|skimage|MODULE:FUNCTION]
+    stn-numpy verify [--against torch|scipy|jax|opencv|skimage|onnxruntime|onnx-reference|
+                                MODULE:FUNCTION]
                      [--export golden.npz | --check golden.npz | --atlas [docs/atlas.md]]
 """
 
@@ -203,6 +205,33 @@ def _run_experiment(args) -> int:
     return 0
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a checkpoint's model as an ONNX file (opset 20) "
+                       "to run in ONNX Runtime (needs the onnx extra)",
+                       formatter_class=_HelpFormatter)
+    p.add_argument("checkpoint")
+    p.add_argument("output", metavar="MODEL.onnx")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="the graph's dtype; ONNX Runtime's CPU convolution runs float32 only")
+
+
+def _run_export(args) -> int:
+    from .checkpoint import load_model
+    from .onnx import OnnxNotInstalledError, export
+
+    model = load_model(args.checkpoint)
+    try:
+        path = export(model, args.output, args.dtype)
+    except OnnxNotInstalledError as e:
+        print(f"stn-numpy export: error: {e}", file=sys.stderr)
+        return 2
+    outputs = "logits, theta, V" if model.transformer is not None else "logits"
+    H, W = model.config["input_size"]
+    print(f"wrote {path}: {model.config['arch']}, opset 20, input images (N, 1, {H}, {W}) "
+          f"{args.dtype} in [0, 1], outputs {outputs}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="stn-numpy", description="Spatial Transformer Networks in pure NumPy.")
@@ -210,6 +239,7 @@ def main(argv=None) -> int:
     train_parser = _add_train(sub)
     _add_evaluate(sub)
     _add_experiment(sub)
+    _add_export(sub)
     sub.add_parser("bench", help="time ours against PyTorch (args: see `stn-numpy bench -h`)",
                    add_help=False)
     sub.add_parser("verify", help="parity with PyTorch, another library or golden vectors; "
@@ -236,6 +266,8 @@ def main(argv=None) -> int:
             return _run_train(args, train_parser)
         if args.command == "experiment":
             return _run_experiment(args)
+        if args.command == "export":
+            return _run_export(args)
         return _run_evaluate(args)
     except handled as e:
         print(f"stn-numpy {command}: error: {describe_error(e)}", file=sys.stderr)

@@ -385,15 +385,26 @@ def run_experiment(config="full", out=DEFAULT_OUT, runs=None, data_dir=None, pro
     runs = Path(runs) if runs is not None else Path(DEFAULT_RUNS) / name
     out.mkdir(parents=True, exist_ok=True)
     recorded = _recorded_results(out)
-    results, data, loaded = [], None, None
-    for run in experiment_runs(config):
+    every_run = experiment_runs(config)
+    # Every finished result first: each write of results.json then holds them all, not
+    # only those the loop has reached (a kill mid-experiment loses no recorded run).
+    finished = {}
+    for run in every_run:
         folder = runs / run.name
         done = _finished(folder, config, run)
         if done is None and run.name in recorded and not (folder / "checkpoint.npz").exists():
             done = _kept_if_same_settings(recorded[run.name], config, run)
         if done is not None:
+            finished[run.name] = done
+
+    def in_order() -> list[dict]:
+        return [finished[run.name] for run in every_run if run.name in finished]
+
+    data, loaded = None, None
+    for run in every_run:
+        folder = runs / run.name
+        if run.name in finished:
             log(f"{run.name}: finished earlier, kept")
-            results.append(done)
             continue
         wanted = (run.dataset, config.train_limit_of(run))
         if loaded != wanted:
@@ -406,10 +417,11 @@ def run_experiment(config="full", out=DEFAULT_OUT, runs=None, data_dir=None, pro
             data, loaded = (X_tr, y_tr, X_te, y_te), wanted
         log(f"{run.name}: training")
         folder.mkdir(parents=True, exist_ok=True)
-        results.append(_run_one(config, run, folder, data, test_params, out, data_dir,
-                                progress, log))
-        write_results(results, config, out)
-        log(f"{run.name}: test error {results[-1]['test_error']:.2f}%")
+        finished[run.name] = _run_one(config, run, folder, data, test_params, out, data_dir,
+                                      progress, log)
+        write_results(in_order(), config, out)
+        log(f"{run.name}: test error {finished[run.name]['test_error']:.2f}%")
+    results = in_order()
     write_results(results, config, out)
     return results
 

@@ -390,3 +390,32 @@ def test_tiny_experiment_end_to_end(tmp_path, mnist_dir, capsys):
     assert again == results and all("finished earlier" in line for line in lines)
     with pytest.raises(ValueError, match="finished with other settings"):
         run_experiment(CONFIGS["full"], out=out, runs=runs, data_dir=mnist_dir)
+
+
+def test_each_write_of_results_json_holds_every_finished_run(tmp_path, monkeypatch):
+    # Runs recorded in <out>/results.json but not yet reached by the loop stay in the file
+    # each time a newly trained run rewrites it: a kill then loses none of them.
+    from stn_numpy import experiment
+
+    config = replace(SMALL, curve_epochs=0)
+    results = fake_results(config)
+    out = tmp_path / "out"
+    out.mkdir()
+    first = experiment_runs(config)[0].name
+    write_results([r for r in results if r["run"] != first], config, out)
+    written = []
+
+    def fake_run_one(config, run, folder, *args):
+        return next(r for r in results if r["run"] == run.name)
+
+    def fake_write(results, config, out):
+        written.append([r["run"] for r in results])
+
+    monkeypatch.setattr(experiment, "_run_one", fake_run_one)
+    monkeypatch.setattr(experiment, "load_split", lambda *a, **k: (None, None, None)[
+        :3 if k.get("return_params") else 2])
+    monkeypatch.setattr(experiment, "write_results", fake_write)
+    got = run_experiment(config, out=out, runs=tmp_path / "runs", progress=False,
+                         log=lambda *a: None)
+    assert [r["run"] for r in got] == [r.name for r in experiment_runs(config)]
+    assert written[0] == [r["run"] for r in results]  # the first write already holds them all

@@ -346,8 +346,8 @@ def test_main_errors_exit_2(tmp_path, user_module, monkeypatch, capsys):
     assert capsys.readouterr().err == (f"stn-numpy verify: error: {tmp_path / 'no' / 'g.npz'}: "
                                        "No such file or directory\n")
     assert main(["verify", "--other", "no_colon"]) == 2
-    assert "must be one of torch, scipy, jax, opencv, skimage or look like" in (
-        capsys.readouterr().err)
+    assert ("must be one of torch, scipy, jax, opencv, skimage, onnxruntime, onnx-reference "
+            "or look like") in capsys.readouterr().err
     assert main(["verify", "--against", "tensorflow"]) == 2
     assert "no adapter; tf.raw_ops.ImageProjectiveTransformV3" in capsys.readouterr().err
     assert main(["verify", "--other", f"{user_module}:absent"]) == 2

@@ -36,8 +36,10 @@ API_MODULES = (
     "stn_numpy.verify.parity",
     "stn_numpy.verify.golden",
     "stn_numpy.verify.adapters",
+    "stn_numpy.verify.common",
     "stn_numpy.verify.atlas",
     "stn_numpy.verify.mutants",
+    "stn_numpy.onnx",
 )
 GENERATED = "api/generated"  # relative to the docs folder (conf.py's); not committed
 

@@ -3,8 +3,9 @@
 For engineers checking a PyTorch, JAX, CUDA, C++ or any other spatial-transformer port:
 
 * :func:`parity_matrix` runs ours beside PyTorch (``other=None`` or ``"torch"``), beside
-  another library's sampler (``"scipy"``, ``"jax"``, ``"opencv"``, ``"skimage"``, see
-  :mod:`~stn_numpy.verify.adapters`) or beside any callable
+  another library's sampler (``"scipy"``, ``"jax"``, ``"opencv"``, ``"skimage"``,
+  ``"onnxruntime"``, ``"onnx-reference"``, see :mod:`~stn_numpy.verify.adapters`) or
+  beside any callable
   ``other(U, grid, dV, mode, padding_mode, align_corners) -> (V, dU, dgrid)`` on NumPy
   arrays (:func:`numpy_impl` is this package behind that interface, a template for
   wrapping yours); :func:`format_table` renders the result, with where each failing row
@@ -21,7 +22,8 @@ For engineers checking a PyTorch, JAX, CUDA, C++ or any other spatial-transforme
 * ``stn-numpy verify`` (or ``python -m stn_numpy.verify``)::
 
       stn-numpy verify [--dtype float32] [--tol 1e-10]   # vs torch; exit 1 on failure
-      stn-numpy verify --against jax                     # or scipy, opencv, skimage
+      stn-numpy verify --against jax                     # or scipy, opencv, skimage,
+                                                         # onnxruntime, onnx-reference
       stn-numpy verify --against mypkg.kernels:sample    # your callable
       stn-numpy verify --export golden.npz
       stn-numpy verify --check golden.npz [--against mypkg.kernels:sample]

@@ -5,7 +5,7 @@ Each adapter turns a library's image sampler into
 arrays, so :func:`~stn_numpy.verify.parity_matrix` and the atlas can compare it with this
 reference. dU and dgrid are the gradients of ``sum(V * dV)``; a library that does not
 differentiate returns None for both. A combination the library cannot express raises
-:class:`~stn_numpy.verify.parity.Unsupported` (the row shows N/A).
+:class:`~stn_numpy.verify.common.Unsupported` (the row shows N/A).
 
 The coordinate conversion is the same for all of them. These libraries take *pixel*
 coordinates, pixel ``k`` having its centre at ``k``; a normalized grid point
@@ -14,7 +14,7 @@ coordinates, pixel ``k`` having its centre at ``k``; a normalized grid point
     x = (x_s + 1) * (W - 1) / 2          (align_corners=True)
     x = (x_s + 1) * W / 2 - 1/2          (align_corners=False)
 
-and likewise y with H (:func:`~stn_numpy.verify.parity.pixel_coordinates`, rounded as
+and likewise y with H (:func:`~stn_numpy.verify.common.pixel_coordinates`, rounded as
 this package rounds it), so ``align_corners`` is always expressible and a difference the
 atlas shows is the library's. The padding mode is then a choice of the library's boundary
 mode; ``reflection`` means reflecting about the outermost pixel centres with
@@ -24,19 +24,25 @@ settings is the table ``SETTINGS`` of each adapter; the atlas
 (:mod:`stn_numpy.verify.atlas`) measures every library setting, also those without a
 counterpart, and records where each differs.
 
+ONNX Runtime and ONNX's reference evaluator (``onnx.reference``) are different: their
+``GridSample`` takes the normalized grid, the padding mode and align_corners as this
+package does, so their adapters run a one-node graph on U and the grid as they are.
+
 Each library is imported only when its adapter is first called; a missing one raises
-:class:`LibraryNotInstalledError` naming what to install.
+:class:`LibraryNotInstalledError` naming what to install (``pip install -e ".[verify]"``,
+or ``".[onnx]"`` for the two ONNX runtimes).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from collections.abc import Callable
 
 import numpy as np
 
-from .parity import Unsupported, pixel_coordinates
+from .common import Unsupported, pixel_coordinates
 
 __all__ = ["ADAPTERS", "Adapter", "LibraryNotInstalledError", "load_adapter"]
 
@@ -45,13 +51,13 @@ class LibraryNotInstalledError(ImportError):
     """An adapter's library cannot be imported; the message says what to install."""
 
 
-def _require(module: str, pip_name: str):
+def _require(module: str, pip_name: str, extra: str = "verify"):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
         raise LibraryNotInstalledError(
             f"{pip_name} not installed: pip install {pip_name} (or all of them: "
-            f"pip install -e \".[verify]\")") from exc
+            f"pip install -e \".[{extra}]\")") from exc
 
 
 def _pixel_grid(grid, H: int, W: int, align_corners: bool):
@@ -270,17 +276,95 @@ def skimage_impl(U, grid, dV, mode, padding_mode, align_corners):
 
 
 # --------------------------------------------------------------------------------------
+# ONNX Runtime and ONNX's reference evaluator
+# --------------------------------------------------------------------------------------
+
+#: Both run a one-node ``GridSample`` graph (:func:`stn_numpy.onnx.grid_sample_model`),
+#: which takes the normalized grid, the padding mode and align_corners as they are here:
+#: no coordinate conversion, and every combination has its counterpart. Opset 20 names
+#: the modes ``linear``, ``nearest``, ``cubic``; opset 16 ``bilinear``, ``nearest``,
+#: ``bicubic`` (``GRID_SAMPLE_MODES``). The graph is built once per setting and dtype.
+ONNX_RUNTIMES = {"onnxruntime": "onnxruntime", "onnx-reference": "onnx.reference"}
+
+
+@functools.lru_cache(maxsize=128)
+def _onnx_runner(runtime: str, mode: str, padding_mode: str, align_corners: bool, dtype: str,
+                 opset: int):
+    """``run(U, grid) -> V`` of the one-node graph in ``runtime`` (a key of ONNX_RUNTIMES)."""
+    from ..onnx import grid_sample_model
+
+    _require("onnx", "onnx", "onnx")  # builds the graph for either runtime
+    module = _require(ONNX_RUNTIMES[runtime], runtime.split("-")[0], "onnx")
+    model = grid_sample_model(mode, padding_mode, align_corners, dtype, opset)
+    if runtime == "onnx-reference":
+        evaluator = module.ReferenceEvaluator(model)
+
+        def run(U, grid):
+            # Its reflection divides by the axis' extent, 0 for one pixel with
+            # align_corners=True; the OverflowError that follows is the row's result.
+            with np.errstate(divide="ignore"):
+                return evaluator.run(None, {"X": U, "grid": grid})[0]
+
+        return run
+    options = module.SessionOptions()
+    options.intra_op_num_threads = 1
+    try:
+        session = module.InferenceSession(model.SerializeToString(), options,
+                                          providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - a kernel missing for this opset or dtype
+        if "NOT_IMPLEMENTED" not in str(exc):
+            raise
+        raise Unsupported(f"onnxruntime has no {dtype} GridSample kernel at opset {opset}") \
+            from exc
+    return lambda U, grid: session.run(None, {"X": U, "grid": grid})[0]
+
+
+def onnx_sample(U, grid, align_corners, *, runtime, mode, padding_mode, opset=20):
+    """``GridSample`` of ``runtime`` (``"onnxruntime"``, ``"onnx-reference"``) in U's dtype; V only.
+
+    Raises :class:`Unsupported` where the runtime refuses the graph: ONNX Runtime without a
+    kernel for the dtype at this opset, the reference evaluator for opset 16's mode names.
+    """
+    run = _onnx_runner(runtime, mode, padding_mode, bool(align_corners), np.dtype(U.dtype).name,
+                       opset)
+    try:
+        return run(np.ascontiguousarray(U), np.ascontiguousarray(grid))
+    except RuntimeError as exc:
+        # onnx/reference/ops/op_grid_sample.py knows opset 20's names only.
+        if "only supports nearest, linear, and cubic" not in str(exc):
+            raise
+        raise Unsupported(f"onnx.reference rejects opset {opset}'s mode name {mode!r}: "
+                          f"{exc}") from exc
+
+
+def onnxruntime_impl(U, grid, dV, mode, padding_mode, align_corners):
+    """ONNX Runtime's CPU ``GridSample`` at opset 20: forward only, float32 and float64."""
+    V = onnx_sample(U, grid, align_corners, runtime="onnxruntime", mode=mode,
+                    padding_mode=padding_mode)
+    return V, None, None
+
+
+def onnx_reference_impl(U, grid, dV, mode, padding_mode, align_corners):
+    """ONNX's reference evaluator (``onnx.reference``), ``GridSample`` at opset 20; V only."""
+    V = onnx_sample(U, grid, align_corners, runtime="onnx-reference", mode=mode,
+                    padding_mode=padding_mode)
+    return V, None, None
+
+
+# --------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class Adapter:
-    """A library's adapter: the module it needs, what to install, the interface function."""
+    """A library's adapter: the module it needs, what to install, the interface function,
+    and the extra of setup.cfg that installs it."""
 
     module: str
     pip_name: str
     impl: Callable
+    extra: str = "verify"
 
 
 ADAPTERS = {
@@ -288,11 +372,13 @@ ADAPTERS = {
     "jax": Adapter("jax", "jax", jax_impl),
     "opencv": Adapter("cv2", "opencv-python-headless", opencv_impl),
     "skimage": Adapter("skimage.transform", "scikit-image", skimage_impl),
+    "onnxruntime": Adapter("onnxruntime", "onnxruntime", onnxruntime_impl, "onnx"),
+    "onnx-reference": Adapter("onnx.reference", "onnx", onnx_reference_impl, "onnx"),
 }
 
 
 def load_adapter(name: str) -> Callable:
     """The interface function of library ``name``; raises LibraryNotInstalledError if absent."""
     adapter = ADAPTERS[name]
-    _require(adapter.module, adapter.pip_name)
+    _require(adapter.module, adapter.pip_name, adapter.extra)
     return adapter.impl

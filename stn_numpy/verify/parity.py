@@ -62,6 +62,8 @@ from .._torch import import_torch
 from ..gradcheck import rel_error
 from ..grids import affine_grid, affine_grid_backward
 from ..sampling import MODES, PADDING_MODES, grid_sample, grid_sample_backward
+from .adapters import ADAPTERS, load_adapter
+from .common import Unsupported, pixel_coordinates
 
 __all__ = [
     "ParityResult",
@@ -81,33 +83,12 @@ COMBOS = list(itertools.product(MODES, PADDING_MODES, (True, False)))
 SAMPLER_OUTPUTS = ("V", "dU", "dgrid")
 
 
-class Unsupported(ValueError):
-    """Raised by an adapter for a combination its library cannot express (a row marked N/A)."""
-
-
 def default_tol(dtype) -> float:
     """The tolerance on ``rel_error`` for ``dtype``: 1e-10 (float64) or 1e-5 (float32)."""
     dtype = np.dtype(dtype)
     if dtype not in _DEFAULT_TOL:
         raise TypeError(f"dtype must be float32 or float64, got {dtype}")
     return _DEFAULT_TOL[dtype]
-
-
-def pixel_coordinates(coord, size: int, align_corners: bool):
-    """Normalized -> pixel coordinate, rounded as this package's sampler rounds it.
-
-    ``x = (x_s + 1) * (W - 1) / 2`` (align_corners=True) or ``(x_s + 1) * W / 2 - 1/2``
-    (False), computed in ``coord``'s dtype; pixel ``k`` has its centre at ``x = k``. Every
-    adapter converts with this, so a difference it shows is the library's, not the
-    conversion's. Returns ``(x, dx/dx_s)``.
-    """
-    coord = np.asarray(coord)
-    t = coord.dtype.type
-    if align_corners:
-        scale = (size - 1) / 2
-        return (coord + t(1)) * t(scale), scale
-    scale = size / 2
-    return (coord + t(1)) * t(scale) - t(0.5), scale
 
 
 # --------------------------------------------------------------------------------------
@@ -577,7 +558,8 @@ def parity_matrix(other=None, *, dtype=np.float64, seed: int = 0, shape=(2, 3, 5
         None or ``"torch"``: PyTorch's ``F.grid_sample`` and ``F.affine_grid`` on the CPU,
         gradients by autograd (raises :class:`TorchNotInstalledError` without torch).
         Another library name of :data:`stn_numpy.verify.adapters.ADAPTERS` (``"scipy"``,
-        ``"jax"``, ``"opencv"``, ``"skimage"``): its adapter. A callable
+        ``"jax"``, ``"opencv"``, ``"skimage"``, ``"onnxruntime"``, ``"onnx-reference"``):
+        its adapter. A callable
         ``other(U, grid, dV, mode, padding_mode, align_corners) -> (V, dU, dgrid)`` on
         NumPy arrays, dU and dgrid being the gradients of ``sum(V * dV)`` (or None);
         affine rows are run for torch only.
@@ -630,11 +612,9 @@ def resolve(other, default):
     if other == "numpy":
         return numpy_impl, numpy_affine
     if isinstance(other, str):
-        from .adapters import ADAPTERS, load_adapter
-
         if other in ADAPTERS:
             return load_adapter(other), None
     if callable(other):
         return other, None
-    raise TypeError(f"other must be None, 'torch', one of scipy, jax, opencv, skimage, or a "
+    raise TypeError(f"other must be None, 'torch', one of {', '.join(ADAPTERS)}, or a "
                     f"callable, got {other!r}")
