@@ -71,8 +71,11 @@ def rotation_angle(theta: np.ndarray) -> np.ndarray:
 
     Returns
     -------
-    ndarray, shape (N,), in (-180, 180]. For ``A = s R(a)^T`` (the generator's inverse map
-    of a rotation by ``a``, any scale ``s > 0``) it is ``a``.
+    ndarray, shape (N,), in (-180, 180]: the grid angle. For ``A = s R(a)`` with
+    ``R(a) = [[cos a, -sin a], [sin a, cos a]]`` and any scale ``s > 0`` it is ``a``: the
+    grid turned clockwise on screen (y down) by ``a``, V showing U's content turned
+    counter-clockwise by ``a``. A transformer undoes a distortion by the grid ``R(alpha)``
+    when this angle is ``-alpha``.
     """
     theta = check_float_array("theta", np.asarray(theta, dtype=np.float64), shape=(None, 2, 3))
     return np.rad2deg(np.arctan2(theta[:, 1, 0] - theta[:, 0, 1],

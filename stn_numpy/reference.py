@@ -34,9 +34,10 @@ grid point serves every channel.
 ``mode="nearest"`` (paper eq. 4 with round-half-to-even) reads one pixel; its grid
 gradient is zero. Conventions (unnormalization, padding modes, kinks) are those of
 :mod:`stn_numpy.sampling`, whose module docstring states them; this module computes the
-same numbers with loops a reader can follow, not with sparse matrices, and is the oracle
-the fast sampler is tested against. It is slow (the scatter is unbuffered) and does not
-offer bicubic.
+same numbers one equation per line, with the four corners named as in the paper and every
+point handled at once by NumPy's elementwise operations (no sparse matrices, blocks or
+threads), and is the oracle the fast sampler is tested against. It is slow (the scatter
+is unbuffered) and does not offer bicubic.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
+from test_exercises import load_notebook_module
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -55,3 +56,18 @@ def test_notebook_was_executed_without_errors(path):
     cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
     assert all(c["execution_count"] is not None for c in cells), "a code cell was not run"
     assert not any(o["output_type"] == "error" for c in cells for o in c["outputs"])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_lesson_fits_one_sitting(path):
+    # notebooks/lesson_size.py measures prose words and lines of code; appendices are exempt.
+    over_limits = load_notebook_module("lesson_size").over_limits
+    assert not over_limits(path), f"{path.name}: {'; '.join(over_limits(path))}"
+
+
+def test_lesson_size_counts_prose_and_code_as_defined():
+    lesson_size = load_notebook_module("lesson_size")
+    code_lines, prose_words = lesson_size.code_lines, lesson_size.prose_words
+    markdown = "Two words `not_these` $\\alpha + 1$\n$$x = 1$$\n```\ncode here\n```\n[a link](http://x)"
+    assert prose_words(markdown) == 4  # "Two", "words", "a", "link"
+    assert code_lines("x = 1\n\ny = 2\n") == 3

@@ -4,8 +4,11 @@ Usage, from the repository root::
 
     python notebooks/figures/architecture.py
 
-The figure is written beside this script, where the README and notebook 03 show it. It shows
-the forward data flow (black) and, dashed, the two paths along which gradients return.
+The figure is written beside this script, where the README and notebook 01 show it. It shows
+the forward data flow (black) and, dashed, the gradients: dL/dV enters the sampler, which
+sends dL/dgrid to the grid generator and dL/dtheta on to the localisation net; dL/dU is the
+sum of two paths, the sampler's (U read with the grid fixed) and the localisation net's (U
+decides theta).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def arrow(ax, start, end, label=None, dashed=False, color="k", rad=0.0, offset=(
 
 def draw(path: Path = OUT) -> Path:
     fig, ax = plt.subplots(figsize=(9.5, 3.4))
-    ax.set(xlim=(0, 10.5), ylim=(0.0, 4.2))
+    ax.set(xlim=(0, 10.5), ylim=(-0.3, 4.2))
     ax.axis("off")
     # The spatial transformer module, as in the paper's figure.
     ax.add_patch(FancyBboxPatch((1.55, 0.15), 6.85, 3.95, boxstyle="round,pad=0.02",
@@ -55,7 +58,7 @@ def draw(path: Path = OUT) -> Path:
                                                      "identity bias"], "#dbe9f6")
     box(ax, 4.6, 2.2, 2.2, 1.4, "grid generator", [r"$(x_s, y_s) = \mathcal{T}_\theta(G)$",
                                                    "affine_grid,", "tps_grid, ..."], "#e5f2df")
-    box(ax, 4.6, 0.35, 2.2, 1.3, "sampler", [r"$V = \sum U\,k(x_s)\,k(y_s)$",
+    box(ax, 4.6, 0.35, 2.2, 1.3, "sampler", [r"$V_i = \sum_{n,m} U_{nm}\,k(x_i - m)\,k(y_i - n)$",
                                              "grid_sample"], "#fbe5d6")
     ax.text(9.35, 1.0, "V", ha="center", va="center", fontsize=16, weight="bold")
     ax.text(9.35, 0.55, "(N, C, H', W')", ha="center", fontsize=7)
@@ -72,8 +75,12 @@ def draw(path: Path = OUT) -> Path:
     arrow(ax, (6.25, 1.65), (6.25, 2.2), r"$\partial L/\partial$grid", dashed=True, color=grad,
           offset=(0.75, -0.1))
     arrow(ax, (4.6, 3.3), (4.1, 3.3), r"$\partial L/\partial\theta$", dashed=True, color=grad)
-    arrow(ax, (4.6, 0.7), (0.9, 0.7), r"$\partial L/\partial U$ = sampler path + localisation path",
+    arrow(ax, (4.6, 0.7), (0.9, 0.7), r"$\partial L/\partial U$, sampler path",
           dashed=True, color=grad, offset=(0, -0.32))
+    arrow(ax, (1.9, 2.35), (0.7, 1.3), None, dashed=True, color=grad)
+    ax.text(0.62, 1.95, "localisation\npath", ha="right", va="center", fontsize=8, color=grad)
+    ax.text(0.1, -0.15, r"$\partial L/\partial U$ = the sum of both paths", ha="left",
+            fontsize=8, color=grad)
     fig.tight_layout()
     # Atomic, as every file this project writes: a kill mid-write keeps the old figure.
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))

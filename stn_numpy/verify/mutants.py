@@ -7,17 +7,21 @@ one class of bug that shipped in a real implementation:
 * :func:`tf_stn_pixel_range` -- a popular TensorFlow STN mapped ``[-1, 1]`` onto
   ``(W - 2)`` pixel spans (``0.5 * (x + 1) * (W - 1 - 1)``) and computed the bilinear
   weights from the corners *after* clipping them to the image, so the identity
-  transform does not return its input and points near the border get wrong weights.
-* :func:`clip_gradient_at_last_pixel` -- PyTorch's ``grid_sample`` (fixed in 2020) let
-  the grid gradient of border and reflection padding pass through the clip exactly at
-  the last pixel ``W - 1``, as if the upper tap were still inside.
+  transform does not return its input and points near the border get wrong weights
+  (kevinzakka/spatial-transformer-network issue #13, 2018).
+* :func:`clip_gradient_at_last_pixel` -- PyTorch's ``grid_sample`` let the grid gradient
+  of border and reflection padding pass through the clip exactly at the last pixel
+  ``W - 1``, as if the upper tap were still inside (pytorch/pytorch issue #23925, 2019;
+  fixed by pull request #32829, 2020).
 * :func:`ceil_upper_tap` -- taking the upper tap as ``ceil(x)`` instead of
-  ``floor(x) + 1`` (reported for JAX's ``map_coordinates`` and for dm-pix): the forward
-  is right, but at integer coordinates both taps are the same pixel and the coordinate
-  gradient is zero.
-* :func:`non_adjoint_image_gradient` -- an image gradient computed by warping dV back
-  (as reported for TensorFlow's projective transform) rather than by the transpose of
-  the sampling matrix: it averages where the adjoint sums.
+  ``floor(x) + 1``, as dm-pix's linear interpolation does (google-deepmind/dm_pix pull
+  request #126 replaces it with ``floor(x) + 1``; JAX's ``map_coordinates`` already uses
+  ``floor(x)`` and ``floor(x) + 1``): the forward is right, but at integer coordinates
+  both taps are the same pixel and the coordinate gradient is zero.
+* :func:`non_adjoint_image_gradient` -- an image gradient computed by warping dV back with
+  the inverse transform (TensorFlow's ``ImageProjectiveTransform`` gradient, added in
+  tensorflow/tensorflow pull request #9533, 2017) rather than by the transpose of the
+  sampling matrix: it averages where the adjoint sums.
 * :func:`nearest_ties_away_from_zero` -- nearest rounding half away from zero (C's
   ``round``, JAX's ``lax.round``) instead of half to even.
 * :func:`atomic_accumulation` -- a port that accumulates dU with unordered atomic adds:
