@@ -159,6 +159,20 @@ def _base_planes(H: int, W: int, align_corners: bool, dtype=_FLOAT64) -> np.ndar
     return planes
 
 
+@_cache_by_bytes(32 * 2**20)
+def _base_planes_3d(D: int, H: int, W: int, align_corners: bool, dtype=_FLOAT64) -> np.ndarray:
+    """Homogeneous target coordinates of a volume as contiguous ``(4, D H W)`` planes
+    ``x_t, y_t, z_t, 1`` (``z_t`` along D, the slowest axis), read-only: the right operand
+    of the 3-D ``affine_grid``'s products, as :func:`_base_planes` is of the 2-D one."""
+    planes = np.ones((4, D, H, W), dtype=dtype)
+    planes[0] = _linspace_from_neg_one(W, align_corners, dtype)[None, None, :]
+    planes[1] = _linspace_from_neg_one(H, align_corners, dtype)[None, :, None]
+    planes[2] = _linspace_from_neg_one(D, align_corners, dtype)[:, None, None]
+    planes = planes.reshape(4, D * H * W)
+    planes.setflags(write=False)
+    return planes
+
+
 def target_coordinates(H: int, W: int, align_corners: bool = False, dtype=np.float64):
     """The regular target grid ``G`` of the output, shape ``(H, W, 2)`` holding ``(x_t, y_t)``.
 
@@ -180,8 +194,8 @@ def _check_params(name: str, theta, shape) -> np.ndarray:
     return theta
 
 
-def _check_output_size(size, N: int, align_corners) -> tuple[int, int, int, int]:
-    size = check_size(size)
+def _check_output_size(size, N: int, align_corners, lengths=(4,)) -> tuple[int, ...]:
+    size = check_size(size, lengths=lengths)
     if size[0] != N:
         raise ValueError(f"size[0] (batch) must equal the batch of the parameters, {N}, got {size}")
     check_choice("align_corners", align_corners, (True, False))
@@ -189,7 +203,12 @@ def _check_output_size(size, N: int, align_corners) -> tuple[int, int, int, int]
 
 
 def _check_dgrid(dgrid, N: int, H: int, W: int, dtype) -> np.ndarray:
-    dgrid = check_float_array("dgrid", dgrid, shape=(N, H, W, 2))
+    return _check_dgrid_of(dgrid, N, (H, W), dtype)
+
+
+def _check_dgrid_of(dgrid, N: int, spatial, dtype) -> np.ndarray:
+    """``dgrid`` of shape ``(N, *spatial, len(spatial))`` and dtype ``dtype``."""
+    dgrid = check_float_array("dgrid", dgrid, shape=(N, *spatial, len(spatial)))
     if dgrid.dtype != dtype:
         raise TypeError(f"dgrid must have the parameters' dtype {dtype}, got {dgrid.dtype}")
     return dgrid
@@ -201,63 +220,92 @@ def _check_dgrid(dgrid, N: int, H: int, W: int, dtype) -> np.ndarray:
 
 
 def affine_grid(theta: np.ndarray, size, align_corners: bool = False) -> np.ndarray:
-    """Affine sampling grid, as PyTorch's ``F.affine_grid``.
+    """Affine sampling grid, as PyTorch's ``F.affine_grid``, for images and for volumes.
 
-    ``(x_s, y_s)^T = theta @ (x_t, y_t, 1)^T`` for every target point (paper eq. 1).
+    ``(x_s, y_s)^T = theta @ (x_t, y_t, 1)^T`` for every target point (paper eq. 1); for a
+    volume (a 5-entry ``size``) ``(x_s, y_s, z_s)^T = theta @ (x_t, y_t, z_t, 1)^T``. As in
+    PyTorch, the length of ``size`` selects the case.
 
     Parameters
     ----------
-    theta : ndarray, shape (N, 2, 3), float32 or float64
-        Affine matrices; the identity is ``[[1, 0, 0], [0, 1, 0]]``.
-    size : sequence of 4 ints
-        Output size ``(N, C, H, W)``; only ``N``, ``H``, ``W`` are used.
+    theta : ndarray, shape (N, 2, 3) or, for volumes, (N, 3, 4); float32 or float64
+        Affine matrices; the identity is ``[[1, 0, 0], [0, 1, 0]]`` (``[I_3 | 0]`` in 3-D).
+    size : sequence of 4 ints ``(N, C, H, W)`` or 5 ints ``(N, C, D, H, W)``
+        Output size; ``C`` is not used.
     align_corners : bool
-        Coordinate convention, see the module docstring.
+        Coordinate convention, see the module docstring (the same along every axis).
 
     Returns
     -------
-    grid : ndarray, shape (N, H, W, 2), dtype of ``theta``
-        A view of ``(N, 2, H, W)`` planes: ``x_s`` and ``y_s`` each contiguous per image,
-        the layout the sampler reads fastest (and writes its ``dgrid`` in).
+    grid : ndarray, shape (N, H, W, 2), or (N, D, H, W, 3) for volumes; dtype of ``theta``
+        The last axis holds ``(x_s, y_s)``, resp. ``(x_s, y_s, z_s)``: x runs along W, y
+        along H, z along D, the reverse of the tensor's axis order ``(D, H, W)``. A view of
+        ``(N, 2, H, W)`` (``(N, 3, D, H, W)``) planes: each coordinate contiguous per
+        image, the layout the sampler reads fastest (and writes its ``dgrid`` in).
+
+    Raises
+    ------
+    ValueError
+        ``theta`` of the other case's shape than ``size`` asks for (the message names both).
     """
-    theta = _check_params("theta", theta, (None, 2, 3))
-    N, _, H, W = _check_output_size(size, theta.shape[0], align_corners)
-    # planes[n] = theta[n] @ base^T, one (2, 3) @ (3, P) product per image, so an image's
-    # grid never depends on the batch around it (products of several images round
-    # differently), and bands of images on worker threads give the same values as one call.
-    planes = _per_image_products(theta, _base_planes(H, W, align_corners, theta.dtype),
-                                 (N, 2, H * W))
-    return np.moveaxis(planes.reshape(N, 2, H, W), 1, -1)
+    theta, size = _check_affine(theta, size, align_corners)
+    N, spatial = size[0], size[2:]
+    base = (_base_planes_3d(*spatial, align_corners, theta.dtype) if len(spatial) == 3
+            else _base_planes(*spatial, align_corners, theta.dtype))
+    # planes[n] = theta[n] @ base, one (2, 3) @ (3, P) (or (3, 4) @ (4, P)) product per
+    # image, so an image's grid never depends on the batch around it (products of several
+    # images round differently), and bands of images on worker threads give the same values
+    # as one call.
+    rows = theta.shape[1]
+    planes = _per_image_products(theta, base, (N, rows, base.shape[1]))
+    return np.moveaxis(planes.reshape(N, rows, *spatial), 1, -1)
+
+
+def _check_affine(theta, size, align_corners):
+    """``(theta, size)`` checked together: ``theta (N, 2, 3)`` with a 4-entry ``size``,
+    ``(N, 3, 4)`` with a 5-entry one; a mismatch names both."""
+    size = check_size(size, lengths=(4, 5))
+    dims = len(size) - 2
+    theta = check_float_array("theta", theta)
+    if theta.ndim != 3 or theta.shape[1:] != (dims, dims + 1):
+        axes = "(N, C, D, H, W)" if dims == 3 else "(N, C, H, W)"
+        raise ValueError(f"theta must have shape (*, {dims}, {dims + 1}), got {theta.shape}: "
+                         f"size {size} has {len(size)} entries {axes}")
+    check_finite("theta", theta)
+    return theta, _check_output_size(size, theta.shape[0], align_corners, (len(size),))
 
 
 def affine_grid_backward(dgrid: np.ndarray, theta: np.ndarray, size, align_corners=False):
-    """Gradient of :func:`affine_grid` with respect to ``theta``.
+    """Gradient of :func:`affine_grid` with respect to ``theta``, for images and volumes.
 
-    The grid is linear in theta, so ``dtheta[n, i, j] = sum_{h,w} dgrid[n, h, w, i] *
-    base[h, w, j]`` with ``base = (x_t, y_t, 1)``: each row of theta collects the upstream
-    gradient of its coordinate weighted by ``x_t``, ``y_t`` and 1.
+    The grid is linear in theta, so ``dtheta[n, i, j] = sum_p dgrid[n, p, i] * base[p, j]``
+    over the target points ``p``, with ``base = (x_t, y_t, 1)`` (``(x_t, y_t, z_t, 1)`` for
+    volumes): each row of theta collects the upstream gradient of its coordinate weighted
+    by the target coordinates and 1.
 
     Parameters
     ----------
-    dgrid : ndarray, shape (N, H, W, 2)
-        Upstream gradient, same dtype as ``theta``.
+    dgrid : ndarray, shape (N, H, W, 2) or (N, D, H, W, 3)
+        Upstream gradient, same dtype as ``theta``; the last axis is ``(x, y[, z])``.
     theta, size, align_corners
         As in :func:`affine_grid`.
 
     Returns
     -------
-    dtheta : ndarray, shape (N, 2, 3)
+    dtheta : ndarray, shape (N, 2, 3) or (N, 3, 4)
     """
-    theta = _check_params("theta", theta, (None, 2, 3))
-    N, _, H, W = _check_output_size(size, theta.shape[0], align_corners)
-    dgrid = _check_dgrid(dgrid, N, H, W, theta.dtype)
-    # dtheta[n] = planes[n] @ base, one product per image as in affine_grid, over dgrid's
-    # (N, 2, H, W) planes: a view for the sampler's dgrid, a copy for an interleaved one.
+    theta, size = _check_affine(theta, size, align_corners)
+    N, spatial = size[0], size[2:]
+    rows = theta.shape[1]
+    dgrid = _check_dgrid_of(dgrid, N, spatial, theta.dtype)
+    base = (_base_planes_3d(*spatial, align_corners, theta.dtype) if len(spatial) == 3
+            else _base_planes(*spatial, align_corners, theta.dtype))
+    # dtheta[n] = planes[n] @ base^T, one product per image as in affine_grid, over dgrid's
+    # (N, rows, ...) planes: a view for the sampler's dgrid, a copy for an interleaved one.
     # The base as the transposed view of its planes: OpenBLAS runs (2, P) @ (P, 3) 2.8x
     # faster so than from the (P, 3) grid itself (N=256 60x60; see _base_planes for bits).
-    planes = np.ascontiguousarray(np.moveaxis(dgrid, -1, 1)).reshape(N, 2, H * W)
-    return _per_image_products(planes, _base_planes(H, W, align_corners, theta.dtype).T,
-                               (N, 2, 3))
+    planes = np.ascontiguousarray(np.moveaxis(dgrid, -1, 1)).reshape(N, rows, base.shape[1])
+    return _per_image_products(planes, base.T, (N, rows, rows + 1))
 
 
 # --------------------------------------------------------------------------------------
