@@ -51,7 +51,9 @@ def check_size(size, name: str = "size", lengths=(4,)) -> tuple[int, ...]:
         # operator.index, not int(): int() would truncate 4.7 to 4 and parse "4" as 4.
         size = tuple(operator.index(s) for s in size)
     except TypeError:
-        raise TypeError(f"{name} must be a sequence {expected} of ints, got {size!r}") from None
+        raise TypeError(f"{name} must be a sequence {axes[lengths[0]]} of ints"
+                        + "".join(f", or {axes[k]}" for k in lengths[1:])
+                        + f", got {size!r}") from None
     if len(size) not in lengths:
         counts = " or ".join(str(k) for k in lengths)
         raise ValueError(f"{name} must have {counts} entries {expected}, got {len(size)}: "
