@@ -58,8 +58,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from ._checks import NonFiniteError, check_choice, check_finite, check_float_array
-from ._parallel import even_split, get_num_threads, parallel_map
+from .._checks import NonFiniteError, check_choice, check_finite, check_float_array
+from .._parallel import even_split, get_num_threads, parallel_map
 
 __all__ = [
     "grid_sample",
