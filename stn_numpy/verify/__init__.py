@@ -10,6 +10,8 @@ For engineers checking a PyTorch, JAX, CUDA, C++ or any other spatial-transforme
   wrapping yours); :func:`format_table` renders the result, with where each failing row
   differs. Besides forward and both gradients it runs an adjoint (dot-product) test and
   a determinism check (:mod:`~stn_numpy.verify.parity`).
+* :func:`parity_matrix_3d` does the same for volumes (5-D ``grid_sample``, 3-D
+  ``affine_grid``; :mod:`~stn_numpy.verify.volumes`).
 * :func:`export_golden` writes inputs and our outputs (the sampler on every combination
   and on edge cases, every grid transform, a whole spatial-transformer layer) to an
   ``.npz`` file with a JSON manifest, for a test that cannot call Python;
@@ -43,6 +45,7 @@ from .parity import (
     pixel_coordinates,
     torch_impl,
 )
+from .volumes import make_volume_grid, parity_matrix_3d
 
 __all__ = [
     "ADAPTERS",
@@ -59,8 +62,10 @@ __all__ = [
     "load_golden",
     "main",
     "make_grid",
+    "make_volume_grid",
     "numpy_impl",
     "parity_matrix",
+    "parity_matrix_3d",
     "pixel_coordinates",
     "torch_impl",
 ]
