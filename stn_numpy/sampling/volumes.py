@@ -191,7 +191,9 @@ def _padded_rows(U: np.ndarray, ring: int) -> np.ndarray:
         U_pad[a:b, r:r + D, r:r + H, r:r + W, :] = U[a:b].transpose(0, 2, 3, 4, 1)
 
     parallel_map(fill, even_split(N, min(N, get_num_threads())) if N else [])
-    return U_pad.reshape(-1, C)
+    # Explicit sizes, not -1: with C = 0, 0 elements fix no -1.
+    return U_pad.reshape(U_pad.size // C if C else len(U_pad) * (D + 2 * r) * (H + 2 * r)
+                         * (W + 2 * r), C)
 
 
 def _chunk_taps(coords, n0, U_shape, mode, padding_mode, align_corners):
