@@ -24,6 +24,7 @@ For engineers checking a PyTorch, JAX, CUDA, C++ or any other spatial-transforme
 
       stn-numpy verify [--dtype float32] [--tol 1e-10]   # vs torch; exit 1 on failure
       stn-numpy verify --against jax                     # or scipy, opencv, skimage
+      stn-numpy verify --dims 3                          # volumes (5-D grid_sample)
       stn-numpy verify --against mypkg.kernels:sample    # your callable
       stn-numpy verify --export golden.npz
       stn-numpy verify --check golden.npz [--against mypkg.kernels:sample]
