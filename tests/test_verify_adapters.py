@@ -135,7 +135,7 @@ def test_every_adapter_gets_through_the_golden_edge_cases(name, tmp_path):
     from stn_numpy.verify import check_against_golden, export_golden
 
     rows = check_against_golden(export_golden(tmp_path / "golden.npz"), name)
-    assert len(rows) == 18 + 84 and any(r.case.startswith("edge/width_1/") for r in rows)
+    assert len(rows) == 18 + 84 + 24 and any(r.case.startswith("edge/width_1/") for r in rows)
     if name == "opencv":
         assert {r.case for r in rows if r.status == "N/A"} == {
             "edge/height_1/bicubic/reflection/align_corners=True",
