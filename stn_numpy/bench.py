@@ -24,7 +24,10 @@ Cases, all float32:
   the transformer samples the raw image).
 
 Sampler configurations: ``N=256, C=1, 60x60`` (the translated/cluttered MNIST images) and
-``N=64, C=32, 32x32`` (a transformer placed on a feature map); training at batch 64.
+``N=64, C=32, 32x32`` (a transformer placed on a feature map); training at batch 64. Volumes
+(``sampler fwd`` and ``sampler fwd+bwd`` with the 3-D ``affine_grid``, theta ``(N, 3, 4)``,
+and trilinear ``grid_sample`` on 5-D U): ``N=2, C=1, 64x64x64`` (a registration-sized
+volume) and ``N=2, C=8, 32x32x32`` (a feature volume).
 
 Each case is timed in ``rounds`` rounds, ours and then PyTorch's in each: a block of
 warm-up calls, then the best (minimum) of ``repeats`` calls with ``time.perf_counter``,
@@ -86,6 +89,8 @@ __all__ = ["best_ms", "environment", "format_header", "format_table", "main", "r
 
 SAMPLER_SIZES = ((256, 1, 60, 60), (64, 32, 32, 32))
 QUICK_SAMPLER_SIZES = ((4, 1, 8, 8), (2, 3, 6, 5))
+VOLUME_SIZES = ((2, 1, 64, 64, 64), (2, 8, 32, 32, 32))
+QUICK_VOLUME_SIZES = ((2, 1, 5, 6, 7),)
 TRAIN_BATCH, QUICK_TRAIN_BATCH = 64, 4
 INPUT_SIZE = (28, 28)
 # (arch, input side, transformer output side or None) of the paper-model rows
@@ -231,12 +236,14 @@ def format_header(env: dict) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def _sampler_inputs(N: int, C: int, H: int, W: int):
+def _sampler_inputs(N: int, C: int, *spatial: int):
+    """U, theta and dV for images (``spatial = (H, W)``) or volumes (``(D, H, W)``)."""
     rng = np.random.default_rng(SEED)
-    U = rng.standard_normal((N, C, H, W)).astype(np.float32)
-    identity = np.array([[1, 0, 0], [0, 1, 0]], dtype=np.float32)
-    theta = identity + THETA_NOISE * rng.standard_normal((N, 2, 3)).astype(np.float32)
-    dV = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    U = rng.standard_normal((N, C, *spatial)).astype(np.float32)
+    d = len(spatial)
+    identity = np.eye(d, d + 1, dtype=np.float32)
+    theta = identity + THETA_NOISE * rng.standard_normal((N, d, d + 1)).astype(np.float32)
+    dV = rng.standard_normal((N, C, *spatial)).astype(np.float32)
     return U, theta, dV
 
 
@@ -282,16 +289,18 @@ def _torch_sampler(torch, U, theta, dV):
     return forward, forward_backward
 
 
-def _sampler_rows(torch, sizes, timing) -> list[dict]:
+def _sampler_rows(torch, sizes, timing, uncached: bool = True) -> list[dict]:
+    """The sampler rows of every size, images ``(N, C, H, W)`` or volumes
+    ``(N, C, D, H, W)``; ``uncached`` adds the stand-alone pair's row."""
     rows = []
-    for N, C, H, W in sizes:
-        shape = f"N={N} C={C} {H}x{W}"
-        U, theta, dV = _sampler_inputs(N, C, H, W)
+    for N, C, *spatial in sizes:
+        shape = f"N={N} C={C} {'x'.join(str(s) for s in spatial)}"
+        U, theta, dV = _sampler_inputs(N, C, *spatial)
         ours = _ours_sampler(U, theta, dV)
         theirs = (None, None) if torch is None else _torch_sampler(torch, U, theta, dV)
         cases = (("sampler fwd", ours[0], theirs[0]),
                  ("sampler fwd+bwd", ours[1], theirs[1]),
-                 ("sampler fwd+bwd uncached", ours[2], theirs[1]))
+                 ("sampler fwd+bwd uncached", ours[2], theirs[1]))[:3 if uncached else 2]
         for name, fn_ours, fn_torch in cases:
             rows.append(_row(f"{name} {shape}", fn_ours, fn_torch, timing))
     return rows
@@ -492,9 +501,12 @@ def run(repeats: int = 5, quick: bool = False, rounds: int = ROUNDS) -> list[dic
     check_positive_int("rounds", rounds)
     torch = import_torch(required=False)
     sizes = QUICK_SAMPLER_SIZES if quick else SAMPLER_SIZES
+    volumes = QUICK_VOLUME_SIZES if quick else VOLUME_SIZES
     batch = QUICK_TRAIN_BATCH if quick else TRAIN_BATCH
     timing = (repeats, QUICK_WARMUP if quick else WARMUP, rounds)
-    return _sampler_rows(torch, sizes, timing) + _train_rows(torch, batch, timing)
+    return (_sampler_rows(torch, sizes, timing)
+            + _sampler_rows(torch, volumes, timing, uncached=False)
+            + _train_rows(torch, batch, timing))
 
 
 def format_table(rows: list[dict]) -> str:

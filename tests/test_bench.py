@@ -20,7 +20,8 @@ def _torch_importable() -> bool:
 
 
 def _check_rows(rows, with_torch: bool, rounds: int = 1) -> None:
-    assert len(rows) == 3 * len(bench.QUICK_SAMPLER_SIZES) + 2 + len(bench.PAPER_CASES)
+    assert len(rows) == (3 * len(bench.QUICK_SAMPLER_SIZES) + 2 * len(bench.QUICK_VOLUME_SIZES)
+                         + 2 + len(bench.PAPER_CASES))
     assert len({r["case"] for r in rows}) == len(rows)
     for r in rows:
         assert set(r) == {"case", "ours_ms", "torch_ms", "ratio", "ratio_range",
