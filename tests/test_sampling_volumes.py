@@ -396,3 +396,27 @@ def test_extreme_coordinates_stay_in_range_and_beyond_raise(dtype, mode, padding
         np.testing.assert_allclose(V, 1, rtol=1e-6)
     with pytest.raises(NonFiniteError, match=r"\d+ value.s. beyond .* overflows"):
         grid_sample(U, grid * dtype(1.01), *opts)
+
+
+@pytest.mark.parametrize("mode,padding_mode,align_corners", COMBOS_3D[::3])
+def test_results_do_not_depend_on_the_grid_layout(rng, mode, padding_mode, align_corners):
+    # affine_grid's (N, 3, D, H, W) planes, interleaved (x, y, z) triples, and a layout no
+    # (N, P) view can read (copied once, not once per chunk): the same bits.
+    U = rng.standard_normal((2, 2, 4, 5, 6))
+    dV = rng.standard_normal((2, 2, 3, 4, 5))
+    planes = rng.uniform(-1.2, 1.2, (2, 3, 3, 4, 5))
+    layouts = [np.moveaxis(planes, 1, -1), np.ascontiguousarray(np.moveaxis(planes, 1, -1)),
+               np.ascontiguousarray(np.moveaxis(planes, 1, -1).transpose(0, 3, 2, 1, 4))
+               .transpose(0, 3, 2, 1, 4)]
+    assert not np.shares_memory(layouts[2][..., 0].reshape(2, -1), layouts[2])
+    opts = (mode, padding_mode, align_corners)
+    original = volumes._CHUNK
+    try:
+        volumes._CHUNK = 9 * (2 + 8)  # several chunks per volume
+        results = [(grid_sample(U, g, *opts), *grid_sample_backward(dV, U, g, *opts))
+                   for g in layouts]
+    finally:
+        volumes._CHUNK = original
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            np.testing.assert_array_equal(a, b)

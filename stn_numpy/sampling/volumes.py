@@ -70,6 +70,7 @@ def forward(U, grid, mode, padding_mode, align_corners, keep_rows=None) -> np.nd
     N, C, D, H, W = U.shape
     spatial_o = grid.shape[1:4]
     P = int(np.prod(spatial_o))
+    grid = _point_major(grid)
     V = np.empty((N, P, C), dtype=U.dtype)
     U_rows = _padded_rows(U, planar._RING[mode])
     if keep_rows is not None and mode != "nearest":  # nearest's backward reads no U
@@ -106,6 +107,7 @@ def backward(dV, U, grid, mode, padding_mode, align_corners, input_grad=True, ke
     N, C, D, H, W = U.shape
     spatial_o = grid.shape[1:4]
     P = int(np.prod(spatial_o))
+    grid = _point_major(grid)
     ring = planar._RING[mode]
     padded = (D + 2 * ring, H + 2 * ring, W + 2 * ring)
     dU_rows = np.zeros((N * int(np.prod(padded)), C), dtype=U.dtype) if input_grad else None
@@ -169,6 +171,17 @@ def _chunks(N: int, P: int, C: int) -> list[tuple[int, int, int, int]]:
     if N < workers:
         parts = min(P, -(-parts * N // workers) * workers // N)
     return [(n, n + 1, a, b) for n in range(N) for a, b in even_split(P, parts)]
+
+
+def _point_major(grid):
+    """``grid``, or a contiguous copy of it where a coordinate of its volumes cannot be
+    viewed as ``(N, P)`` rows: :func:`_coordinates` then slices every chunk out of a view,
+    instead of copying a whole volume's coordinates for each of its chunks. affine_grid's
+    planes and interleaved ``(x, y, z)`` grids are viewed as they are."""
+    if grid.size == 0:
+        return grid
+    x_s = grid[..., 0].reshape(len(grid), -1)
+    return grid if np.shares_memory(x_s, grid) else np.ascontiguousarray(grid)
 
 
 def _coordinates(grid, part):
