@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
@@ -84,8 +85,8 @@ def forward(U, grid, mode, padding_mode, align_corners, keep_rows=None) -> np.nd
         # reads next anyway, rather than in one serial pass over the whole grid first.
         if not all(planar._within_range(c, size) for c in coords):
             raise planar._OutOfRange
-        rows, taps = _chunk_taps(coords, part[0], U.shape, mode, padding_mode, align_corners)
-        V[n0:n1, p0:p1] = _sample_chunk(U_rows, rows, taps).reshape(n1 - n0, p1 - p0, C)
+        taps = _chunk_taps(coords, n0, U.shape, mode, padding_mode, align_corners)
+        V[n0:n1, p0:p1] = _sample_chunk(U_rows, taps).reshape(n1 - n0, p1 - p0, C)
 
     if not C:  # no chunks to check it
         planar._check_grid_range(grid, size)
@@ -126,13 +127,13 @@ def backward(dV, U, grid, mode, padding_mode, align_corners, input_grad=True, ke
         n0, n1, p0, p1 = part = parts[index]
         try:
             coords = _coordinates(grid, part)
-            rows, taps = _chunk_taps(coords, n0, U.shape, mode, padding_mode, align_corners)
+            taps = _chunk_taps(coords, n0, U.shape, mode, padding_mode, align_corners)
             dV_part = np.ascontiguousarray(
                 dV_rows[n0:n1, :, p0:p1].transpose(0, 2, 1)).reshape(-1, C)
             if U_rows is not None:
-                _grid_gradient(U_rows, rows, taps, dV_part, planes, part)
+                _grid_gradient(U_rows, taps, dV_part, planes, part)
             if input_grad:
-                cols, weight = _scatter_operands(rows, taps, U.dtype)
+                cols, weight = _scatter_operands(taps, U.dtype)
                 turns[index].wait()  # the chunks before this one have added theirs
                 _scatter_add(dU_rows, cols, weight, dV_part)
         finally:
@@ -209,17 +210,34 @@ def _padded_rows(U: np.ndarray, ring: int) -> np.ndarray:
                          * (W + 2 * r), C)
 
 
-def _chunk_taps(coords, n0, U_shape, mode, padding_mode, align_corners):
-    """Rows of :func:`_padded_rows` that the chunk's points read, and their taps.
+@dataclass
+class _Taps:
+    """The taps of a chunk's points (:func:`_chunk_taps`).
 
-    Returns
-    -------
-    rows : (M,) int array, the row of each point's first tap, corner ``(z0, y0, x0)``
-    taps : list of ``(offset, (k, j, i))``, one per tap: tap ``(k, j, i)`` (the corner
-        ``(z0 + k, y0 + j, x0 + i)``) reads row ``rows + offset``; and the per-axis
-        ``(weight, dweight, coord_grad)`` of :func:`~stn_numpy.sampling._axis_taps` for
-        x, y and z, as ``taps.x``, ``taps.y``, ``taps.z``
+    ``rows``: ``(M,)`` ints, the row of :func:`_padded_rows` of each point's first corner
+    ``(z0, y0, x0)``. ``offsets``: ``(offset, (k, j, i))`` per tap, in a fixed order: the
+    corner ``(z0 + k, y0 + j, x0 + i)`` is row ``rows + offset``. ``x``, ``y``, ``z``: the
+    axis's ``(weight, dweight, coord_grad)`` of :func:`~stn_numpy.sampling._axis_taps`,
+    weights ``h_0, h_1`` (bilinear) or a single 1 (nearest).
     """
+
+    rows: np.ndarray
+    offsets: list
+    x: tuple
+    y: tuple
+    z: tuple
+
+    def weight(self, kji, out):
+        """The tap's weight ``h_k(t_z) h_j(t_y) h_i(t_x)``, into ``out``."""
+        k, j, i = kji
+        np.multiply(self.z[0][k], self.y[0][j], out=out)
+        out *= self.x[0][i]
+        return out
+
+
+def _chunk_taps(coords, n0, U_shape, mode, padding_mode, align_corners) -> _Taps:
+    """The rows of :func:`_padded_rows` that the chunk's points read, and their kernels.
+    ``coords``: the chunk's ``(x_s, y_s, z_s)``, each ``(n, p)``, of volumes from ``n0``."""
     _, _, D, H, W = U_shape
     ring = planar._RING[mode]
     Dp, Hp, Wp = D + 2 * ring, H + 2 * ring, W + 2 * ring
@@ -239,24 +257,9 @@ def _chunk_taps(coords, n0, U_shape, mode, padding_mode, align_corners):
     rows += ix
     rows.reshape(n, p)[...] += start[:, None]
     k = 2 if mode == "bilinear" else 1
-    taps = _Taps([(c * Hp * Wp + b * Wp + a, (c, b, a))
-                  for c, b, a in itertools.product(range(k), repeat=3)], x, y, z)
-    return rows, taps
-
-
-class _Taps(list):
-    """The taps of :func:`_chunk_taps`, with the per-axis kernels as attributes."""
-
-    def __init__(self, taps, x, y, z):
-        super().__init__(taps)
-        self.x, self.y, self.z = x, y, z
-
-    def weight(self, kji, out):
-        """The tap's weight ``h_k(t_z) h_j(t_y) h_i(t_x)`` into ``out``."""
-        k, j, i = kji
-        np.multiply(self.z[0][k], self.y[0][j], out=out)
-        out *= self.x[0][i]
-        return out
+    offsets = [(c * Hp * Wp + b * Wp + a, (c, b, a))
+               for c, b, a in itertools.product(range(k), repeat=3)]
+    return _Taps(rows, offsets, tuple(x), tuple(y), tuple(z))
 
 
 # --------------------------------------------------------------------------------------
@@ -264,23 +267,24 @@ class _Taps(list):
 # --------------------------------------------------------------------------------------
 
 
-def _sample_chunk(U_rows, rows, taps) -> np.ndarray:
+def _sample_chunk(U_rows, taps: _Taps) -> np.ndarray:
     """``V = sum_taps h_k(t_z) h_j(t_y) h_i(t_x) U[tap]`` for the chunk, ``(M, C)`` rows,
     the taps summed in a fixed order; nearest reads its one voxel."""
+    rows = taps.rows
     M, C = len(rows), U_rows.shape[1]
-    if len(taps) == 1:
+    if len(taps.offsets) == 1:
         return np.take(U_rows, rows, axis=0, mode="clip")
     if C > planar._GATHER_MAX_CHANNELS:
         # One product with S over all channels: its rows sum the taps in the same order.
-        cols, weight = _scatter_operands(rows, taps, U_rows.dtype)
+        cols, weight = _scatter_operands(taps, U_rows.dtype)
         S = sp.csr_matrix((weight.reshape(-1), cols.reshape(-1),
-                           np.arange(0, cols.size + 1, len(taps), dtype=cols.dtype)),
+                           np.arange(0, cols.size + 1, cols.shape[1], dtype=cols.dtype)),
                           shape=(M, len(U_rows)))
         return planar._matmul(S, U_rows)
     U_rows, V_rows, per_row = planar._squeezed(U_rows, np.empty((M, C), dtype=U_rows.dtype))
     weight = np.empty(M, dtype=U_rows.dtype)
     gathered = np.empty_like(V_rows)
-    for t, (offset, kji) in enumerate(taps):
+    for t, (offset, kji) in enumerate(taps.offsets):
         taps.weight(kji, weight)
         # The rows are in range by construction; mode="clip" skips the bounds check that
         # would make take() buffer its output. The offset is a view, not an addition.
@@ -293,7 +297,7 @@ def _sample_chunk(U_rows, rows, taps) -> np.ndarray:
     return V_rows.reshape(M, C)
 
 
-def _grid_gradient(U_rows, rows, taps, dV_rows, planes, part) -> None:
+def _grid_gradient(U_rows, taps: _Taps, dV_rows, planes, part) -> None:
     """dgrid of the chunk ``part`` (trilinear), into ``planes[n0:n1, :, p0:p1]``.
 
     ``G[k, j, i] = sum_c dV_c U_c[tap]``, then the module docstring's three sums of
@@ -303,8 +307,8 @@ def _grid_gradient(U_rows, rows, taps, dV_rows, planes, part) -> None:
     M, C = dV_rows.shape
     G = np.empty((2, 2, 2, M), dtype=dV_rows.dtype)
     gathered = np.empty((M, C), dtype=dV_rows.dtype)
-    for offset, (k, j, i) in taps:
-        np.take(U_rows[offset:], rows, axis=0, out=gathered, mode="clip")
+    for offset, (k, j, i) in taps.offsets:
+        np.take(U_rows[offset:], taps.rows, axis=0, out=gathered, mode="clip")
         if C == 1:
             np.multiply(dV_rows[:, 0], gathered[:, 0], out=G[k, j, i])
         else:
@@ -332,16 +336,16 @@ def _weighted_pairs(diff, h_outer, h_inner):
     return out
 
 
-def _scatter_operands(rows, taps, dtype):
+def _scatter_operands(taps: _Taps, dtype):
     """``(cols, weight)``, each ``(M, taps)``: the padded row and weight of every tap of
     every point, point-major (S of eq. 3 in CSR order); nearest's one weight is 1."""
-    M = len(rows)
-    cols = np.empty((M, len(taps)), dtype=rows.dtype)
-    weight = np.ones((M, len(taps)), dtype=dtype)
+    M, k = len(taps.rows), len(taps.offsets)
+    cols = np.empty((M, k), dtype=taps.rows.dtype)
+    weight = np.ones((M, k), dtype=dtype)
     column = np.empty(M, dtype=dtype)
-    for t, (offset, kji) in enumerate(taps):
-        np.add(rows, offset, out=cols[:, t])
-        if len(taps) > 1:
+    for t, (offset, kji) in enumerate(taps.offsets):
+        np.add(taps.rows, offset, out=cols[:, t])
+        if k > 1:
             weight[:, t] = taps.weight(kji, column)
     return cols, weight
 
