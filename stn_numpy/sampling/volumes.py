@@ -238,7 +238,7 @@ class _Taps:
 def _chunk_taps(coords, n0, U_shape, mode, padding_mode, align_corners) -> _Taps:
     """The rows of :func:`_padded_rows` that the chunk's points read, and their kernels.
     ``coords``: the chunk's ``(x_s, y_s, z_s)``, each ``(n, p)``, of volumes from ``n0``."""
-    _, _, D, H, W = U_shape
+    N, _, D, H, W = U_shape
     ring = planar._RING[mode]
     Dp, Hp, Wp = D + 2 * ring, H + 2 * ring, W + 2 * ring
     n, p = coords[0].shape
@@ -247,8 +247,8 @@ def _chunk_taps(coords, n0, U_shape, mode, padding_mode, align_corners) -> _Taps
         index, *kernel = planar._axis_taps(coord, size, mode, padding_mode, align_corners)
         axes.append((index[0], *kernel))
     (ix, *x), (iy, *y), (iz, *z) = axes
-    total = (n0 + n) * Dp * Hp * Wp
-    index_dtype = np.int32 if total < 2**31 - 1 else np.int64
+    # One index type for every chunk: the scatter's kernel takes the rows' count in it.
+    index_dtype = np.int32 if N * Dp * Hp * Wp < 2**31 - 1 else np.int64
     # Row of voxel (0, 0, 0) of each volume in the padded rows, then of each point's corner.
     start = ((n0 + np.arange(n, dtype=index_dtype)) * (Dp * Hp * Wp)
              + ring * (Hp * Wp + Wp + 1))
