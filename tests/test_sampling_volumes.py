@@ -420,3 +420,30 @@ def test_results_do_not_depend_on_the_grid_layout(rng, mode, padding_mode, align
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+def test_peak_memory_of_forward_and_backward_stays_within_four_times_input_and_output():
+    # The target at N=1, C=1, 128^3 float32: what the sampler's forward and backward
+    # allocate at their peak (V, the padded copy of U, dU, dgrid and the chunks'
+    # temporaries), the grid given, at most 4 x (U + V). Two threads: two chunks' worth of
+    # temporaries at once.
+    import tracemalloc
+
+    from stn_numpy import _parallel
+
+    size = (1, 1, 128, 128, 128)
+    rng = np.random.default_rng(0)
+    U = rng.standard_normal(size, dtype=np.float32)
+    dV = rng.standard_normal(size, dtype=np.float32)
+    theta = (np.eye(3, 4) + 0.05 * rng.standard_normal((1, 3, 4))).astype(np.float32)
+    grid = affine_grid(theta, size)
+    _parallel.set_num_threads(2)
+    tracemalloc.start()
+    try:
+        V, cache = grid_sample_forward(U, grid)
+        grid_sample_backward_from_cache(dV, cache)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        _parallel.set_num_threads(None)
+    assert peak <= 4 * (U.nbytes + V.nbytes), peak / (U.nbytes + V.nbytes)
