@@ -159,20 +159,6 @@ def _base_planes(H: int, W: int, align_corners: bool, dtype=_FLOAT64) -> np.ndar
     return planes
 
 
-@_cache_by_bytes(32 * 2**20)
-def _base_planes_3d(D: int, H: int, W: int, align_corners: bool, dtype=_FLOAT64) -> np.ndarray:
-    """Homogeneous target coordinates of a volume as contiguous ``(4, D H W)`` planes
-    ``x_t, y_t, z_t, 1`` (``z_t`` along D, the slowest axis), read-only: the right operand
-    of the 3-D ``affine_grid``'s products, as :func:`_base_planes` is of the 2-D one."""
-    planes = np.ones((4, D, H, W), dtype=dtype)
-    planes[0] = _linspace_from_neg_one(W, align_corners, dtype)[None, None, :]
-    planes[1] = _linspace_from_neg_one(H, align_corners, dtype)[None, :, None]
-    planes[2] = _linspace_from_neg_one(D, align_corners, dtype)[:, None, None]
-    planes = planes.reshape(4, D * H * W)
-    planes.setflags(write=False)
-    return planes
-
-
 def target_coordinates(H: int, W: int, align_corners: bool = False, dtype=np.float64):
     """The regular target grid ``G`` of the output, shape ``(H, W, 2)`` holding ``(x_t, y_t)``.
 
@@ -250,15 +236,15 @@ def affine_grid(theta: np.ndarray, size, align_corners: bool = False) -> np.ndar
     """
     theta, size = _check_affine(theta, size, align_corners)
     N, spatial = size[0], size[2:]
-    base = (_base_planes_3d(*spatial, align_corners, theta.dtype) if len(spatial) == 3
-            else _base_planes(*spatial, align_corners, theta.dtype))
-    # planes[n] = theta[n] @ base, one (2, 3) @ (3, P) (or (3, 4) @ (4, P)) product per
-    # image, so an image's grid never depends on the batch around it (products of several
-    # images round differently), and bands of images on worker threads give the same values
-    # as one call.
-    rows = theta.shape[1]
-    planes = _per_image_products(theta, base, (N, rows, base.shape[1]))
-    return np.moveaxis(planes.reshape(N, rows, *spatial), 1, -1)
+    if len(spatial) == 3:
+        return np.moveaxis(_affine_volume(theta, *spatial, align_corners), 1, -1)
+    H, W = spatial
+    # planes[n] = theta[n] @ base^T, one (2, 3) @ (3, P) product per image, so an image's
+    # grid never depends on the batch around it (products of several images round
+    # differently), and bands of images on worker threads give the same values as one call.
+    planes = _per_image_products(theta, _base_planes(H, W, align_corners, theta.dtype),
+                                 (N, 2, H * W))
+    return np.moveaxis(planes.reshape(N, 2, H, W), 1, -1)
 
 
 def _check_affine(theta, size, align_corners):
@@ -296,16 +282,71 @@ def affine_grid_backward(dgrid: np.ndarray, theta: np.ndarray, size, align_corne
     """
     theta, size = _check_affine(theta, size, align_corners)
     N, spatial = size[0], size[2:]
-    rows = theta.shape[1]
     dgrid = _check_dgrid_of(dgrid, N, spatial, theta.dtype)
-    base = (_base_planes_3d(*spatial, align_corners, theta.dtype) if len(spatial) == 3
-            else _base_planes(*spatial, align_corners, theta.dtype))
-    # dtheta[n] = planes[n] @ base^T, one product per image as in affine_grid, over dgrid's
-    # (N, rows, ...) planes: a view for the sampler's dgrid, a copy for an interleaved one.
-    # The base as the transposed view of its planes: OpenBLAS runs (2, P) @ (P, 3) 2.8x
-    # faster so than from the (P, 3) grid itself (N=256 60x60; see _base_planes for bits).
-    planes = np.ascontiguousarray(np.moveaxis(dgrid, -1, 1)).reshape(N, rows, base.shape[1])
-    return _per_image_products(planes, base.T, (N, rows, rows + 1))
+    # dgrid's (N, rows, ...) planes: a view for the sampler's dgrid, a copy for an
+    # interleaved one.
+    planes = np.ascontiguousarray(np.moveaxis(dgrid, -1, 1))
+    if len(spatial) == 3:
+        return _affine_volume_backward(planes, align_corners)
+    H, W = spatial
+    # dtheta[n] = planes[n] @ base, one product per image as in affine_grid. The base as
+    # the transposed view of its planes: OpenBLAS runs (2, P) @ (P, 3) 2.8x faster so than
+    # from the (P, 3) grid itself (N=256 60x60; see _base_planes for bits).
+    return _per_image_products(planes.reshape(N, 2, H * W),
+                               _base_planes(H, W, align_corners, theta.dtype).T, (N, 2, 3))
+
+
+def _volume_lines(D: int, H: int, W: int, align_corners: bool, dtype):
+    """The target coordinates of a volume as three broadcastable lines: ``x_t`` of shape
+    ``(1, 1, W)``, ``y_t`` ``(1, H, 1)``, ``z_t`` ``(D, 1, 1)``."""
+    return (_linspace_from_neg_one(W, align_corners, dtype)[None, None, :],
+            _linspace_from_neg_one(H, align_corners, dtype)[None, :, None],
+            _linspace_from_neg_one(D, align_corners, dtype)[:, None, None])
+
+
+def _affine_volume(theta: np.ndarray, D: int, H: int, W: int, align_corners: bool):
+    """The 3-D affine grid as ``(N, 3, D, H, W)`` planes, bands of volumes on the threads.
+
+    ``planes[n, r] = (theta[n, r, 0] x_t + theta[n, r, 1] y_t) + (theta[n, r, 2] z_t
+    + theta[n, r, 3])``: an ``(H, W)`` slab plus a value per depth, one broadcast sum, a
+    single pass over the plane. The ``(4, D H W)`` base that a matrix product would read is
+    never built (32 MB at 128^3 in float32, more than the grid's own rows), and each
+    volume's values depend on it alone.
+    """
+    x_t, y_t, z_t = _volume_lines(D, H, W, align_corners, theta.dtype)
+    planes = np.empty((len(theta), 3, D, H, W), dtype=theta.dtype)
+
+    def band(part):
+        for n in range(*part):
+            for r, (a, b, c, d) in enumerate(theta[n]):
+                np.add(x_t * a + y_t * b, z_t * c + d, out=planes[n, r])
+
+    parallel_map(band, bands(len(theta), planes.size, _PARALLEL_MIN_VALUES))
+    return planes
+
+
+def _affine_volume_backward(planes: np.ndarray, align_corners: bool) -> np.ndarray:
+    """``dtheta (N, 3, 4)`` from dgrid's ``(N, 3, D, H, W)`` planes: with ``g`` one plane,
+    ``dtheta[n, r] = (sum_w x_t[w] sum_{d,h} g, sum_h y_t[h] sum_{d,w} g,
+    sum_d z_t[d] sum_{h,w} g, sum g)``, the sums over the target points of
+    :func:`affine_grid_backward` taken along the lines the coordinates are constant on."""
+    N, _, D, H, W = planes.shape
+    x_t, y_t, z_t = (line.ravel() for line in _volume_lines(D, H, W, align_corners,
+                                                            planes.dtype))
+    dtheta = np.empty((N, 3, 4), dtype=planes.dtype)
+
+    def band(part):
+        for n in range(*part):
+            for r in range(3):
+                g = planes[n, r]
+                # Two passes over the plane: sums over H W per depth, and over D per (h, w).
+                per_depth = g.reshape(D, H * W).sum(axis=1)
+                over_depth = g.sum(axis=0)
+                dtheta[n, r] = (x_t @ over_depth.sum(axis=0), y_t @ over_depth.sum(axis=1),
+                                z_t @ per_depth, per_depth.sum())
+
+    parallel_map(band, bands(N, planes.size, _PARALLEL_MIN_VALUES))
+    return dtheta
 
 
 # --------------------------------------------------------------------------------------
