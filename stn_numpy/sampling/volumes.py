@@ -59,9 +59,11 @@ except ImportError:  # pragma: no cover - private; np.add.at below sums in the s
 
 __all__ = ["forward", "backward"]
 
-# Values (output points x (channels + 8)) per chunk, the 2-D sampler's block size: a chunk's
-# temporaries then stay in the shared L3 cache.
-_CHUNK = 2**19
+# Values (output points x (channels + 8)) per chunk: half the 2-D sampler's block, since a
+# volume's point carries twice the temporaries (8 taps' rows and weights, 3 axes). Measured
+# at N=1 C=1 128^3 float32 on 2 threads: the forward + backward's peak is 55 MB against 60
+# MB with 2^19, at the same speed within the noise of a shared host.
+_CHUNK = 2**18
 
 
 def forward(U, grid, mode, padding_mode, align_corners, keep_rows=None) -> np.ndarray:
