@@ -45,6 +45,9 @@ machines, and a wrong core type or cache size makes OpenBLAS pick slow kernels f
 matrix products (convolutions here). The header prints them, and the thread-count
 variables, when set; the benchmark never changes them.
 
+``--memory`` adds the peak memory of the volume sampler's forward + backward at ``N=1, C=1,
+128^3`` float32 (:func:`memory_rows`), each side in a fresh process.
+
 Run with ``python -m stn_numpy.bench`` or ``stn-numpy bench``; ``--quick`` uses tiny sizes
 (a smoke test, not a measurement). PyTorch is imported lazily and is optional: without it
 the torch columns are empty.
@@ -57,6 +60,7 @@ import gc
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -85,7 +89,8 @@ from .sampling import (
     grid_sample_forward,
 )
 
-__all__ = ["best_ms", "environment", "format_header", "format_table", "main", "run"]
+__all__ = ["best_ms", "environment", "format_header", "format_memory", "format_table", "main",
+           "memory_rows", "run"]
 
 SAMPLER_SIZES = ((256, 1, 60, 60), (64, 32, 32, 32))
 QUICK_SAMPLER_SIZES = ((4, 1, 8, 8), (2, 3, 6, 5))
@@ -304,6 +309,81 @@ def _sampler_rows(torch, sizes, timing, uncached: bool = True) -> list[dict]:
         for name, fn_ours, fn_torch in cases:
             rows.append(_row(f"{name} {shape}", fn_ours, fn_torch, timing))
     return rows
+
+
+# --------------------------------------------------------------------------------------
+# Peak memory of the volume sampler
+# --------------------------------------------------------------------------------------
+
+MEMORY_SIZE, QUICK_MEMORY_SIZE = (1, 1, 128, 128, 128), (1, 1, 8, 8, 8)
+# Run in a fresh interpreter: the inputs, then a tiny warm-up call (lazy imports and
+# initialisation are not counted), then the peak resident set's growth over the call.
+_MEMORY_SCRIPT = """
+import json, resource, sys, tracemalloc
+import numpy as np
+from stn_numpy import bench
+side, size = sys.argv[1], tuple(int(s) for s in sys.argv[2:])
+def rss():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+torch = bench.import_torch() if side == "torch" else None
+make = bench._torch_sampler if torch else lambda _, *a: bench._ours_sampler(*a)
+make(torch, *bench._sampler_inputs(1, 1, 2, 2, 2))[1]()
+fwd_bwd = make(torch, *bench._sampler_inputs(*size))[1]
+base = rss()
+tracemalloc.start()
+fwd_bwd()
+traced = tracemalloc.get_traced_memory()[1]
+print(json.dumps({"rss": rss() - base, "traced": None if torch else traced}))
+"""
+
+
+def memory_rows(quick: bool = False) -> list[dict]:
+    """Peak memory of ``sampler fwd+bwd`` on a volume, ours and PyTorch's, in MB.
+
+    Each side runs once in a fresh Python process (``N=1, C=1, 128^3`` float32, or a tiny
+    volume with ``quick``): ``rss`` is the growth of the process's peak resident set
+    (``ru_maxrss``) over the call, which includes what the allocator keeps; ``traced`` is
+    tracemalloc's peak of what was allocated during the call (ours only: PyTorch's
+    allocator is not traced). ``inout`` is the size of U plus V, the target's unit.
+
+    Returns
+    -------
+    list of one dict ``{"case", "inout_mb", "ours_rss_mb", "ours_traced_mb",
+    "torch_rss_mb"}`` (``torch_rss_mb`` None without PyTorch)
+    """
+    size = QUICK_MEMORY_SIZE if quick else MEMORY_SIZE
+    out = {}
+    for side in ("ours", "torch"):
+        if side == "torch" and import_torch(required=False) is None:
+            out[side] = {"rss": None, "traced": None}
+            continue
+        # The child imports this copy of the package, wherever the parent found it.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, side, *map(str, size)],
+                              capture_output=True, text=True, check=True, env=env)
+        out[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def mb(value):
+        return None if value is None else value / 2**20
+
+    N, C, *spatial = size
+    return [{"case": f"peak memory fwd+bwd N={N} C={C} {'x'.join(map(str, spatial))}",
+             "inout_mb": mb(2 * 4 * int(np.prod(size))), "ours_rss_mb": mb(out["ours"]["rss"]),
+             "ours_traced_mb": mb(out["ours"]["traced"]), "torch_rss_mb": mb(out["torch"]["rss"])}]
+
+
+def format_memory(rows: list[dict]) -> str:
+    """The memory rows as lines: each figure in MB and as a multiple of U + V."""
+    def cell(r, name):
+        v = r[name]
+        return "-" if v is None else f"{v:.1f} MB ({v / r['inout_mb']:.2f}x U+V)"
+
+    return "\n".join(
+        f"{r['case']} (U + V = {r['inout_mb']:.1f} MB): ours traced "
+        f"{cell(r, 'ours_traced_mb')}, ours peak RSS growth {cell(r, 'ours_rss_mb')}, "
+        f"torch peak RSS growth {cell(r, 'torch_rss_mb')}" for r in rows)
 
 
 # --------------------------------------------------------------------------------------
@@ -549,6 +629,9 @@ def main(argv=None) -> int:
                              f"best is kept (default {ROUNDS})")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes, a smoke test rather than a measurement")
+    parser.add_argument("--memory", action="store_true",
+                        help="also measure the peak memory of the volume sampler's forward "
+                             "+ backward (N=1 C=1 128^3), each side in a fresh process")
     parser.add_argument("--json", metavar="PATH",
                         help="also write {'environment': ..., 'rows': [...]} to PATH")
     add_threads_option(parser)
@@ -573,9 +656,12 @@ def main(argv=None) -> int:
           f"after {warmup} warm-up calls; float32"
           + (" (quick: tiny sizes)" if args.quick else ""))
     print(format_table(rows))
+    memory = memory_rows(args.quick) if args.memory else []
+    if memory:
+        print(format_memory(memory))
     if args.json:
         text = json.dumps({"environment": env, "quick": args.quick, "repeats": args.repeats,
-                           "rounds": args.rounds, "rows": rows}, indent=2)
+                           "rounds": args.rounds, "rows": rows, "memory": memory}, indent=2)
         atomic_write(args.json, lambda f: f.write(text.encode("utf-8")))
     return 0
 

@@ -161,3 +161,13 @@ def test_header_reports_blas_env_vars_and_busy_machine(monkeypatch):
     assert "warning" not in header
     env["busy_cores"] = 1.5
     assert "warning: other processes kept 1.5 cores busy" in bench.format_header(env)
+
+
+def test_memory_rows_measure_each_side_in_a_fresh_process():
+    rows = bench.memory_rows(quick=True)
+    assert len(rows) == 1 and rows[0]["case"] == "peak memory fwd+bwd N=1 C=1 8x8x8"
+    row = rows[0]
+    assert row["inout_mb"] == pytest.approx(2 * 4 * 8**3 / 2**20)
+    assert row["ours_traced_mb"] > 0 and row["ours_rss_mb"] >= 0
+    assert (row["torch_rss_mb"] is None) == (not _torch_importable())
+    assert "ours traced" in bench.format_memory(rows)
