@@ -46,7 +46,8 @@ matrix products (convolutions here). The header prints them, and the thread-coun
 variables, when set; the benchmark never changes them.
 
 ``--memory`` adds the peak memory of the volume sampler's forward + backward at ``N=1, C=1,
-128^3`` float32 (:func:`memory_rows`), each side in a fresh process.
+128^3`` float32, with the grid given and with the affine grid (:func:`memory_rows`), each
+side in a fresh process.
 
 Run with ``python -m stn_numpy.bench`` or ``stn-numpy bench``; ``--quick`` uses tiny sizes
 (a smoke test, not a measurement). PyTorch is imported lazily and is optional: without it
@@ -316,62 +317,115 @@ def _sampler_rows(torch, sizes, timing, uncached: bool = True) -> list[dict]:
 # --------------------------------------------------------------------------------------
 
 MEMORY_SIZE, QUICK_MEMORY_SIZE = (1, 1, 128, 128, 128), (1, 1, 8, 8, 8)
-# Run in a fresh interpreter: the inputs, then a tiny warm-up call (lazy imports and
-# initialisation are not counted), then the peak resident set's growth over the call.
+# Run in a fresh interpreter: the inputs, a tiny warm-up call (lazy imports and
+# initialisation are not counted), then the call, between a reset of the peak resident set
+# (Linux's clear_refs; else the peak so far stands) and its reading.
 _MEMORY_SCRIPT = """
 import json, resource, sys, tracemalloc
 import numpy as np
-from stn_numpy import bench
-side, size = sys.argv[1], tuple(int(s) for s in sys.argv[2:])
-def rss():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from stn_numpy import affine_grid, bench
+
+side, kind, size = sys.argv[1], sys.argv[2], tuple(int(s) for s in sys.argv[3:])
+
+
+def status(field):
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 torch = bench.import_torch() if side == "torch" else None
-make = bench._torch_sampler if torch else lambda _, *a: bench._ours_sampler(*a)
-make(torch, *bench._sampler_inputs(1, 1, 2, 2, 2))[1]()
-fwd_bwd = make(torch, *bench._sampler_inputs(*size))[1]
-base = rss()
+fwd_bwd = {"chain": bench._ours_sampler, "sampler": bench._ours_grid_sampler}[kind]
+if torch:
+    fwd_bwd = {"chain": bench._torch_sampler, "sampler": bench._torch_grid_sampler}[kind]
+    fwd_bwd = (lambda make: lambda *a: make(torch, *a))(fwd_bwd)
+fwd_bwd(*bench._sampler_inputs(1, 1, 2, 2, 2))[1]()
+call = fwd_bwd(*bench._sampler_inputs(*size))[1]
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+except OSError:
+    pass
+base = status("VmRSS:")
 tracemalloc.start()
-fwd_bwd()
+call()
 traced = tracemalloc.get_traced_memory()[1]
-print(json.dumps({"rss": rss() - base, "traced": None if torch else traced}))
+print(json.dumps({"rss": status("VmHWM:") - base, "traced": None if torch else traced}))
 """
 
 
-def memory_rows(quick: bool = False) -> list[dict]:
-    """Peak memory of ``sampler fwd+bwd`` on a volume, ours and PyTorch's, in MB.
+def _ours_grid_sampler(U, theta, dV):
+    """``(None, forward_backward)`` of ours with the grid given: the sampler alone."""
+    grid = affine_grid(theta, U.shape, align_corners=False)
 
-    Each side runs once in a fresh Python process (``N=1, C=1, 128^3`` float32, or a tiny
-    volume with ``quick``): ``rss`` is the growth of the process's peak resident set
-    (``ru_maxrss``) over the call, which includes what the allocator keeps; ``traced`` is
-    tracemalloc's peak of what was allocated during the call (ours only: PyTorch's
-    allocator is not traced). ``inout`` is the size of U plus V, the target's unit.
+    def forward_backward():
+        _, cache = grid_sample_forward(U, grid, **_SAMPLER_KW)
+        return grid_sample_backward_from_cache(dV, cache)
+
+    return None, forward_backward
+
+
+def _torch_grid_sampler(torch, U, theta, dV):
+    """``(None, forward_backward)`` of PyTorch's sampler alone, U and grid leaves."""
+    import torch.nn.functional as F
+
+    U_leaf = torch.from_numpy(U).clone().requires_grad_(True)
+    grid = F.affine_grid(torch.from_numpy(theta), list(U.shape), align_corners=False)
+    grid_leaf = grid.detach().clone().requires_grad_(True)
+    dV_t = torch.from_numpy(dV)
+
+    def forward_backward():
+        V = F.grid_sample(U_leaf, grid_leaf, **_SAMPLER_KW)
+        return torch.autograd.grad(V, (U_leaf, grid_leaf), dV_t)
+
+    return None, forward_backward
+
+
+def memory_rows(quick: bool = False) -> list[dict]:
+    """Peak memory of the volume sampler's forward + backward, ours and PyTorch's, in MB.
+
+    Two rows at ``N=1, C=1, 128^3`` float32 (a tiny volume with ``quick``): ``sampler``,
+    the grid given (gradients for U and the grid), and ``affine_grid + sampler``, the
+    ``sampler fwd+bwd`` case of the timings (gradients for U and theta, so the grid and
+    its gradient, 3 coordinates a voxel each, are allocated within the call). Each side
+    runs once in a fresh Python process: ``rss`` is the growth of its peak resident set
+    over the call, which includes what the allocator keeps; ``traced`` (ours only:
+    PyTorch's allocator is not traced) is tracemalloc's peak of what was allocated during
+    the call. ``inout`` is the size of U plus V, the target's unit.
 
     Returns
     -------
-    list of one dict ``{"case", "inout_mb", "ours_rss_mb", "ours_traced_mb",
-    "torch_rss_mb"}`` (``torch_rss_mb`` None without PyTorch)
+    list of dict ``{"case", "inout_mb", "ours_rss_mb", "ours_traced_mb", "torch_rss_mb"}``
+    (``torch_rss_mb`` None without PyTorch)
     """
     size = QUICK_MEMORY_SIZE if quick else MEMORY_SIZE
-    out = {}
-    for side in ("ours", "torch"):
-        if side == "torch" and import_torch(required=False) is None:
-            out[side] = {"rss": None, "traced": None}
-            continue
-        # The child imports this copy of the package, wherever the parent found it.
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-        proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, side, *map(str, size)],
-                              capture_output=True, text=True, check=True, env=env)
-        out[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+    has_torch = import_torch(required=False) is not None
+    # The child imports this copy of the package, wherever the parent found it.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p)}
 
-    def mb(value):
-        return None if value is None else value / 2**20
+    def measure(side, kind):
+        if side == "torch" and not has_torch:
+            return {"rss": None, "traced": None}
+        proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, side, kind,
+                               *map(str, size)], capture_output=True, text=True, check=True,
+                              env=env)
+        return {k: None if v is None else v / 2**20
+                for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
 
     N, C, *spatial = size
-    return [{"case": f"peak memory fwd+bwd N={N} C={C} {'x'.join(map(str, spatial))}",
-             "inout_mb": mb(2 * 4 * int(np.prod(size))), "ours_rss_mb": mb(out["ours"]["rss"]),
-             "ours_traced_mb": mb(out["ours"]["traced"]), "torch_rss_mb": mb(out["torch"]["rss"])}]
+    shape = f"N={N} C={C} {'x'.join(map(str, spatial))}"
+    rows = []
+    for kind, label in (("sampler", "sampler"), ("chain", "affine_grid + sampler")):
+        ours, theirs = measure("ours", kind), measure("torch", kind)
+        rows.append({"case": f"peak memory {label} fwd+bwd {shape}",
+                     "inout_mb": 2 * 4 * int(np.prod(size)) / 2**20,
+                     "ours_rss_mb": ours["rss"], "ours_traced_mb": ours["traced"],
+                     "torch_rss_mb": theirs["rss"]})
+    return rows
 
 
 def format_memory(rows: list[dict]) -> str:
