@@ -60,6 +60,7 @@ PyTorch refuses it. :mod:`stn_numpy.sampling.volumes` holds the 3-D work.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -619,11 +620,20 @@ def _sample_block(U_rows, U_shape, grid, mode, padding_mode, align_corners,
         bottom *= wy[1]
         top += bottom
         return top.reshape(M, 1)
+    return _weighted_gathers(U_rows, M, ((rows, offset, functools.partial(
+        np.multiply, wy[j], wx[i])) for j, i, rows, offset in taps))
+
+
+def _weighted_gathers(U_rows, M: int, taps) -> np.ndarray:
+    """``sum_taps weight * U_rows[rows + offset]`` as ``(M, C)`` rows, the taps added in
+    their order. ``taps`` yields ``(rows, offset, weigh)``, ``weigh(out=w)`` writing the
+    tap's ``(M,)`` weights into ``w``."""
+    C = U_rows.shape[1]
     U_rows, V_rows, per_row = _squeezed(U_rows, np.empty((M, C), dtype=U_rows.dtype))
     weight = np.empty(M, dtype=U_rows.dtype)
     gathered = np.empty_like(V_rows)
-    for t, (j, i, rows, offset) in enumerate(taps):
-        np.multiply(wy[j], wx[i], out=weight)
+    for t, (rows, offset, weigh) in enumerate(taps):
+        weigh(out=weight)
         # The rows are in range by construction; mode="clip" skips the bounds check that
         # would make take() buffer its output. The offset is a view, not an addition.
         np.take(U_rows[offset:], rows, axis=0, out=gathered, mode="clip")

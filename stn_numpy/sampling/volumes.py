@@ -41,6 +41,7 @@ threads.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 from dataclasses import dataclass
@@ -229,7 +230,7 @@ class _Taps:
     y: tuple
     z: tuple
 
-    def weight(self, kji, out):
+    def weight(self, kji, *, out):
         """The tap's weight ``h_k(t_z) h_j(t_y) h_i(t_x)``, into ``out``."""
         k, j, i = kji
         np.multiply(self.z[0][k], self.y[0][j], out=out)
@@ -283,20 +284,8 @@ def _sample_chunk(U_rows, taps: _Taps) -> np.ndarray:
                            np.arange(0, cols.size + 1, cols.shape[1], dtype=cols.dtype)),
                           shape=(M, len(U_rows)))
         return planar._matmul(S, U_rows)
-    U_rows, V_rows, per_row = planar._squeezed(U_rows, np.empty((M, C), dtype=U_rows.dtype))
-    weight = np.empty(M, dtype=U_rows.dtype)
-    gathered = np.empty_like(V_rows)
-    for t, (offset, kji) in enumerate(taps.offsets):
-        taps.weight(kji, weight)
-        # The rows are in range by construction; mode="clip" skips the bounds check that
-        # would make take() buffer its output. The offset is a view, not an addition.
-        np.take(U_rows[offset:], rows, axis=0, out=gathered, mode="clip")
-        if t == 0:
-            np.multiply(gathered, per_row(weight), out=V_rows)
-        else:
-            gathered *= per_row(weight)
-            V_rows += gathered
-    return V_rows.reshape(M, C)
+    return planar._weighted_gathers(U_rows, M, ((rows, offset, functools.partial(
+        taps.weight, kji)) for offset, kji in taps.offsets))
 
 
 def _grid_gradient(U_rows, taps: _Taps, dV_rows, planes, part) -> None:
@@ -348,7 +337,7 @@ def _scatter_operands(taps: _Taps, dtype):
     for t, (offset, kji) in enumerate(taps.offsets):
         np.add(taps.rows, offset, out=cols[:, t])
         if k > 1:
-            weight[:, t] = taps.weight(kji, column)
+            weight[:, t] = taps.weight(kji, out=column)
     return cols, weight
 
 
