@@ -93,7 +93,9 @@ def test_atlas_rows_and_markdown():
     outside = rows["order=1, mode='constant'"]
     assert not outside.exact and "outside" in outside.where
     text = atlas.build_atlas(["scipy"])
-    assert text.count("\n| `order=") == 10 and "(scipy " in text
+    # The 2-D table, then the same settings measured on volumes.
+    assert text.count("\n| `order=") == 10 + 10 and "(scipy " in text
+    assert "**SciPy `ndimage.map_coordinates`** on volumes (5-D)" in text
 
 
 def test_write_atlas_replaces_only_its_section(tmp_path, monkeypatch):
