@@ -189,7 +189,8 @@ def grid_sample_forward(U, grid, mode="bilinear", padding_mode="zeros", align_co
         times the size of ``U`` (``r`` = 2 for bilinear, 4 for bicubic; none for nearest),
         which the backward reads again wherever its blocks are the forward's (the same
         worker count). A ``U`` changed in between would thus be read partly as it was
-        and partly as it is.
+        and partly as it is. For volumes the copy is of the whole batch,
+        ``(D + 4)(H + 4)(W + 4) / (D H W)`` times ``U`` for trilinear, always reread.
     """
     _check_inputs(U, grid, mode, padding_mode, align_corners, grid_range=False)
     rows = {}
