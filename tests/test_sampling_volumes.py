@@ -354,8 +354,12 @@ def test_an_image_with_a_volume_grid_names_both(U_shape, grid_shape):
 
 def test_rejects_bad_volume_shapes_and_bicubic():
     U = np.ones((2, 1, 3, 4, 5))
-    with pytest.raises(ValueError, match=r"grid must have shape \(\*, \*, \*, \*, 3\)"):
+    with pytest.raises(ValueError, match=r"grid must have shape \(\*, \*, \*, \*, 3\), got "
+                                         r"\(2, 2, 2, 2, 2\): .* U, of shape \(2, 1, 3, 4, 5\)"):
         grid_sample(U, np.zeros((2, 2, 2, 2, 2)))
+    with pytest.raises(ValueError, match=r"grid must have shape \(\*, \*, \*, 2\), got "
+                                         r"\(2, 2, 2, 3\): .* U, of shape \(2, 1, 4, 5\)"):
+        grid_sample(U[:, :, 0], np.zeros((2, 2, 2, 3)))
     with pytest.raises(ValueError, match="grid batch size must equal U's"):
         grid_sample(U, np.zeros((1, 2, 2, 2, 3)))
     with pytest.raises(ValueError, match="bicubic.*images .4-D U. only"):

@@ -254,11 +254,14 @@ def _check_inputs(U, grid, mode, padding_mode, align_corners, grid_range=True) -
             f"U and grid must both be images, U (N, C, H, W) with grid (N, H_o, W_o, 2), or "
             f"both volumes, U (N, C, D, H, W) with grid (N, D_o, H_o, W_o, 3); got U of "
             f"shape {U.shape} and grid of shape {grid.shape}")
-    if U.ndim == 5:
-        check_float_array("grid", grid, shape=(None, None, None, None, 3))
-    else:
+    if U.ndim != 5:
         check_float_array("U", U, shape=(None, None, None, None))
-        check_float_array("grid", grid, shape=(None, None, None, 2))
+    dims = U.ndim - 2
+    if grid.ndim == U.ndim and grid.shape[-1] != dims:  # a coordinate per axis of U
+        holds = "(x, y, z) for a volume" if dims == 3 else "(x, y) for an image"
+        raise ValueError(f"grid must have shape ({'*, ' * (dims + 1)}{dims}), got "
+                         f"{grid.shape}: its last axis holds {holds} U, of shape {U.shape}")
+    check_float_array("grid", grid, shape=(None,) * (dims + 1) + (dims,))
     if grid.dtype != U.dtype:
         raise TypeError(f"grid must have the dtype of U, {U.dtype}, got {grid.dtype}")
     if grid.shape[0] != U.shape[0]:
