@@ -42,17 +42,25 @@ def check_finite(name: str, x: np.ndarray) -> None:
         raise NonFiniteError(f"{name} contains {bad} non-finite value(s) (NaN or inf)")
 
 
-def check_size(size, name: str = "size") -> tuple[int, int, int, int]:
-    """Check an output size ``(N, C, H, W)`` of non-negative ints (H, W >= 1)."""
+def check_size(size, name: str = "size", lengths=(4,)) -> tuple[int, ...]:
+    """Check an output size ``(N, C, H, W)``, or ``(N, C, D, H, W)`` where ``lengths``
+    allows 5 entries, of non-negative ints (C and the spatial sizes >= 1)."""
+    axes = {4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
+    expected = " or ".join(axes[k] for k in lengths)
     try:
         # operator.index, not int(): int() would truncate 4.7 to 4 and parse "4" as 4.
         size = tuple(operator.index(s) for s in size)
     except TypeError:
-        raise TypeError(f"{name} must be a sequence (N, C, H, W) of ints, got {size!r}") from None
-    if len(size) != 4:
-        raise ValueError(f"{name} must have 4 entries (N, C, H, W), got {len(size)}: {size}")
-    if size[0] < 0 or size[1] < 1 or size[2] < 1 or size[3] < 1:
-        raise ValueError(f"{name} must have N >= 0 and C, H, W >= 1, got {size}")
+        raise TypeError(f"{name} must be a sequence {axes[lengths[0]]} of ints"
+                        + "".join(f", or {axes[k]}" for k in lengths[1:])
+                        + f", got {size!r}") from None
+    if len(size) not in lengths:
+        counts = " or ".join(str(k) for k in lengths)
+        raise ValueError(f"{name} must have {counts} entries {expected}, got {len(size)}: "
+                         f"{size}")
+    if size[0] < 0 or min(size[1:]) < 1:
+        spatial = "D, H, W" if len(size) == 5 else "H, W"
+        raise ValueError(f"{name} must have N >= 0 and C, {spatial} >= 1, got {size}")
     return size
 
 

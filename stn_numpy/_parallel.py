@@ -98,7 +98,9 @@ def parallel_map(fn, items) -> None:
         for item in items:
             fn(item)
         return
-    futures = [_executor(workers).submit(fn, item) for item in items]
+    # A pool of exactly the requested size: one left larger by an earlier, higher setting
+    # would run more calls at once than asked for (and hold their temporaries).
+    futures = [_executor(get_num_threads()).submit(fn, item) for item in items]
     try:
         for future in futures:
             future.result()
@@ -127,10 +129,11 @@ def even_split(n: int, count: int) -> list[tuple[int, int]]:
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
-    """The shared pool, grown when more workers are asked for (threads start lazily)."""
+    """The shared pool of ``workers`` threads, replaced when another count is asked for
+    (threads start lazily)."""
     global _pool, _pool_size
     with _lock:
-        if _pool is None or _pool_size < workers:
+        if _pool is None or _pool_size != workers:
             if _pool is not None:
                 _pool.shutdown(wait=False)
             _pool, _pool_size = ThreadPoolExecutor(workers, "stn-numpy"), workers

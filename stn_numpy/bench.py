@@ -29,7 +29,10 @@ Cases, all float32:
   the transformer samples the raw image).
 
 Sampler configurations: ``N=256, C=1, 60x60`` (the translated/cluttered MNIST images) and
-``N=64, C=32, 32x32`` (a transformer placed on a feature map); training at batch 64.
+``N=64, C=32, 32x32`` (a transformer placed on a feature map); training at batch 64. Volumes
+(``sampler fwd`` and ``sampler fwd+bwd`` with the 3-D ``affine_grid``, theta ``(N, 3, 4)``,
+and trilinear ``grid_sample`` on 5-D U): ``N=2, C=1, 64x64x64`` (a registration-sized
+volume) and ``N=2, C=8, 32x32x32`` (a feature volume).
 
 Each case is timed in ``rounds`` rounds, ours and then PyTorch's in each: a block of
 warm-up calls, then the best (minimum) of ``repeats`` calls with ``time.perf_counter``,
@@ -47,6 +50,10 @@ machines, and a wrong core type or cache size makes OpenBLAS pick slow kernels f
 matrix products (convolutions here). The header prints them, and the thread-count
 variables, when set; the benchmark never changes them.
 
+``--memory`` adds the peak memory of the volume sampler's forward + backward at ``N=1, C=1,
+128^3`` float32, with the grid given and with the affine grid (:func:`memory_rows`), each
+side in a fresh process.
+
 Run with ``python -m stn_numpy.bench`` or ``stn-numpy bench``; ``--quick`` uses tiny sizes
 (a smoke test, not a measurement). PyTorch is imported lazily and is optional: without it
 the torch columns are empty.
@@ -59,6 +66,7 @@ import gc
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -88,11 +96,14 @@ from .sampling import (
     grid_sample_forward,
 )
 
-__all__ = ["best_ms", "environment", "format_header", "format_table", "main", "run"]
+__all__ = ["best_ms", "environment", "format_header", "format_memory", "format_table", "main",
+           "memory_rows", "run"]
 
 SAMPLER_SIZES = ((256, 1, 60, 60), (64, 32, 32, 32))
 QUICK_SAMPLER_SIZES = ((4, 1, 8, 8), (2, 3, 6, 5))
 DOUBLE_BACKWARD_SIZE, QUICK_DOUBLE_BACKWARD_SIZE = (64, 3, 32, 32), (2, 3, 6, 5)
+VOLUME_SIZES = ((2, 1, 64, 64, 64), (2, 8, 32, 32, 32))
+QUICK_VOLUME_SIZES = ((2, 1, 5, 6, 7),)
 TRAIN_BATCH, QUICK_TRAIN_BATCH = 64, 4
 INPUT_SIZE = (28, 28)
 # (arch, input side, transformer output side or None) of the paper-model rows
@@ -238,12 +249,14 @@ def format_header(env: dict) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def _sampler_inputs(N: int, C: int, H: int, W: int):
+def _sampler_inputs(N: int, C: int, *spatial: int):
+    """U, theta and dV for images (``spatial = (H, W)``) or volumes (``(D, H, W)``)."""
     rng = np.random.default_rng(SEED)
-    U = rng.standard_normal((N, C, H, W)).astype(np.float32)
-    identity = np.array([[1, 0, 0], [0, 1, 0]], dtype=np.float32)
-    theta = identity + THETA_NOISE * rng.standard_normal((N, 2, 3)).astype(np.float32)
-    dV = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    U = rng.standard_normal((N, C, *spatial)).astype(np.float32)
+    d = len(spatial)
+    identity = np.eye(d, d + 1, dtype=np.float32)
+    theta = identity + THETA_NOISE * rng.standard_normal((N, d, d + 1)).astype(np.float32)
+    dV = rng.standard_normal((N, C, *spatial)).astype(np.float32)
     return U, theta, dV
 
 
@@ -289,16 +302,18 @@ def _torch_sampler(torch, U, theta, dV):
     return forward, forward_backward
 
 
-def _sampler_rows(torch, sizes, timing) -> list[dict]:
+def _sampler_rows(torch, sizes, timing, uncached: bool = True) -> list[dict]:
+    """The sampler rows of every size, images ``(N, C, H, W)`` or volumes
+    ``(N, C, D, H, W)``; ``uncached`` adds the stand-alone pair's row."""
     rows = []
-    for N, C, H, W in sizes:
-        shape = f"N={N} C={C} {H}x{W}"
-        U, theta, dV = _sampler_inputs(N, C, H, W)
+    for N, C, *spatial in sizes:
+        shape = f"N={N} C={C} {'x'.join(str(s) for s in spatial)}"
+        U, theta, dV = _sampler_inputs(N, C, *spatial)
         ours = _ours_sampler(U, theta, dV)
         theirs = (None, None) if torch is None else _torch_sampler(torch, U, theta, dV)
         cases = (("sampler fwd", ours[0], theirs[0]),
                  ("sampler fwd+bwd", ours[1], theirs[1]),
-                 ("sampler fwd+bwd uncached", ours[2], theirs[1]))
+                 ("sampler fwd+bwd uncached", ours[2], theirs[1]))[:3 if uncached else 2]
         for name, fn_ours, fn_torch in cases:
             rows.append(_row(f"{name} {shape}", fn_ours, fn_torch, timing))
     return rows
@@ -328,6 +343,134 @@ def _double_backward_row(torch, size, timing) -> dict:
             return torch.autograd.grad(grads, (dV_t, U_t, grid_t), upstream, retain_graph=True)
 
     return _row(f"sampler double backward N={N} C={C} {H}x{W}", ours, theirs, timing)
+
+
+# --------------------------------------------------------------------------------------
+# Peak memory of the volume sampler
+# --------------------------------------------------------------------------------------
+
+MEMORY_SIZE, QUICK_MEMORY_SIZE = (1, 1, 128, 128, 128), (1, 1, 8, 8, 8)
+# Run in a fresh interpreter: the inputs, a tiny warm-up call (lazy imports and
+# initialisation are not counted), then the call, between a reset of the peak resident set
+# (Linux's clear_refs; else the peak so far stands) and its reading.
+_MEMORY_SCRIPT = """
+import json, resource, sys, tracemalloc
+import numpy as np
+from stn_numpy import affine_grid, bench
+
+side, kind, size = sys.argv[1], sys.argv[2], tuple(int(s) for s in sys.argv[3:])
+
+
+def status(field):
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+torch = bench.import_torch() if side == "torch" else None
+fwd_bwd = {"chain": bench._ours_sampler, "sampler": bench._ours_grid_sampler}[kind]
+if torch:
+    fwd_bwd = {"chain": bench._torch_sampler, "sampler": bench._torch_grid_sampler}[kind]
+    fwd_bwd = (lambda make: lambda *a: make(torch, *a))(fwd_bwd)
+fwd_bwd(*bench._sampler_inputs(1, 1, 2, 2, 2))[1]()
+call = fwd_bwd(*bench._sampler_inputs(*size))[1]
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+except OSError:
+    pass
+base = status("VmRSS:")
+tracemalloc.start()
+call()
+traced = tracemalloc.get_traced_memory()[1]
+print(json.dumps({"rss": status("VmHWM:") - base, "traced": None if torch else traced}))
+"""
+
+
+def _ours_grid_sampler(U, theta, dV):
+    """``(None, forward_backward)`` of ours with the grid given: the sampler alone."""
+    grid = affine_grid(theta, U.shape, align_corners=False)
+
+    def forward_backward():
+        _, cache = grid_sample_forward(U, grid, **_SAMPLER_KW)
+        return grid_sample_backward_from_cache(dV, cache)
+
+    return None, forward_backward
+
+
+def _torch_grid_sampler(torch, U, theta, dV):
+    """``(None, forward_backward)`` of PyTorch's sampler alone, U and grid leaves."""
+    import torch.nn.functional as F
+
+    U_leaf = torch.from_numpy(U).clone().requires_grad_(True)
+    grid = F.affine_grid(torch.from_numpy(theta), list(U.shape), align_corners=False)
+    grid_leaf = grid.detach().clone().requires_grad_(True)
+    dV_t = torch.from_numpy(dV)
+
+    def forward_backward():
+        V = F.grid_sample(U_leaf, grid_leaf, **_SAMPLER_KW)
+        return torch.autograd.grad(V, (U_leaf, grid_leaf), dV_t)
+
+    return None, forward_backward
+
+
+def memory_rows(quick: bool = False) -> list[dict]:
+    """Peak memory of the volume sampler's forward + backward, ours and PyTorch's, in MB.
+
+    Two rows at ``N=1, C=1, 128^3`` float32 (a tiny volume with ``quick``): ``sampler``,
+    the grid given (gradients for U and the grid), and ``affine_grid + sampler``, the
+    ``sampler fwd+bwd`` case of the timings (gradients for U and theta, so the grid and
+    its gradient, 3 coordinates a voxel each, are allocated within the call). Each side
+    runs once in a fresh Python process: ``rss`` is the growth of its peak resident set
+    over the call, which includes what the allocator keeps; ``traced`` (ours only:
+    PyTorch's allocator is not traced) is tracemalloc's peak of what was allocated during
+    the call. ``inout`` is the size of U plus V, the target's unit.
+
+    Returns
+    -------
+    list of dict ``{"case", "inout_mb", "ours_rss_mb", "ours_traced_mb", "torch_rss_mb"}``
+    (``torch_rss_mb`` None without PyTorch)
+    """
+    size = QUICK_MEMORY_SIZE if quick else MEMORY_SIZE
+    has_torch = import_torch(required=False) is not None
+    # The child imports this copy of the package, wherever the parent found it.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+
+    def measure(side, kind):
+        if side == "torch" and not has_torch:
+            return {"rss": None, "traced": None}
+        proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, side, kind,
+                               *map(str, size)], capture_output=True, text=True, check=True,
+                              env=env)
+        return {k: None if v is None else v / 2**20
+                for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
+
+    N, C, *spatial = size
+    shape = f"N={N} C={C} {'x'.join(map(str, spatial))}"
+    rows = []
+    for kind, label in (("sampler", "sampler"), ("chain", "affine_grid + sampler")):
+        ours, theirs = measure("ours", kind), measure("torch", kind)
+        rows.append({"case": f"peak memory {label} fwd+bwd {shape}",
+                     "inout_mb": 2 * 4 * int(np.prod(size)) / 2**20,
+                     "ours_rss_mb": ours["rss"], "ours_traced_mb": ours["traced"],
+                     "torch_rss_mb": theirs["rss"]})
+    return rows
+
+
+def format_memory(rows: list[dict]) -> str:
+    """The memory rows as lines: each figure in MB and as a multiple of U + V."""
+    def cell(r, name):
+        v = r[name]
+        return "-" if v is None else f"{v:.1f} MB ({v / r['inout_mb']:.2f}x U+V)"
+
+    return "\n".join(
+        f"{r['case']} (U + V = {r['inout_mb']:.1f} MB): ours traced "
+        f"{cell(r, 'ours_traced_mb')}, ours peak RSS growth {cell(r, 'ours_rss_mb')}, "
+        f"torch peak RSS growth {cell(r, 'torch_rss_mb')}" for r in rows)
 
 
 # --------------------------------------------------------------------------------------
@@ -525,10 +668,13 @@ def run(repeats: int = 5, quick: bool = False, rounds: int = ROUNDS) -> list[dic
     check_positive_int("rounds", rounds)
     torch = import_torch(required=False)
     sizes = QUICK_SAMPLER_SIZES if quick else SAMPLER_SIZES
+    volumes = QUICK_VOLUME_SIZES if quick else VOLUME_SIZES
     batch = QUICK_TRAIN_BATCH if quick else TRAIN_BATCH
     timing = (repeats, QUICK_WARMUP if quick else WARMUP, rounds)
     double = QUICK_DOUBLE_BACKWARD_SIZE if quick else DOUBLE_BACKWARD_SIZE
-    return (_sampler_rows(torch, sizes, timing) + [_double_backward_row(torch, double, timing)]
+    return (_sampler_rows(torch, sizes, timing)
+            + _sampler_rows(torch, volumes, timing, uncached=False)
+            + [_double_backward_row(torch, double, timing)]
             + _train_rows(torch, batch, timing))
 
 
@@ -572,6 +718,9 @@ def main(argv=None) -> int:
                              f"best is kept (default {ROUNDS})")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes, a smoke test rather than a measurement")
+    parser.add_argument("--memory", action="store_true",
+                        help="also measure the peak memory of the volume sampler's forward "
+                             "+ backward (N=1 C=1 128^3), each side in a fresh process")
     parser.add_argument("--json", metavar="PATH",
                         help="also write {'environment': ..., 'rows': [...]} to PATH")
     add_threads_option(parser)
@@ -596,9 +745,12 @@ def main(argv=None) -> int:
           f"after {warmup} warm-up calls; float32"
           + (" (quick: tiny sizes)" if args.quick else ""))
     print(format_table(rows))
+    memory = memory_rows(args.quick) if args.memory else []
+    if memory:
+        print(format_memory(memory))
     if args.json:
         text = json.dumps({"environment": env, "quick": args.quick, "repeats": args.repeats,
-                           "rounds": args.rounds, "rows": rows}, indent=2)
+                           "rounds": args.rounds, "rows": rows, "memory": memory}, indent=2)
         atomic_write(args.json, lambda f: f.write(text.encode("utf-8")))
     return 0
 

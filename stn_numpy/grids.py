@@ -184,8 +184,8 @@ def _check_params(name: str, theta, shape) -> np.ndarray:
     return theta
 
 
-def _check_output_size(size, N: int, align_corners) -> tuple[int, int, int, int]:
-    size = check_size(size)
+def _check_output_size(size, N: int, align_corners, lengths=(4,)) -> tuple[int, ...]:
+    size = check_size(size, lengths=lengths)
     if size[0] != N:
         raise ValueError(f"size[0] (batch) must equal the batch of the parameters, {N}, got {size}")
     check_choice("align_corners", align_corners, (True, False))
@@ -193,7 +193,12 @@ def _check_output_size(size, N: int, align_corners) -> tuple[int, int, int, int]
 
 
 def _check_dgrid(dgrid, N: int, H: int, W: int, dtype) -> np.ndarray:
-    dgrid = check_float_array("dgrid", dgrid, shape=(N, H, W, 2))
+    return _check_dgrid_of(dgrid, N, (H, W), dtype)
+
+
+def _check_dgrid_of(dgrid, N: int, spatial, dtype) -> np.ndarray:
+    """``dgrid`` of shape ``(N, *spatial, len(spatial))`` and dtype ``dtype``."""
+    dgrid = check_float_array("dgrid", dgrid, shape=(N, *spatial, len(spatial)))
     if dgrid.dtype != dtype:
         raise TypeError(f"dgrid must have the parameters' dtype {dtype}, got {dgrid.dtype}")
     return dgrid
@@ -205,27 +210,39 @@ def _check_dgrid(dgrid, N: int, H: int, W: int, dtype) -> np.ndarray:
 
 
 def affine_grid(theta: np.ndarray, size, align_corners: bool = False) -> np.ndarray:
-    """Affine sampling grid, as PyTorch's ``F.affine_grid``.
+    """Affine sampling grid, as PyTorch's ``F.affine_grid``, for images and for volumes.
 
-    ``(x_s, y_s)^T = theta @ (x_t, y_t, 1)^T`` for every target point (paper eq. 1).
+    ``(x_s, y_s)^T = theta @ (x_t, y_t, 1)^T`` for every target point (paper eq. 1); for a
+    volume (a 5-entry ``size``) ``(x_s, y_s, z_s)^T = theta @ (x_t, y_t, z_t, 1)^T``. As in
+    PyTorch, the length of ``size`` selects the case.
 
     Parameters
     ----------
-    theta : ndarray, shape (N, 2, 3), float32 or float64
-        Affine matrices; the identity is ``[[1, 0, 0], [0, 1, 0]]``.
-    size : sequence of 4 ints
-        Output size ``(N, C, H, W)``; only ``N``, ``H``, ``W`` are used.
+    theta : ndarray, shape (N, 2, 3) or, for volumes, (N, 3, 4); float32 or float64
+        Affine matrices; the identity is ``[[1, 0, 0], [0, 1, 0]]`` (``[I_3 | 0]`` in 3-D).
+    size : sequence of 4 ints ``(N, C, H, W)`` or 5 ints ``(N, C, D, H, W)``
+        Output size; ``C`` is not used.
     align_corners : bool
-        Coordinate convention, see the module docstring.
+        Coordinate convention, see the module docstring (the same along every axis).
 
     Returns
     -------
-    grid : ndarray, shape (N, H, W, 2), dtype of ``theta``
-        A view of ``(N, 2, H, W)`` planes: ``x_s`` and ``y_s`` each contiguous per image,
-        the layout the sampler reads fastest (and writes its ``dgrid`` in).
+    grid : ndarray, shape (N, H, W, 2), or (N, D, H, W, 3) for volumes; dtype of ``theta``
+        The last axis holds ``(x_s, y_s)``, resp. ``(x_s, y_s, z_s)``: x runs along W, y
+        along H, z along D, the reverse of the tensor's axis order ``(D, H, W)``. A view of
+        ``(N, 2, H, W)`` (``(N, 3, D, H, W)``) planes: each coordinate contiguous per
+        image, the layout the sampler reads fastest (and writes its ``dgrid`` in).
+
+    Raises
+    ------
+    ValueError
+        ``theta`` of the other case's shape than ``size`` asks for (the message names both).
     """
-    theta = _check_params("theta", theta, (None, 2, 3))
-    N, _, H, W = _check_output_size(size, theta.shape[0], align_corners)
+    theta, size = _check_affine(theta, size, align_corners)
+    N, spatial = size[0], size[2:]
+    if len(spatial) == 3:
+        return np.moveaxis(_affine_volume(theta, *spatial, align_corners), 1, -1)
+    H, W = spatial
     # planes[n] = theta[n] @ base^T, one (2, 3) @ (3, P) product per image, so an image's
     # grid never depends on the batch around it (products of several images round
     # differently), and bands of images on worker threads give the same values as one call.
@@ -234,34 +251,106 @@ def affine_grid(theta: np.ndarray, size, align_corners: bool = False) -> np.ndar
     return np.moveaxis(planes.reshape(N, 2, H, W), 1, -1)
 
 
-def affine_grid_backward(dgrid: np.ndarray, theta: np.ndarray, size, align_corners=False):
-    """Gradient of :func:`affine_grid` with respect to ``theta``.
+def _check_affine(theta, size, align_corners):
+    """``(theta, size)`` checked together: ``theta (N, 2, 3)`` with a 4-entry ``size``,
+    ``(N, 3, 4)`` with a 5-entry one; a mismatch names both."""
+    size = check_size(size, lengths=(4, 5))
+    dims = len(size) - 2
+    theta = check_float_array("theta", theta)
+    if theta.ndim != 3 or theta.shape[1:] != (dims, dims + 1):
+        axes = "(N, C, D, H, W)" if dims == 3 else "(N, C, H, W)"
+        raise ValueError(f"theta must have shape (*, {dims}, {dims + 1}), got {theta.shape}: "
+                         f"size {size} has {len(size)} entries {axes}")
+    check_finite("theta", theta)
+    return theta, _check_output_size(size, theta.shape[0], align_corners, (len(size),))
 
-    The grid is linear in theta, so ``dtheta[n, i, j] = sum_{h,w} dgrid[n, h, w, i] *
-    base[h, w, j]`` with ``base = (x_t, y_t, 1)``: each row of theta collects the upstream
-    gradient of its coordinate weighted by ``x_t``, ``y_t`` and 1.
+
+def affine_grid_backward(dgrid: np.ndarray, theta: np.ndarray, size, align_corners=False):
+    """Gradient of :func:`affine_grid` with respect to ``theta``, for images and volumes.
+
+    The grid is linear in theta, so ``dtheta[n, i, j] = sum_p dgrid[n, p, i] * base[p, j]``
+    over the target points ``p``, with ``base = (x_t, y_t, 1)`` (``(x_t, y_t, z_t, 1)`` for
+    volumes): each row of theta collects the upstream gradient of its coordinate weighted
+    by the target coordinates and 1.
 
     Parameters
     ----------
-    dgrid : ndarray, shape (N, H, W, 2)
-        Upstream gradient, same dtype as ``theta``.
+    dgrid : ndarray, shape (N, H, W, 2) or (N, D, H, W, 3)
+        Upstream gradient, same dtype as ``theta``; the last axis is ``(x, y[, z])``.
     theta, size, align_corners
         As in :func:`affine_grid`.
 
     Returns
     -------
-    dtheta : ndarray, shape (N, 2, 3)
+    dtheta : ndarray, shape (N, 2, 3) or (N, 3, 4)
     """
-    theta = _check_params("theta", theta, (None, 2, 3))
-    N, _, H, W = _check_output_size(size, theta.shape[0], align_corners)
-    dgrid = _check_dgrid(dgrid, N, H, W, theta.dtype)
-    # dtheta[n] = planes[n] @ base, one product per image as in affine_grid, over dgrid's
-    # (N, 2, H, W) planes: a view for the sampler's dgrid, a copy for an interleaved one.
-    # The base as the transposed view of its planes: OpenBLAS runs (2, P) @ (P, 3) 2.8x
-    # faster so than from the (P, 3) grid itself (N=256 60x60; see _base_planes for bits).
-    planes = np.ascontiguousarray(np.moveaxis(dgrid, -1, 1)).reshape(N, 2, H * W)
-    return _per_image_products(planes, _base_planes(H, W, align_corners, theta.dtype).T,
-                               (N, 2, 3))
+    theta, size = _check_affine(theta, size, align_corners)
+    N, spatial = size[0], size[2:]
+    dgrid = _check_dgrid_of(dgrid, N, spatial, theta.dtype)
+    # dgrid's (N, rows, ...) planes: a view for the sampler's dgrid, a copy for an
+    # interleaved one.
+    planes = np.ascontiguousarray(np.moveaxis(dgrid, -1, 1))
+    if len(spatial) == 3:
+        return _affine_volume_backward(planes, align_corners)
+    H, W = spatial
+    # dtheta[n] = planes[n] @ base, one product per image as in affine_grid. The base as
+    # the transposed view of its planes: OpenBLAS runs (2, P) @ (P, 3) 2.8x faster so than
+    # from the (P, 3) grid itself (N=256 60x60; see _base_planes for bits).
+    return _per_image_products(planes.reshape(N, 2, H * W),
+                               _base_planes(H, W, align_corners, theta.dtype).T, (N, 2, 3))
+
+
+def _volume_lines(D: int, H: int, W: int, align_corners: bool, dtype):
+    """The target coordinates of a volume as three broadcastable lines: ``x_t`` of shape
+    ``(1, 1, W)``, ``y_t`` ``(1, H, 1)``, ``z_t`` ``(D, 1, 1)``."""
+    return (_linspace_from_neg_one(W, align_corners, dtype)[None, None, :],
+            _linspace_from_neg_one(H, align_corners, dtype)[None, :, None],
+            _linspace_from_neg_one(D, align_corners, dtype)[:, None, None])
+
+
+def _affine_volume(theta: np.ndarray, D: int, H: int, W: int, align_corners: bool):
+    """The 3-D affine grid as ``(N, 3, D, H, W)`` planes, bands of volumes on the threads.
+
+    ``planes[n, r] = (theta[n, r, 0] x_t + theta[n, r, 1] y_t) + (theta[n, r, 2] z_t
+    + theta[n, r, 3])``: an ``(H, W)`` slab plus a value per depth, one broadcast sum, a
+    single pass over the plane. The ``(4, D H W)`` base that a matrix product would read is
+    never built (32 MB at 128^3 in float32, more than the grid's own rows), and each
+    volume's values depend on it alone.
+    """
+    x_t, y_t, z_t = _volume_lines(D, H, W, align_corners, theta.dtype)
+    planes = np.empty((len(theta), 3, D, H, W), dtype=theta.dtype)
+
+    def band(part):
+        for n in range(*part):
+            for r, (a, b, c, d) in enumerate(theta[n]):
+                np.add(x_t * a + y_t * b, z_t * c + d, out=planes[n, r])
+
+    parallel_map(band, bands(len(theta), planes.size, _PARALLEL_MIN_VALUES))
+    return planes
+
+
+def _affine_volume_backward(planes: np.ndarray, align_corners: bool) -> np.ndarray:
+    """``dtheta (N, 3, 4)`` from dgrid's ``(N, 3, D, H, W)`` planes: with ``g`` one plane,
+    ``dtheta[n, r] = (sum_w x_t[w] sum_{d,h} g, sum_h y_t[h] sum_{d,w} g,
+    sum_d z_t[d] sum_{h,w} g, sum g)``, the sums over the target points of
+    :func:`affine_grid_backward` taken along the lines the coordinates are constant on."""
+    N, _, D, H, W = planes.shape
+    x_t, y_t, z_t = (line.ravel() for line in _volume_lines(D, H, W, align_corners,
+                                                            planes.dtype))
+    dtheta = np.empty((N, 3, 4), dtype=planes.dtype)
+
+    def band(part):
+        for n in range(*part):
+            for r in range(3):
+                g = planes[n, r]
+                # Two passes over the plane: sums over H W per depth, and over D per (h, w).
+                per_depth = g.reshape(D, H * W).sum(axis=1)
+                over_depth = g.sum(axis=0)
+                dtheta[n, r] = (x_t @ over_depth.sum(axis=0), y_t @ over_depth.sum(axis=1),
+                                z_t @ per_depth, per_depth.sum())
+
+    parallel_map(band, bands(N, planes.size, _PARALLEL_MIN_VALUES))
+    return dtheta
 
 
 # --------------------------------------------------------------------------------------

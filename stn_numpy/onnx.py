@@ -99,21 +99,27 @@ def grid_sample_node(inputs, output: str, mode: str, padding_mode: str, align_co
 
 
 def grid_sample_model(mode: str, padding_mode: str, align_corners: bool, dtype=np.float64,
-                      opset: int = OPSET):
+                      opset: int = OPSET, dims: int = 2):
     """A one-node model ``Y = GridSample(X, grid)`` of ``dtype``, any N, C and sizes.
 
     ``X`` is ``(N, C, H, W)``, ``grid`` ``(N, H_o, W_o, 2)``, as :func:`stn_numpy.grid_sample`
-    takes them; ``opset`` 16 (mode names ``bilinear``/``bicubic``) or 20 (``linear``/
+    takes them (``dims=3``: ``X (N, C, D, H, W)``, ``grid (N, D_o, H_o, W_o, 3)``, opset 20
+    only); ``opset`` 16 (mode names ``bilinear``/``bicubic``) or 20 (``linear``/
     ``cubic``). The verify adapters run it in ONNX Runtime and ONNX's reference evaluator.
     """
+    if dims not in (2, 3) or (dims == 3 and opset < 20):
+        raise ValueError(f"dims must be 2, or 3 at opset 20 or later (GridSample became "
+                         f"N-dimensional there), got dims={dims!r} at opset {opset}")
     helper = import_onnx().helper
     t = _elem_type(dtype)
+    axes = ["D", "H", "W"][3 - dims:]
+    out = [f"{a}_o" for a in axes]
     graph = helper.make_graph(
         [grid_sample_node(["X", "grid"], "Y", mode, padding_mode, align_corners, opset)],
         "grid_sample",
-        [helper.make_tensor_value_info("X", t, ["N", "C", "H", "W"]),
-         helper.make_tensor_value_info("grid", t, ["N", "H_o", "W_o", 2])],
-        [helper.make_tensor_value_info("Y", t, ["N", "C", "H_o", "W_o"])])
+        [helper.make_tensor_value_info("X", t, ["N", "C", *axes]),
+         helper.make_tensor_value_info("grid", t, ["N", *out, dims])],
+        [helper.make_tensor_value_info("Y", t, ["N", "C", *out])])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                              producer_name="stn-numpy")
 

@@ -38,6 +38,19 @@ same numbers one equation per line, with the four corners named as in the paper 
 point handled at once by NumPy's elementwise operations (no sparse matrices, blocks or
 threads), and is the oracle the fast sampler is tested against. It is slow (the scatter
 is unbuffered) and does not offer bicubic.
+
+Volumes (U of shape ``(N, C, D, H, W)``, grid ``(N, D_o, H_o, W_o, 3)`` holding
+``(x_s, y_s, z_s)``, x along W, y along H, z along D) take the same steps in three axes:
+the point ``(x, y, z)`` lies in a cube of eight voxels, each weighted by the product of
+three hat functions, one per axis (:func:`_sample_volume` names all eight). The digits of
+a corner's name are its offsets along z, y and x, in the tensor's axis order::
+
+    I000 = U[z0, y0, x0]   w000 = (z1 - z) (y1 - y) (x1 - x)
+    I001 = U[z0, y0, x1]   w001 = (z1 - z) (y1 - y) (x - x0)
+    ...
+    I111 = U[z1, y1, x1]   w111 = (z - z0) (y - y0) (x - x0)
+
+and ``dV/dx`` differentiates the x factor only: ``(x1 - x) -> -1``, ``(x - x0) -> +1``.
 """
 
 from __future__ import annotations
@@ -57,16 +70,16 @@ def grid_sample(U, grid, mode="bilinear", padding_mode="zeros", align_corners=Fa
 
     Parameters
     ----------
-    U : ndarray, shape (N, C, H, W), float32 or float64
-    grid : ndarray, shape (N, H_o, W_o, 2), dtype of ``U``
-        Normalized source points ``(x_s, y_s)``.
+    U : ndarray, shape (N, C, H, W) or (N, C, D, H, W), float32 or float64
+    grid : ndarray, shape (N, H_o, W_o, 2) or (N, D_o, H_o, W_o, 3), dtype of ``U``
+        Normalized source points ``(x_s, y_s)``, resp. ``(x_s, y_s, z_s)``.
     mode : {"bilinear", "nearest"}
     padding_mode : {"zeros", "border", "reflection"}
     align_corners : bool
 
     Returns
     -------
-    V : ndarray, shape (N, C, H_o, W_o)
+    V : ndarray, shape (N, C, H_o, W_o) or (N, C, D_o, H_o, W_o)
         Equal to :func:`stn_numpy.grid_sample` up to round-off.
     """
     V, _ = _sample(U, grid, mode, padding_mode, align_corners, dV=None)
@@ -79,21 +92,20 @@ def grid_sample_backward(dV, U, grid, mode="bilinear", padding_mode="zeros",
 
     Parameters
     ----------
-    dV : ndarray, shape (N, C, H_o, W_o)
+    dV : ndarray, shape (N, C, H_o, W_o) or (N, C, D_o, H_o, W_o)
         Upstream gradient dL/dV, dtype of ``U``.
     U, grid, mode, padding_mode, align_corners
         Exactly the arguments of the forward call.
 
     Returns
     -------
-    dU : ndarray, shape (N, C, H, W)
+    dU : ndarray, shape of ``U``
         ``dU[n, :, h, w] = sum over points i and corners k that read (h, w) of w_k dV_i``.
-    dgrid : ndarray, shape (N, H_o, W_o, 2)
-        ``dL/dx_s = dx/dx_s * dpad/dx * sum_c dV dV/dx`` (likewise for y); zero for nearest.
+    dgrid : ndarray, shape of ``grid``
+        ``dL/dx_s = dx/dx_s * dpad/dx * sum_c dV dV/dx`` (likewise for y, z); zero for
+        nearest.
     """
-    N, C, _, _ = U.shape
-    _, Ho, Wo, _ = grid.shape
-    dV = check_float_array("dV", dV, shape=(N, C, Ho, Wo))
+    dV = check_float_array("dV", dV, shape=(*U.shape[:2], *grid.shape[1:-1]))
     if dV.dtype != U.dtype:
         raise TypeError(f"dV must have the dtype of U, {U.dtype}, got {dV.dtype}")
     _, grads = _sample(U, grid, mode, padding_mode, align_corners, dV=dV)
@@ -103,6 +115,8 @@ def grid_sample_backward(dV, U, grid, mode="bilinear", padding_mode="zeros",
 def _sample(U, grid, mode, padding_mode, align_corners, dV):
     check_choice("mode", mode, MODES)
     _check_inputs(U, grid, mode, padding_mode, align_corners)
+    if U.ndim == 5:
+        return _sample_volume(U, grid, mode, padding_mode, align_corners, dV)
     N, C, H, W = U.shape
     # Channels last: U_t[n, y, x] is the vector of C values of one pixel.
     U_t = U.transpose(0, 2, 3, 1)
@@ -177,6 +191,98 @@ def _sample(U, grid, mode, padding_mode, align_corners, dV):
     dgrid[..., 0] = (dV_t * dV_dx).sum(axis=-1) * dpad_x * dx_dxs
     dgrid[..., 1] = (dV_t * dV_dy).sum(axis=-1) * dpad_y * dy_dys
     return V_t.transpose(0, 3, 1, 2), (np.ascontiguousarray(dU_t.transpose(0, 3, 1, 2)), dgrid)
+
+
+def _sample_volume(U, grid, mode, padding_mode, align_corners, dV):
+    """:func:`_sample` for volumes: eight corners, each weight a product of three hats."""
+    N, C, D, H, W = U.shape
+    U_t = U.transpose(0, 2, 3, 4, 1)  # U_t[n, z, y, x] is the vector of C values of a voxel
+    n = np.arange(N).reshape(N, 1, 1, 1)
+
+    x, dx_dxs = _unnormalize(grid[..., 0], W, align_corners)
+    y, dy_dys = _unnormalize(grid[..., 1], H, align_corners)
+    z, dz_dzs = _unnormalize(grid[..., 2], D, align_corners)
+    x, dpad_x = _pad(x, W, padding_mode, align_corners)
+    y, dpad_y = _pad(y, H, padding_mode, align_corners)
+    z, dpad_z = _pad(z, D, padding_mode, align_corners)
+
+    def inside(zz, yy, xx):
+        return (xx >= 0) & (xx < W) & (yy >= 0) & (yy < H) & (zz >= 0) & (zz < D)
+
+    def read(zz, yy, xx):
+        """U at integer voxels (zz, yy, xx), zero outside the volume: (N, ..., C)."""
+        values = U_t[n, np.clip(zz, 0, D - 1), np.clip(yy, 0, H - 1), np.clip(xx, 0, W - 1)]
+        return np.where(inside(zz, yy, xx)[..., None], values, 0).astype(U.dtype)
+
+    def scatter(dU_t, zz, yy, xx, weighted):
+        """``dU_t[n, zz, yy, xx] += weighted`` for the voxels inside, repeats added."""
+        keep = inside(zz, yy, xx)
+        nn = np.broadcast_to(n, xx.shape)
+        np.add.at(dU_t, (nn[keep], zz[keep], yy[keep], xx[keep]), weighted[keep])
+
+    def channels_first(a):
+        return np.ascontiguousarray(a.transpose(0, 4, 1, 2, 3))
+
+    if mode == "nearest":
+        xr, yr, zr = _index(np.rint(x), W), _index(np.rint(y), H), _index(np.rint(z), D)
+        V_t = read(zr, yr, xr)
+        if dV is None:
+            return channels_first(V_t), None
+        dU_t = np.zeros_like(U_t)
+        scatter(dU_t, zr, yr, xr, dV.transpose(0, 2, 3, 4, 1))
+        return channels_first(V_t), (channels_first(dU_t), np.zeros(grid.shape, U.dtype))
+
+    x0, y0, z0 = np.floor(x), np.floor(y), np.floor(z)
+    x1, y1, z1 = x0 + 1, y0 + 1, z0 + 1
+    ix0, ix1 = _index(x0, W), _index(x1, W)
+    iy0, iy1 = _index(y0, H), _index(y1, H)
+    iz0, iz1 = _index(z0, D), _index(z1, D)
+
+    # The eight corners; the digits are the offsets along z, y, x.
+    I000, I001 = read(iz0, iy0, ix0), read(iz0, iy0, ix1)
+    I010, I011 = read(iz0, iy1, ix0), read(iz0, iy1, ix1)
+    I100, I101 = read(iz1, iy0, ix0), read(iz1, iy0, ix1)
+    I110, I111 = read(iz1, iy1, ix0), read(iz1, iy1, ix1)
+
+    # The hat functions of each axis: weight of the lower and of the upper neighbour.
+    hx0, hx1 = (x1 - x)[..., None], (x - x0)[..., None]
+    hy0, hy1 = (y1 - y)[..., None], (y - y0)[..., None]
+    hz0, hz1 = (z1 - z)[..., None], (z - z0)[..., None]
+
+    w000, w001 = hz0 * hy0 * hx0, hz0 * hy0 * hx1
+    w010, w011 = hz0 * hy1 * hx0, hz0 * hy1 * hx1
+    w100, w101 = hz1 * hy0 * hx0, hz1 * hy0 * hx1
+    w110, w111 = hz1 * hy1 * hx0, hz1 * hy1 * hx1
+
+    V_t = (w000 * I000 + w001 * I001 + w010 * I010 + w011 * I011
+           + w100 * I100 + w101 * I101 + w110 * I110 + w111 * I111)
+    if dV is None:
+        return channels_first(V_t), None
+
+    dV_t = dV.transpose(0, 2, 3, 4, 1)
+    dU_t = np.zeros_like(U_t)
+    scatter(dU_t, iz0, iy0, ix0, w000 * dV_t)
+    scatter(dU_t, iz0, iy0, ix1, w001 * dV_t)
+    scatter(dU_t, iz0, iy1, ix0, w010 * dV_t)
+    scatter(dU_t, iz0, iy1, ix1, w011 * dV_t)
+    scatter(dU_t, iz1, iy0, ix0, w100 * dV_t)
+    scatter(dU_t, iz1, iy0, ix1, w101 * dV_t)
+    scatter(dU_t, iz1, iy1, ix0, w110 * dV_t)
+    scatter(dU_t, iz1, iy1, ix1, w111 * dV_t)
+
+    # Each derivative replaces one axis's hats by their derivatives -1 (lower), +1 (upper).
+    dV_dx = (hz0 * hy0 * (I001 - I000) + hz0 * hy1 * (I011 - I010)
+             + hz1 * hy0 * (I101 - I100) + hz1 * hy1 * (I111 - I110))
+    dV_dy = (hz0 * hx0 * (I010 - I000) + hz0 * hx1 * (I011 - I001)
+             + hz1 * hx0 * (I110 - I100) + hz1 * hx1 * (I111 - I101))
+    dV_dz = (hy0 * hx0 * (I100 - I000) + hy0 * hx1 * (I101 - I001)
+             + hy1 * hx0 * (I110 - I010) + hy1 * hx1 * (I111 - I011))
+
+    dgrid = np.empty(grid.shape, dtype=U.dtype)
+    dgrid[..., 0] = (dV_t * dV_dx).sum(axis=-1) * dpad_x * dx_dxs
+    dgrid[..., 1] = (dV_t * dV_dy).sum(axis=-1) * dpad_y * dy_dys
+    dgrid[..., 2] = (dV_t * dV_dz).sum(axis=-1) * dpad_z * dz_dzs
+    return channels_first(V_t), (channels_first(dU_t), dgrid)
 
 
 def _index(v, size):

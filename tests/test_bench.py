@@ -20,7 +20,8 @@ def _torch_importable() -> bool:
 
 
 def _check_rows(rows, with_torch: bool, rounds: int = 1) -> None:
-    assert len(rows) == 3 * len(bench.QUICK_SAMPLER_SIZES) + 1 + 2 + len(bench.PAPER_CASES)
+    assert len(rows) == (3 * len(bench.QUICK_SAMPLER_SIZES) + 2 * len(bench.QUICK_VOLUME_SIZES)
+                         + 1 + 2 + len(bench.PAPER_CASES))  # ..., the double backward, ...
     assert len({r["case"] for r in rows}) == len(rows)
     for r in rows:
         assert set(r) == {"case", "ours_ms", "torch_ms", "ratio", "ratio_range",
@@ -160,3 +161,15 @@ def test_header_reports_blas_env_vars_and_busy_machine(monkeypatch):
     assert "warning" not in header
     env["busy_cores"] = 1.5
     assert "warning: other processes kept 1.5 cores busy" in bench.format_header(env)
+
+
+def test_memory_rows_measure_each_side_in_a_fresh_process():
+    rows = bench.memory_rows(quick=True)
+    assert [r["case"] for r in rows] == [
+        "peak memory sampler fwd+bwd N=1 C=1 8x8x8",
+        "peak memory affine_grid + sampler fwd+bwd N=1 C=1 8x8x8"]
+    for row in rows:
+        assert row["inout_mb"] == pytest.approx(2 * 4 * 8**3 / 2**20)
+        assert row["ours_traced_mb"] > 0 and row["ours_rss_mb"] >= 0
+        assert (row["torch_rss_mb"] is None) == (not _torch_importable())
+    assert "ours traced" in bench.format_memory(rows)

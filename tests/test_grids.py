@@ -167,7 +167,7 @@ def test_rejects_bad_input():
         affine_grid(np.zeros((2, 3, 3)), (2, 1, 4, 4))
     with pytest.raises(ValueError, match="size\\[0\\] \\(batch\\) must equal"):
         affine_grid(theta, (3, 1, 4, 4))
-    with pytest.raises(ValueError, match="size must have 4 entries"):
+    with pytest.raises(ValueError, match="size must have 4 or 5 entries"):
         affine_grid(theta, (2, 4, 4))
     with pytest.raises(TypeError, match="theta must have dtype float32 or float64, got int64"):
         affine_grid(theta.astype(np.int64), (2, 1, 4, 4))

@@ -8,10 +8,10 @@ attributes, with the operator schema's defaults for the ones it leaves out, beco
 must match the expected one within the case's own tolerance (ONNX's runner uses
 ``rtol=1e-3, atol=1e-7``: the expected values are written with four decimals).
 
-All 16 two-dimensional cases pass (14 GridSample, 2 AffineGrid). The ``*_expanded``
-AffineGrid cases are the same inputs and outputs run through the operator's function body
-(several primitive nodes), so they are not separate cases here. The volumetric (5-D)
-cases are skipped with ``NEEDS_3D``.
+All 16 two-dimensional cases pass (14 GridSample, 2 AffineGrid), and so do the volumetric
+(5-D) ones. The ``*_expanded`` AffineGrid cases are the same inputs and outputs run through
+the operator's function body (several primitive nodes), so they are not separate cases
+here.
 """
 
 import importlib
@@ -24,8 +24,6 @@ onnx = pytest.importorskip("onnx", reason='onnx not installed: pip install -e ".
 from stn_numpy import affine_grid, grid_sample  # noqa: E402
 from stn_numpy.onnx import GRID_SAMPLE_MODES  # noqa: E402
 
-#: Why a volumetric case is skipped; these cases run once 3-D sampling and grids exist.
-NEEDS_3D = "volumetric (5-D) case: stn_numpy's grid_sample and affine_grid are 2-D only"
 OPS = ("GridSample", "AffineGrid")
 #: GridSample's mode attribute (opset 16 or 20 names) -> this package's mode
 OUR_MODES = {name: ours for names in GRID_SAMPLE_MODES.values() for ours, name in names.items()}
@@ -55,19 +53,15 @@ def attributes(case) -> dict:
 
 
 def run_with_stn_numpy(case):
-    """Our output for the case's inputs, or None for a case that needs 3-D."""
+    """Our output for the case's inputs (images or volumes)."""
     op = case.model.graph.node[0].op_type
     attrs = attributes(case)
     inputs = case.data_sets[0][0]
     if op == "GridSample":
         X, grid = inputs
-        if X.ndim != 4:
-            return None
         return grid_sample(X, grid, OUR_MODES[attrs["mode"]], attrs["padding_mode"],
                            bool(attrs["align_corners"]))
     theta, size = inputs
-    if len(size) != 4:
-        return None
     return affine_grid(theta, size, bool(attrs["align_corners"]))
 
 
@@ -81,8 +75,6 @@ def test_the_cases_are_there():
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_onnx_node_case(case):
     ours = run_with_stn_numpy(case)
-    if ours is None:
-        pytest.skip(NEEDS_3D)
     (expected,) = case.data_sets[0][1]
     assert ours.dtype == expected.dtype and ours.shape == expected.shape
     np.testing.assert_allclose(ours, expected, rtol=case.rtol, atol=case.atol,

@@ -118,3 +118,31 @@ def test_bands_cover_every_index_once_in_nearly_equal_parts(n, threads):
 def test_bands_keep_small_work_in_one_band():
     _parallel.set_num_threads(4)
     assert _parallel.bands(100, values=9, min_values=10) == [(0, 100)]
+
+
+def test_parallel_map_runs_no_more_calls_at_once_than_asked_after_a_larger_setting():
+    import threading
+    import time
+
+    from stn_numpy import _parallel
+
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def work(_):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+
+    try:
+        _parallel.set_num_threads(4)
+        _parallel.parallel_map(work, range(8))
+        _parallel.set_num_threads(2)
+        most[0] = 0
+        _parallel.parallel_map(work, range(8))
+        assert most[0] <= 2
+    finally:
+        _parallel.set_num_threads(None)

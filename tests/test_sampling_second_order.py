@@ -1,4 +1,4 @@
-"""Tests for stn_numpy.sampling_second_order: finite differences of the backward, PyTorch's
+"""Tests for stn_numpy.sampling.second_order: finite differences of the backward, PyTorch's
 double backward at generic points and at kinks, the terms that vanish, bad input."""
 
 import itertools
@@ -182,3 +182,11 @@ def test_empty_and_one_pixel_inputs_give_the_documented_shapes(U_shape, out_hw, 
                                       "border")
     assert [a.shape for a in out] == [dV.shape, U.shape, grid.shape]
     assert all(np.isfinite(a).all() for a in out)
+
+
+def test_volumes_are_refused_with_the_shapes_named():
+    from stn_numpy import grid_sample_double_backward
+
+    U, grid = np.zeros((1, 1, 2, 3, 4)), np.zeros((1, 2, 3, 4, 3))
+    with pytest.raises(ValueError, match=r"volumes are not supported yet, got U of shape"):
+        grid_sample_double_backward(None, None, np.zeros((1, 1, 2, 3, 4)), U, grid)

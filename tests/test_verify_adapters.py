@@ -159,7 +159,9 @@ def test_atlas_rows_and_markdown():
     outside = rows["order=1, mode='constant'"]
     assert not outside.exact and "outside" in outside.where
     text = atlas.build_atlas(["scipy"])
-    assert text.count("\n| `order=") == 10 and "(scipy " in text
+    # The 2-D table, then the same settings measured on volumes.
+    assert text.count("\n| `order=") == 10 + 10 and "(scipy " in text
+    assert "**SciPy `ndimage.map_coordinates`** on volumes (5-D)" in text
 
 
 def test_write_atlas_replaces_only_its_section(tmp_path, monkeypatch):
@@ -202,11 +204,12 @@ def test_every_adapter_gets_through_the_golden_edge_cases(name, tmp_path):
     from stn_numpy.verify import check_against_golden, export_golden
 
     rows = check_against_golden(export_golden(tmp_path / "golden.npz"), name)
-    assert len(rows) == 18 + 84 and any(r.case.startswith("edge/width_1/") for r in rows)
-    if name == "opencv":
+    assert len(rows) == 18 + 84 + 24 and any(r.case.startswith("edge/width_1/") for r in rows)
+    if name == "opencv":  # images only: every volume case is N/A too
         assert {r.case for r in rows if r.status == "N/A"} == {
             "edge/height_1/bicubic/reflection/align_corners=True",
-            "edge/width_1/bicubic/reflection/align_corners=True"}
+            "edge/width_1/bicubic/reflection/align_corners=True"} | {
+            r.case for r in rows if r.case.startswith("3d/")}
     if name == "onnxruntime":
         # Its nearest rounds the point before reflecting it; PyTorch reflects, then rounds.
         assert [r.case for r in rows if not r.passed] == [

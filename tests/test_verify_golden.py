@@ -20,7 +20,9 @@ from stn_numpy.verify import (
     pixel_coordinates,
 )
 
-N_CASES = 18 + 84 + 8 + 1 + 18  # sampler, edge, grid, layer, double backward
+N_CASES = 18 + 84 + 8 + 1 + 26 + 18  # 2-D samplers, edge cases, grids, a layer; volumes;
+# the double backward
+N_SAMPLER_CASES = 18 + 84 + 24
 
 
 def rewrite_golden(path, arrays, manifest):
@@ -60,7 +62,7 @@ def test_golden_roundtrip(tmp_path, dtype):
     assert len(results) == N_CASES and all(r.status == "PASS" for r in results)
     assert all(e == 0 for r in results for k, e in r.errors.items() if k != "adjoint")
     sampler_rows = check_against_golden(path, numpy_impl)
-    assert len(sampler_rows) == 18 + 84 and all(r.passed for r in sampler_rows)
+    assert len(sampler_rows) == N_SAMPLER_CASES and all(r.passed for r in sampler_rows)
 
 
 def test_edge_cases_are_what_they_claim(golden):
@@ -120,7 +122,7 @@ def test_golden_file_is_plain_npy_in_an_uncompressed_zip(golden):
             grid = np.lib.format.read_array(f, allow_pickle=False)
     assert raw.dtype == np.uint8 and raw.ndim == 1
     manifest = json.loads(raw.tobytes().decode("utf-8"))
-    assert manifest["format"] == "stn-numpy-golden" and manifest["format_version"] == 2
+    assert manifest["format"] == "stn-numpy-golden" and manifest["format_version"] == 3
     assert "align_corners" in manifest["conventions"]["unnormalize"]
     assert len(infos) == len(manifest["arrays"]) + 1
     assert grid.dtype == np.dtype("<f8") and grid.flags.c_contiguous
@@ -203,14 +205,15 @@ def _tweak(golden, tmp_path, change):
     (lambda m, a: m.update(dtype="float16"), "dtype: is 'float16', expected float32 or float64"),
     (lambda m, a: m["cases"][3].update(mode="lanczos"),
      r"cases\[3\] \(bilinear/border/align_corners=False\): unknown mode"),
-    (lambda m, a: m["cases"].append({"key": "x"}), r"cases\[129\]: needs a 'key' and a 'kind'"),
+    (lambda m, a: m["cases"].append({"key": "x"}),
+     rf"cases\[{N_CASES}\]: needs a 'key' and a 'kind'"),
     (lambda m, a: m["cases"][0].update(outputs=["V"]), r"cases\[0\] .* inputs and outputs"),
     (lambda m, a: m["arrays"].pop("affine_grid/align_corners=True/theta"),
      "arrays: no entry for 'affine_grid/align_corners=True/theta'"),
     (lambda m, a: a.pop("affine_grid/align_corners=True/theta"),
      "affine_grid/align_corners=True/theta: is in the manifest but has no array"),
     (lambda m, a: m.update(format="something-else"), "format: is 'something-else'"),
-    (lambda m, a: m.update(format_version=1), "format_version: is 1, this reader knows 2"),
+    (lambda m, a: m.update(format_version=1), "format_version: is 1, this reader knows 2 and 3"),
     (lambda m, a: m["cases"][102].pop("align_corners"),
      r"cases\[102\] \(affine_grid/align_corners=True\): align_corners must be true or false, "
      r"got None"),
@@ -274,3 +277,54 @@ def test_load_golden_rejects_other_files(tmp_path):
         load_golden(path)
     with pytest.raises(FileNotFoundError):
         load_golden(tmp_path / "missing.npz")
+
+
+def test_volume_cases_hold_5d_arrays_and_check(golden):
+    manifest, arrays = load_golden(golden)
+    volume = [c for c in manifest["cases"] if c.get("dims") == 3]
+    assert len(volume) == 26 and all(c["key"].startswith("3d/") for c in volume)
+    key = "3d/bilinear/reflection/align_corners=False"
+    assert arrays[f"{key}/U"].shape == (2, 2, 3, 4, 5)
+    assert arrays[f"{key}/grid"].shape == arrays[f"{key}/dgrid"].shape == (2, 4, 5, 6, 3)
+    assert arrays[f"{key}/V"].shape == arrays[f"{key}/dV"].shape == (2, 2, 4, 5, 6)
+    assert arrays["3d/affine_grid/align_corners=True/size"].tolist() == [2, 2, 4, 5, 6]
+    assert arrays["3d/affine_grid/align_corners=True/theta"].shape == (2, 3, 4)
+    identity = "3d/edge/identity/nearest/zeros/align_corners=True"
+    np.testing.assert_array_equal(arrays[f"{identity}/V"], arrays[f"{identity}/U"])
+    assert "volumes" in manifest["conventions"]
+
+
+def test_a_golden_file_of_format_version_2_still_checks(golden, tmp_path):
+    # A version 2 file is this one without its volume cases: the 2-D cases' inputs did not
+    # change (they come first, on the same streams).
+    manifest, arrays = load_golden(golden)
+    manifest["format_version"] = 2
+    manifest["cases"] = [c for c in manifest["cases"] if c.get("dims") != 3]
+    keep = {f"{c['key']}/{n}" for c in manifest["cases"] for n in c["inputs"] + c["outputs"]}
+    manifest["arrays"] = {k: v for k, v in manifest["arrays"].items() if k in keep}
+    path = tmp_path / "v2.npz"
+    rewrite_golden(path, {k: a for k, a in arrays.items() if k in keep}, manifest)
+    rows = check_against_golden(path)
+    assert len(rows) == N_CASES - 26 and all(r.status == "PASS" for r in rows)
+    # A volume case in a version 2 file is not of that format.
+    manifest["cases"][0]["dims"] = 3
+    rewrite_golden(path, {k: a for k, a in arrays.items() if k in keep}, manifest)
+    with pytest.raises(GoldenFormatError, match=r"cases\[0\] .*dims must be 2, or 3"):
+        load_golden(path)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda m, a: [c.update(mode="bicubic") for c in m["cases"]
+                   if c["key"] == "3d/nearest/zeros/align_corners=True"],
+     r"3d/nearest/zeros/align_corners=True\): unknown mode.* for a volume"),
+    (lambda m, a: [c.pop("dims") for c in m["cases"]
+                   if c["key"] == "3d/nearest/zeros/align_corners=True"],
+     r"3d/nearest/zeros/align_corners=True/grid: shape \(2, 4, 5, 6, 3\) does not fit"),
+    (lambda m, a: a.__setitem__("3d/affine_grid/align_corners=True/size",
+                                np.array([2, 2, 4, 5, 7])),
+     r"3d/affine_grid/align_corners=True/size: is \[2, 2, 4, 5, 7\], expected \[2, C >= 0, "
+     r"4, 5, 6\]"),
+])
+def test_load_golden_checks_the_volume_cases(golden, tmp_path, change, message):
+    with pytest.raises(GoldenFormatError, match=message):
+        load_golden(_tweak(golden, tmp_path, change))

@@ -11,6 +11,8 @@ For engineers checking a PyTorch, JAX, CUDA, C++ or any other spatial-transforme
   wrapping yours); :func:`format_table` renders the result, with where each failing row
   differs. Besides forward and both gradients it runs an adjoint (dot-product) test and
   a determinism check (:mod:`~stn_numpy.verify.parity`).
+* :func:`parity_matrix_3d` does the same for volumes (5-D ``grid_sample``, 3-D
+  ``affine_grid``; :mod:`~stn_numpy.verify.volumes`).
 * :func:`export_golden` writes inputs and our outputs (the sampler on every combination
   and on edge cases, every grid transform, a whole spatial-transformer layer) to an
   ``.npz`` file with a JSON manifest, for a test that cannot call Python;
@@ -28,6 +30,7 @@ For engineers checking a PyTorch, JAX, CUDA, C++ or any other spatial-transforme
       stn-numpy verify [--dtype float32] [--tol 1e-10]   # vs torch; exit 1 on failure
       stn-numpy verify --against jax                     # or scipy, opencv, skimage,
                                                          # onnxruntime, onnx-reference
+      stn-numpy verify --dims 3                          # volumes (5-D grid_sample)
       stn-numpy verify --against mypkg.kernels:sample    # your callable
       stn-numpy verify --export golden.npz
       stn-numpy verify --check golden.npz [--against mypkg.kernels:sample]
@@ -56,6 +59,7 @@ from .second_order import (
     second_order_matrix,
     torch_double_backward,
 )
+from .volumes import make_volume_grid, parity_matrix_3d
 
 __all__ = [
     "ADAPTERS",
@@ -72,9 +76,11 @@ __all__ = [
     "load_golden",
     "main",
     "make_grid",
+    "make_volume_grid",
     "numpy_double_backward",
     "numpy_impl",
     "parity_matrix",
+    "parity_matrix_3d",
     "pixel_coordinates",
     "second_order_matrix",
     "torch_double_backward",

@@ -60,10 +60,11 @@ def _require(module: str, pip_name: str, extra: str = "verify"):
             f"pip install -e \".[{extra}]\")") from exc
 
 
-def _pixel_grid(grid, H: int, W: int, align_corners: bool):
-    """``(x, y)`` pixel coordinates of every grid point, each ``(N, Ho, Wo)``."""
-    return (pixel_coordinates(grid[..., 0], W, align_corners)[0],
-            pixel_coordinates(grid[..., 1], H, align_corners)[0])
+def _pixel_grid(grid, *spatial: int, align_corners: bool):
+    """``(x, y)`` (``(x, y, z)`` for a volume's ``spatial = (D, H, W)``) pixel coordinates
+    of every grid point, each of the grid's shape without its last axis."""
+    return tuple(pixel_coordinates(grid[..., a], size, align_corners)[0]
+                 for a, size in enumerate(reversed(spatial)))
 
 
 def _setting(settings: dict, mode: str, padding_mode: str, align_corners: bool, name: str):
@@ -73,13 +74,14 @@ def _setting(settings: dict, mode: str, padding_mode: str, align_corners: bool, 
     return settings[key]
 
 
-def _per_image(sample_2d, U, x, y):
-    """Apply ``sample_2d(image (H, W), x, y) -> (Ho, Wo)`` to every image and channel."""
+def _per_image(sample_2d, U, x, y, *z):
+    """Apply ``sample_2d(image (H, W), x, y) -> (Ho, Wo)`` to every image and channel
+    (``sample_2d(volume (D, H, W), x, y, z)`` to every volume when ``z`` is given)."""
     N, C = U.shape[:2]
     V = np.empty((N, C) + x.shape[1:], dtype=U.dtype)
     for n in range(N):
         for c in range(C):
-            V[n, c] = sample_2d(U[n, c], x[n], y[n])
+            V[n, c] = sample_2d(U[n, c], x[n], y[n], *(a[n] for a in z))
     return V
 
 
@@ -109,12 +111,15 @@ def scipy_sample(U, grid, align_corners, *, order, mode):
     """``scipy.ndimage.map_coordinates`` at the grid's pixel coordinates; V only.
 
     ``V[n, c] = map_coordinates(U[n, c], [y, x], order=order, mode=mode, cval=0,
-    prefilter=False)``; SciPy interpolates in float64 and returns U's dtype.
+    prefilter=False)``, and ``[z, y, x]`` for volumes (SciPy takes the coordinates in the
+    array's axis order, the reverse of the grid's); SciPy interpolates in float64 and
+    returns U's dtype.
     """
     ndimage = _require("scipy.ndimage", "scipy")
-    x, y = _pixel_grid(grid, *U.shape[2:], align_corners)
-    return _per_image(lambda img, xi, yi: ndimage.map_coordinates(
-        img, [yi, xi], order=order, mode=mode, cval=0.0, prefilter=False), U, x, y)
+    coords = _pixel_grid(grid, *U.shape[2:], align_corners=align_corners)
+    return _per_image(lambda img, *xyz: ndimage.map_coordinates(
+        img, list(reversed(xyz)), order=order, mode=mode, cval=0.0, prefilter=False),
+        U, *coords)
 
 
 def scipy_impl(U, grid, dV, mode, padding_mode, align_corners):
@@ -165,16 +170,17 @@ def jax_sample(align_corners: bool, *, order: int, mode: str):
     jnp, map_coordinates = jax.numpy, jax.scipy.ndimage.map_coordinates
 
     def forward(U, grid):
-        N, C, H, W = U.shape
-        sx, sy = ((W - 1) / 2, (H - 1) / 2) if align_corners else (W / 2, H / 2)
+        N, C, *spatial = U.shape  # (H, W), or (D, H, W) for volumes
         off = 0.0 if align_corners else 0.5
-        per_image = (N, C) + grid.shape[1:3]
-        x = jnp.broadcast_to(((grid[..., 0] + 1) * sx - off)[:, None], per_image)
-        y = jnp.broadcast_to(((grid[..., 1] + 1) * sy - off)[:, None], per_image)
-        k = jnp.broadcast_to(jnp.arange(N * C, dtype=grid.dtype).reshape(N, C, 1, 1),
-                             per_image)
-        V = map_coordinates(U.reshape(N * C, H, W), [k.reshape(-1), y.reshape(-1),
-                                                     x.reshape(-1)],
+        per_image = (N, C) + grid.shape[1:-1]
+        # Pixel coordinates in the array's axis order (z,) y, x: the grid's reversed.
+        coords = [jnp.broadcast_to(((grid[..., a] + 1) * ((size - 1) / 2 if align_corners
+                                                          else size / 2) - off)[:, None],
+                                   per_image).reshape(-1)
+                  for a, size in reversed(list(enumerate(reversed(spatial))))]
+        k = jnp.broadcast_to(jnp.arange(N * C, dtype=grid.dtype).reshape(
+            (N, C) + (1,) * len(spatial)), per_image)
+        V = map_coordinates(U.reshape(N * C, *spatial), [k.reshape(-1), *coords],
                             order=order, mode=mode, cval=0.0)
         return V.reshape(per_image)
 
@@ -223,7 +229,7 @@ def opencv_sample(U, grid, align_corners, *, interpolation, border):
         # the centre of a single pixel does not terminate).
         raise Unsupported("cv2.remap with INTER_CUBIC and BORDER_REFLECT_101 does not "
                           "return on an image 1 pixel high or wide")
-    x, y = _pixel_grid(grid, *U.shape[2:], align_corners)
+    x, y = _pixel_grid(grid, *U.shape[2:], align_corners=align_corners)
     flags, border_mode = getattr(cv2, interpolation), getattr(cv2, border)
     return _per_image(lambda img, xi, yi: cv2.remap(
         np.ascontiguousarray(img), xi.astype(np.float32), yi.astype(np.float32), flags,
@@ -232,6 +238,8 @@ def opencv_sample(U, grid, align_corners, *, interpolation, border):
 
 def opencv_impl(U, grid, dV, mode, padding_mode, align_corners):
     """OpenCV ``cv2.remap``: forward only, see ``OPENCV_BORDERS``, ``OPENCV_INTERPOLATIONS``."""
+    if U.ndim == 5:
+        raise Unsupported("cv2.remap samples images only, not volumes")
     border = OPENCV_BORDERS.get(padding_mode) or OPENCV_BORDERS[(padding_mode, align_corners)]
     V = opencv_sample(U, grid, align_corners, interpolation=OPENCV_INTERPOLATIONS[mode],
                       border=border)
@@ -259,7 +267,7 @@ def skimage_sample(U, grid, align_corners, *, order, mode):
     preserve_range=True)``; V only.
     """
     transform = _require("skimage.transform", "scikit-image")
-    x, y = _pixel_grid(grid, *U.shape[2:], align_corners)
+    x, y = _pixel_grid(grid, *U.shape[2:], align_corners=align_corners)
     return _per_image(lambda img, xi, yi: transform.warp(
         img, np.stack([yi, xi]), order=order, mode=mode, cval=0.0, clip=False,
         preserve_range=True), U, x, y)
@@ -267,6 +275,9 @@ def skimage_sample(U, grid, align_corners, *, order, mode):
 
 def skimage_impl(U, grid, dV, mode, padding_mode, align_corners):
     """scikit-image ``transform.warp`` (order 0, 1): forward only, see ``SKIMAGE_MODES``."""
+    if U.ndim == 5:
+        raise Unsupported("the adapter passes images to skimage.transform.warp; for "
+                          "volumes see SciPy's map_coordinates, which warp calls")
     if mode not in SKIMAGE_ORDERS:
         raise Unsupported("skimage.transform.warp order 3 is a cubic B-spline, not Keys' "
                           "cubic convolution")
@@ -289,13 +300,16 @@ ONNX_RUNTIMES = {"onnxruntime": "onnxruntime", "onnx-reference": "onnx.reference
 
 @functools.lru_cache(maxsize=128)
 def _onnx_runner(runtime: str, mode: str, padding_mode: str, align_corners: bool, dtype: str,
-                 opset: int):
-    """``run(U, grid) -> V`` of the one-node graph in ``runtime`` (a key of ONNX_RUNTIMES)."""
+                 opset: int, dims: int = 2):
+    """``run(U, grid) -> V`` of the one-node graph in ``runtime`` (a key of ONNX_RUNTIMES),
+    for images (``dims=2``) or volumes (3)."""
     from ..onnx import grid_sample_model
 
     _require("onnx", "onnx", "onnx")  # builds the graph for either runtime
     module = _require(ONNX_RUNTIMES[runtime], runtime.split("-")[0], "onnx")
-    model = grid_sample_model(mode, padding_mode, align_corners, dtype, opset)
+    if dims == 3 and opset < 20:
+        raise Unsupported(f"GridSample samples volumes from opset 20 on, not at {opset}")
+    model = grid_sample_model(mode, padding_mode, align_corners, dtype, opset, dims)
     if runtime == "onnx-reference":
         evaluator = module.ReferenceEvaluator(model)
 
@@ -326,7 +340,7 @@ def onnx_sample(U, grid, align_corners, *, runtime, mode, padding_mode, opset=20
     kernel for the dtype at this opset, the reference evaluator for opset 16's mode names.
     """
     run = _onnx_runner(runtime, mode, padding_mode, bool(align_corners), np.dtype(U.dtype).name,
-                       opset)
+                       opset, U.ndim - 2)
     try:
         return run(np.ascontiguousarray(U), np.ascontiguousarray(grid))
     except RuntimeError as exc:

@@ -13,6 +13,11 @@ points inside; for JAX, whose sampler differentiates, the autodiff gradients are
 too. The notes beside the measurements say why, from the library's source or
 documentation (named in :mod:`~stn_numpy.verify.adapters`).
 
+Libraries whose samplers take volumes (SciPy's and JAX's ``map_coordinates``) get a
+second table measured the same way on 5-D inputs (:mod:`~stn_numpy.verify.volumes`: points
+on the kinks of every axis), where the differing points are sorted by any of the three
+coordinates.
+
 ``stn-numpy verify --atlas`` prints the table; ``stn-numpy verify --atlas docs/atlas.md``
 replaces the text between the ``<!-- atlas:start -->`` and ``<!-- atlas:end -->`` lines
 of that file (atomically). Errors print as ``0``, ``round-off`` (below 1e-12 in float64,
@@ -34,11 +39,15 @@ from ..sampling import MODES, PADDING_MODES
 from . import adapters
 from .common import Unsupported
 from .parity import default_tol, numpy_impl, pixel_coordinates, sampler_inputs
+from .volumes import volume_sampler_inputs
 
 __all__ = ["AtlasRow", "LIBRARIES", "build_atlas", "measure", "write_atlas"]
 
 START, END = "<!-- atlas:start -->", "<!-- atlas:end -->"
 _SHAPE, _OUT_HW, _SEED = (2, 3, 5, 6), (7, 8), 0
+_VOLUME_SHAPE, _VOLUME_OUT = (2, 2, 4, 5, 6), (5, 6, 7)
+#: the libraries whose samplers take volumes, measured in 3-D too
+VOLUME_LIBRARIES = ("scipy", "jax")
 _ROUND_OFF = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}
 _KERNELS = {0: "nearest", 1: "bilinear", 3: "bicubic"}
 
@@ -103,8 +112,8 @@ def _opencv():
                                             "reflected"),
                "INTER_LINEAR": ("bilinear", quantised),
                "INTER_CUBIC": ("bicubic", "Keys a = -0.75 as here; " + quantised
-                               + " and, in float64, wrong values wherever a tap falls "
-                                 "outside the image")}
+                               + " (OpenCV 5.0's float64 bicubic was also wrong wherever a "
+                                 "tap fell outside the image; 5.1's is not)")}
     borders = {"BORDER_CONSTANT": ("zeros", None), "BORDER_REPLICATE": ("border", None),
                "BORDER_REFLECT_101": ("reflection", True),
                "BORDER_REFLECT": ("reflection", False)}
@@ -241,13 +250,17 @@ def _classify(ours, theirs, grid, shape, align_corners, dtype) -> tuple[int, dic
     diff = np.abs(ours.astype(np.float64) - theirs)
     scale = max(1e-8, float(np.max(np.abs(ours) + np.abs(theirs))))
     bad = (diff / scale > _ROUND_OFF[np.dtype(dtype)]).any(axis=1)  # (N, Ho, Wo)
-    H, W = shape[2:]
-    x = pixel_coordinates(grid[..., 0], W, align_corners)[0].astype(np.float64)
-    y = pixel_coordinates(grid[..., 1], H, align_corners)[0].astype(np.float64)
+    # Pixel coordinates x, y (and z for volumes) with the size of their axis.
+    axes = [(pixel_coordinates(grid[..., a], size, align_corners)[0].astype(np.float64), size)
+            for a, size in enumerate(reversed(shape[2:]))]
+
+    def anywhere(test):
+        return np.logical_or.reduce([test(c, size) for c, size in axes])
+
     kinds = {
-        "half-pixel ties": (x % 1 == 0.5) | (y % 1 == 0.5),
-        "outside": (x < 0) | (x > W - 1) | (y < 0) | (y > H - 1),
-        "on integers": (x % 1 == 0) | (y % 1 == 0),
+        "half-pixel ties": anywhere(lambda c, size: c % 1 == 0.5),
+        "outside": anywhere(lambda c, size: (c < 0) | (c > size - 1)),
+        "on integers": anywhere(lambda c, size: c % 1 == 0),
     }
     counts, left = {}, bad.copy()
     for name, mask in kinds.items():
@@ -264,15 +277,24 @@ def _where(total: int, bad: int, counts: dict[str, int]) -> str:
     return f"{bad}/{total} points: " + ", ".join(parts)
 
 
-def measure(library: str) -> list[AtlasRow]:
+def measure(library: str, volumes: bool = False) -> list[AtlasRow]:
     """Measure every setting of ``library`` (a key of :data:`LIBRARIES`).
 
     Each setting is compared with our kernel under the padding mode it stands for (see
     the adapters' tables), with both align_corners conventions unless it stands for one
-    only (the reflections); errors are the worst of those.
+    only (the reflections); errors are the worst of those. ``volumes``: on 5-D inputs
+    (for a library of :data:`VOLUME_LIBRARIES`).
     """
     _, module, settings = LIBRARIES[library]
     importlib.import_module(module)
+
+    def inputs(align_corners, dtype):
+        if volumes:
+            return volume_sampler_inputs(_SEED, int(align_corners), _VOLUME_SHAPE,
+                                         _VOLUME_OUT, align_corners, dtype)
+        return sampler_inputs(_SEED, int(align_corners), _SHAPE, _OUT_HW, align_corners,
+                              dtype)
+
     rows = []
     for setting in settings():
         padding, only = setting.padding
@@ -281,8 +303,7 @@ def measure(library: str) -> list[AtlasRow]:
         err_grad, total, bad, counts, grad_bad, grad_counts = None, 0, 0, {}, 0, {}
         for align_corners in (True, False) if only is None else (only,):
             for dtype in (np.float64, np.float32):
-                U, grid, dV = sampler_inputs(_SEED, int(align_corners), _SHAPE, _OUT_HW,
-                                             align_corners, dtype)
+                U, grid, dV = inputs(align_corners, dtype)
                 try:
                     theirs = _run(setting, U, grid, dV, align_corners)
                 except Unsupported as exc:  # the library refuses this setting or dtype
@@ -295,8 +316,8 @@ def measure(library: str) -> list[AtlasRow]:
                 if setting.differentiable:
                     err_grad = max(err_grad or 0.0, rel_error(ours[1], theirs[1]),
                                    rel_error(ours[2], theirs[2]))
-                    n_bad, kinds = _classify(ours[2].transpose(0, 3, 1, 2),
-                                             theirs[2].transpose(0, 3, 1, 2), grid, U.shape,
+                    n_bad, kinds = _classify(np.moveaxis(ours[2], -1, 1),
+                                             np.moveaxis(theirs[2], -1, 1), grid, U.shape,
                                              align_corners, dtype)
                     grad_bad += n_bad
                     for k, n in kinds.items():
@@ -339,37 +360,43 @@ def _fmt(err: float | None, dtype) -> str:
 
 
 def build_atlas(libraries=None) -> str:
-    """The atlas as markdown: one table per installed library, and which are missing."""
+    """The atlas as markdown: one table per installed library, then one per library of
+    :data:`VOLUME_LIBRARIES` measured on volumes, and which are missing."""
     lines, missing = [], []
     for name in libraries or LIBRARIES:
-        title, module, _ = LIBRARIES[name]
         try:
-            rows = measure(name)
+            lines += _table(name, measure(name))
         except ImportError:
             missing.append(name)
-            continue
-        version = _version(module)
-        lines += [f"**{title}** ({name} {version})", "",
-                  "| setting | compared with, here | float64 | float32 | autodiff dU, dgrid "
-                  "| where it differs (float64) | why |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in rows:
-            match = f"`{r.mode}`, `{r.padding_mode}`"
-            if r.align_corners is not None:
-                match += f", align_corners={r.align_corners}"
-            measured = [e <= default_tol(t) for e, t in ((r.err64, np.float64),
-                                                         (r.err32, np.float32)) if e is not None]
-            match += "" if r.exact or (r.refused and all(measured)) else " (differs)"
-            e64, e32 = (_fmt(e, t) if t not in r.refused else "not run"
-                        for e, t in ((r.err64, "float64"), (r.err32, "float32")))
-            lines.append(f"| `{r.setting}` | {match} | {e64} | "
-                         f"{e32} | {_fmt(r.err_grad, np.float64)} | "
-                         f"{r.where} | {r.note} |")
-        lines.append("")
+    for name in libraries or LIBRARIES:
+        if name in VOLUME_LIBRARIES and name not in missing:
+            lines += _table(name, measure(name, volumes=True), " on volumes (5-D)")
     if missing:
         lines.append("Not measured (not installed): " + ", ".join(missing) + ".")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _table(name: str, rows, suffix: str = "") -> list[str]:
+    """The markdown lines of one library's table."""
+    title, module, _ = LIBRARIES[name]
+    lines = [f"**{title}**{suffix} ({name} {_version(module)})", "",
+             "| setting | compared with, here | float64 | float32 | autodiff dU, dgrid "
+             "| where it differs (float64) | why |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        match = f"`{r.mode}`, `{r.padding_mode}`"
+        if r.align_corners is not None:
+            match += f", align_corners={r.align_corners}"
+        measured = [e <= default_tol(t) for e, t in ((r.err64, np.float64),
+                                                     (r.err32, np.float32)) if e is not None]
+        match += "" if r.exact or (r.refused and all(measured)) else " (differs)"
+        e64, e32 = (_fmt(e, t) if t not in r.refused else "not run"
+                    for e, t in ((r.err64, "float64"), (r.err32, "float32")))
+        lines.append(f"| `{r.setting}` | {match} | {e64} | {e32} | "
+                     f"{_fmt(r.err_grad, np.float64)} | {r.where} | {r.note} |")
+    lines.append("")
+    return lines
 
 
 def _version(module: str) -> str:

@@ -13,6 +13,7 @@ from .._torch import TorchNotInstalledError, import_torch
 from .adapters import ADAPTERS, LibraryNotInstalledError
 from .golden import GoldenFormatError, check_against_golden, export_golden
 from .parity import format_table, numpy_impl, parity_matrix
+from .volumes import parity_matrix_3d
 
 __all__ = ["main"]
 
@@ -49,6 +50,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="dtype of the comparison or export (--check uses the file's)")
     parser.add_argument("--seed", type=parse_non_negative_int, default=0,
                         help="seed of the inputs (default 0)")
+    parser.add_argument("--dims", type=int, choices=(2, 3), default=2,
+                        help="2: images, 4-D U (default); 3: volumes, 5-D U (N, C, D, H, W) "
+                             "with grids (N, D_o, H_o, W_o, 3) of (x, y, z): the 12 "
+                             "trilinear and nearest combinations and the 3-D affine_grid")
     parser.set_defaults(func=_run)
     return parser
 
@@ -59,6 +64,11 @@ def _run(args: argparse.Namespace) -> int:
         if (args.export or args.atlas) and args.against:
             raise _CallableSpecError(f"--{'export' if args.export else 'atlas'} takes no "
                                      f"--against; drop it")
+        if args.dims == 3 and (args.export or args.check or args.atlas):
+            raise _CallableSpecError("--dims applies to the parity table only: golden files "
+                                     "and the atlas hold both images and volumes; drop it")
+        if args.dims == 3 and args.order == 2:
+            raise _CallableSpecError("--order 2 compares images only so far; drop --dims 3")
         if args.order == 2 and (args.export or args.atlas):
             raise _CallableSpecError(f"--{'export' if args.export else 'atlas'} takes no "
                                      f"--order (an export holds both orders)")
@@ -76,10 +86,12 @@ def _run(args: argparse.Namespace) -> int:
             results = check_against_golden(args.check, other, tol=args.tol)
             title = f"{_label(args.against, other or numpy_impl)} vs golden vectors in {args.check}"
         else:
-            results = parity_matrix(other, dtype=args.dtype, seed=args.seed, tol=args.tol)
+            matrix = parity_matrix_3d if args.dims == 3 else parity_matrix
+            results = matrix(other, dtype=args.dtype, seed=args.seed, tol=args.tol)
             against = (_label(args.against, other) if other
                        else f"torch {import_torch().__version__}")
-            title = f"stn_numpy vs {against} ({args.dtype}, seed {args.seed})"
+            volumes = ", volumes" if args.dims == 3 else ""
+            title = f"stn_numpy vs {against} ({args.dtype}, seed {args.seed}{volumes})"
     except (TorchNotInstalledError, LibraryNotInstalledError, GoldenFormatError, OSError,
             _CallableSpecError) as exc:
         return _error(exc)

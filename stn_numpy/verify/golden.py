@@ -11,7 +11,7 @@ beside the archive (``golden.json`` for ``golden.npz``), for reading without Num
 
 The manifest (entry ``manifest``: a 1-D uint8 array holding UTF-8 JSON)::
 
-    {"format": "stn-numpy-golden", "format_version": 2, "stn_numpy_version": ...,
+    {"format": "stn-numpy-golden", "format_version": 3, "stn_numpy_version": ...,
      "numpy_version": ..., "scipy_version": ..., "dtype": "float64", "seed": 0,
      "tolerance": 1e-10, "tolerance_note": "how it was measured",
      "conventions": {...}, "cases": [...], "arrays": {key: {"shape": [...], "dtype": ...}}}
@@ -29,11 +29,19 @@ under test and compares each output with ``rel_error`` against ``tolerance``:
     ``far_reflection`` (pixel coordinates up to 1e6 outside, reflection padding),
     ``nearest_ties`` (exact half-pixel ties, nearest mode) and ``on_border`` (points
     exactly on 0 and W - 1, H - 1).
-``affine_grid``, ``attention_grid``, ``projective_grid``, ``tps_grid``
-    settings ``align_corners`` (and ``lattice`` for TPS); inputs ``theta``,
-    ``size (4,) int64`` = ``(N, C, Ho, Wo)``, ``dgrid``; outputs ``grid`` and ``dtheta``,
-    the gradient of ``sum(grid * dgrid)``. theta is ``(N, 2, 3)``,
-    ``(N, 3)`` = (s, t_x, t_y), ``(N, 8)`` (h_33 = 1) and ``(N, K, 2)``.
+``grid_sample`` on volumes (the case has ``"dims": 3``)
+    inputs ``U (N, C, D, H, W)``, ``grid (N, Do, Ho, Wo, 3)`` holding ``(x, y, z)`` (x
+    along W, y along H, z along D), ``dV (N, C, Do, Ho, Wo)``; outputs as in 2-D. The 12
+    trilinear (``bilinear``) and nearest combinations on the inputs of the 3-D parity
+    matrix (key ``3d/{mode}/{padding_mode}/align_corners={..}``), and under
+    ``3d/edge/identity/...`` the identity affine grid (every point on a voxel centre).
+``affine_grid``, ``attention_grid``, ``projective_grid``, ``tps_grid`` (``align_corners``;
+``lattice`` for TPS)
+    inputs ``theta``, ``size (4,) int64`` = ``(N, C, Ho, Wo)``, ``dgrid``; outputs
+    ``grid`` and ``dtheta``, the gradient of ``sum(grid * dgrid)``. theta is ``(N, 2, 3)``,
+    ``(N, 3)`` = (s, t_x, t_y), ``(N, 8)`` (h_33 = 1) and ``(N, K, 2)``. The volume
+    ``affine_grid`` cases (``"dims": 3``, key ``3d/affine_grid/align_corners={..}``) have
+    theta ``(N, 3, 4)``, ``size (5,)`` = ``(N, C, Do, Ho, Wo)`` and grid ``(N, Do, Ho, Wo, 3)``.
 ``grid_sample_double_backward`` (settings as ``grid_sample``)
     The second order: inputs ``U``, ``grid``, ``dV`` and the upstream gradients ``ddU
     (N, C, H, W)`` and ``ddgrid (N, Ho, Wo, 2)`` of the backward's ``dU`` and ``dgrid``;
@@ -56,7 +64,8 @@ under test and compares each output with ``rel_error`` against ``tolerance``:
 :func:`load_golden` checks a file field by field (the manifest's fields, then each
 array's ``.npy`` header: dtype, shape and declared size, before anything large is read;
 then that inputs are finite) and raises :class:`GoldenFormatError`, a ``ValueError``
-naming the file and the field, for anything else.
+naming the file and the field, for anything else. Files of format version 2 (before the
+volume cases) are read and checked as they are.
 """
 
 from __future__ import annotations
@@ -106,11 +115,14 @@ from .second_order import (
     second_order_inputs,
     second_order_key,
 )
+from .volumes import COMBOS_3D, volume_affine_inputs, volume_key, volume_sampler_inputs
 
 __all__ = ["GoldenFormatError", "check_against_golden", "export_golden", "load_golden"]
 
 GOLDEN_FORMAT = "stn-numpy-golden"
-GOLDEN_FORMAT_VERSION = 2
+GOLDEN_FORMAT_VERSION = 3
+#: Versions this reader checks: 2 has no volume cases, and is otherwise the same.
+_READABLE_VERSIONS = (2, 3)
 #: Refuse to read an archive declaring more than this (a golden file is about 1 MB).
 MAX_BYTES = 1 << 30
 
@@ -122,7 +134,8 @@ _TOLERANCE_NOTE = (
     "9e-7 over the same seeds, shapes and kernels; the margin leaves room for other "
     "summation orders (atomics on a GPU). A port that rounds (x_s + 1) * W / 2 - 1/2 with "
     "a fused multiply-add sees the same side of every kink: the special points are chosen "
-    "so (see stn_numpy.verify.make_grid).")
+    "so (see stn_numpy.verify.make_grid). Volumes (3d/ cases): the worst float64 error "
+    "against torch 2.13.0 CPU is below 1e-15 (stn_numpy.verify.parity_matrix_3d).")
 
 CONVENTIONS = {
     "layout": "U, V: (N, C, H, W); grid: (N, H_out, W_out, 2) with [..., 0] = x (width), "
@@ -151,6 +164,11 @@ CONVENTIONS = {
     "lattice over [-1, 1]^2 (rows x cols, row-major); the thin-plate spline interpolating "
     "them, with radial basis r^2 log r^2",
     "comparison": "rel_error(a, b) = max|a - b| / max(1e-8, max(|a| + |b|)) per array",
+    "volumes": "U, V: (N, C, D, H, W); grid: (N, D_out, H_out, W_out, 3) with [..., 0] = x "
+    "(width), [..., 1] = y (height), [..., 2] = z (depth): the reverse of the tensor's axis "
+    "order; theta: (N, 3, 4); every convention above applies along each axis",
+    "trilinear": "mode 'bilinear' on volumes: the 8 voxels around the point, each weighted "
+    "by a product of three hat functions; bicubic is not defined for volumes",
 }
 
 _GRID_TRANSFORMS = {
@@ -283,6 +301,7 @@ def _build_cases(seed, dtype, shape, out_hw) -> tuple[list[dict], dict[str, np.n
                   "align_corners": False, "inputs": list(_STN_IO[0]),
                   "outputs": list(_STN_IO[1])})
     arrays.update({f"spatial_transformer/{k}": v.astype(dtype) for k, v in stn.items()})
+    _add_volume_cases(cases, arrays, seed, dtype)
     # Last, so that every case above keeps the inputs it had before these existed.
     for i, combo in enumerate(COMBOS):
         key = second_order_key(*combo)
@@ -292,6 +311,36 @@ def _build_cases(seed, dtype, shape, out_hw) -> tuple[list[dict], dict[str, np.n
         arrays.update({f"{key}/{n}": a for n, a in zip(_SECOND_ORDER_IO[0], inputs,
                                                         strict=True)})
     return cases, arrays
+
+
+_VOLUME_SHAPE, _VOLUME_OUT = (2, 2, 3, 4, 5), (4, 5, 6)
+
+
+def _add_volume_cases(cases, arrays, seed, dtype) -> None:
+    """The ``3d/`` cases (see the module docstring), after every 2-D case, on input
+    streams of their own: a 2-D case's inputs are those of format version 2."""
+    for case, combo in enumerate(COMBOS_3D):
+        key = volume_key(*combo)
+        U, grid, dV = volume_sampler_inputs(seed, case, _VOLUME_SHAPE, _VOLUME_OUT, combo[2],
+                                            dtype)
+        cases.append({**_sampler_case(key, *combo), "dims": 3})
+        arrays.update({f"{key}/U": U, f"{key}/grid": grid, f"{key}/dV": dV})
+        # The identity grid of the same U: every point on a voxel centre, a kink of each axis.
+        key = "3d/edge/identity/" + key[len("3d/"):]
+        N, C = _VOLUME_SHAPE[:2]
+        grid = affine_grid(np.tile(np.eye(3, 4, dtype=dtype), (N, 1, 1)), _VOLUME_SHAPE,
+                           combo[2])
+        dV = np.random.default_rng([seed, 200 + case]).standard_normal(_VOLUME_SHAPE)
+        cases.append({**_sampler_case(key, *combo), "dims": 3})
+        arrays.update({f"{key}/U": U, f"{key}/grid": grid, f"{key}/dV": dV.astype(dtype)})
+    for i, align_corners in enumerate((True, False)):
+        theta, size, dgrid = volume_affine_inputs(seed, len(COMBOS_3D) + i, _VOLUME_SHAPE,
+                                                  _VOLUME_OUT, dtype)
+        key = volume_key("affine_grid", None, align_corners)
+        cases.append({"key": key, "kind": "affine_grid", "dims": 3,
+                      "align_corners": align_corners, "inputs": list(_GRID_IO[0]),
+                      "outputs": list(_GRID_IO[1])})
+        arrays.update({f"{key}/theta": theta, f"{key}/size": size, f"{key}/dgrid": dgrid})
 
 
 def _spatial_transformer(U, dV, **params):
@@ -424,9 +473,10 @@ def _check_manifest(path, manifest):
         _fail(path, "manifest", "is not a JSON object")
     if manifest.get("format") != GOLDEN_FORMAT:
         _fail(path, "format", f"is {manifest.get('format')!r}, expected {GOLDEN_FORMAT!r}")
-    if manifest.get("format_version") != GOLDEN_FORMAT_VERSION:
-        _fail(path, "format_version", f"is {manifest.get('format_version')!r}, this reader "
-              f"knows {GOLDEN_FORMAT_VERSION}")
+    version = manifest.get("format_version")
+    if isinstance(version, bool) or version not in _READABLE_VERSIONS:
+        _fail(path, "format_version", f"is {version!r}, this reader knows "
+              + " and ".join(str(v) for v in _READABLE_VERSIONS))
     if manifest.get("dtype") not in ("float32", "float64"):
         _fail(path, "dtype", f"is {manifest.get('dtype')!r}, expected float32 or float64")
     tol = manifest.get("tolerance")
@@ -447,10 +497,17 @@ def _check_manifest(path, manifest):
         if case.get("inputs") != list(io[0]) or case.get("outputs") != list(io[1]):
             _fail(path, f"cases[{i}] ({case['key']})", f"inputs and outputs must be "
                   f"{list(io[0])} and {list(io[1])}")
+        dims = case.get("dims", 2)
+        if (isinstance(dims, bool) or dims not in (2, 3)
+                or (dims == 3 and (version < 3 or case["kind"] not in ("grid_sample",
+                                                                        "affine_grid")))):
+            _fail(path, f"cases[{i}] ({case['key']})", f"dims must be 2, or 3 for a "
+                  f"grid_sample or affine_grid case of format version 3, got {dims!r}")
         settings = (case.get("mode"), case.get("padding_mode"), case.get("align_corners"))
-        if case["kind"] in ("grid_sample", _SECOND_ORDER) and settings not in COMBOS:
+        if case["kind"] in ("grid_sample", _SECOND_ORDER) and settings not in (
+                COMBOS_3D if dims == 3 else COMBOS):
             _fail(path, f"cases[{i}] ({case['key']})", "unknown mode, padding_mode or "
-                  "align_corners")
+                  "align_corners" + (" for a volume" if dims == 3 else ""))
         if not isinstance(case.get("align_corners"), bool):
             _fail(path, f"cases[{i}] ({case['key']})", f"align_corners must be true or false, "
                   f"got {case.get('align_corners')!r}")
@@ -471,17 +528,19 @@ def _check_shapes(path, case, shapes):
         if shapes[name] != tuple(expected):
             _fail(path, f"{key}/{name}", f"shape {shapes[name]}, expected {tuple(expected)}")
 
+    rank = 5 if case.get("dims", 2) == 3 else 4  # of U and of the grid
     if case["kind"] in ("grid_sample", _SECOND_ORDER):
         U, grid = shapes["U"], shapes["grid"]
-        if len(U) != 4 or len(grid) != 4 or grid[3] != 2 or grid[0] != U[0]:
+        if (len(U) != rank or len(grid) != rank or grid[-1] != rank - 2
+                or grid[0] != U[0]):
             _fail(path, f"{key}/grid", f"shape {grid} does not fit U of shape {U}")
-        need("dV", U[:2] + grid[1:3])
+        need("dV", U[:2] + grid[1:-1])
         if case["kind"] == "grid_sample":
-            need("V", U[:2] + grid[1:3])
+            need("V", U[:2] + grid[1:-1])
             need("dU", U)
             need("dgrid", grid)
         else:
-            for name, like in (("ddU", U), ("ddgrid", grid), ("d_dV", U[:2] + grid[1:3]),
+            for name, like in (("ddU", U), ("ddgrid", grid), ("d_dV", U[:2] + grid[1:-1]),
                                ("d_U", U), ("d_grid", grid)):
                 need(name, like)
     elif case["kind"] == "spatial_transformer":
@@ -499,8 +558,10 @@ def _check_shapes(path, case, shapes):
             need("d" + name, expected)
     else:
         grid = shapes["grid"]
-        if len(grid) != 4 or grid[3] != 2:
-            _fail(path, f"{key}/grid", f"shape {grid}, expected (N, H_out, W_out, 2)")
+        if len(grid) != rank or grid[-1] != rank - 2:
+            expected = ("(N, D_out, H_out, W_out, 3)" if rank == 5
+                        else "(N, H_out, W_out, 2)")
+            _fail(path, f"{key}/grid", f"shape {grid}, expected {expected}")
         N = grid[0]
         if case["kind"] == "tps_grid":
             try:
@@ -509,25 +570,26 @@ def _check_shapes(path, case, shapes):
                 _fail(path, f"{key}: lattice", str(exc))
             theta = (N, rows * cols, 2)
         else:
-            theta = {"affine_grid": (N, 2, 3), "attention_grid": (N, 3),
-                     "projective_grid": (N, 8)}[case["kind"]]
+            theta = {"affine_grid": (N, 2, 3) if rank == 4 else (N, 3, 4),
+                     "attention_grid": (N, 3), "projective_grid": (N, 8)}[case["kind"]]
         need("theta", theta)
-        need("size", (4,))
+        need("size", (rank,))
         need("dgrid", grid)
         need("dtheta", theta)
 
 
 def _check_sizes(path, case, arrays):
-    """A grid case's ``size`` is the ``(N, C, H_out, W_out)`` its grid has.
+    """A grid case's ``size`` is the ``(N, C, [D_out,] H_out, W_out)`` its grid has.
 
     Read from the values, not the headers: a size that disagreed could make the forward
     allocate far more than the file holds.
     """
     key = case["key"]
     size, grid = arrays[f"{key}/size"], arrays[f"{key}/grid"]
-    N, Ho, Wo = grid.shape[:3]
-    if size[0] != N or size[1] < 0 or size[2] != Ho or size[3] != Wo:
-        _fail(path, f"{key}/size", f"is {size.tolist()}, expected [{N}, C >= 0, {Ho}, {Wo}] "
+    N, spatial = grid.shape[0], grid.shape[1:-1]
+    if size[0] != N or size[1] < 0 or tuple(size[2:]) != spatial:
+        expected = ", ".join(str(d) for d in (N, "C >= 0", *spatial))
+        _fail(path, f"{key}/size", f"is {size.tolist()}, expected [{expected}] "
               f"(the grid's shape)")
 
 

@@ -481,8 +481,7 @@ def _call(fn, U, grid, dV, mode, padding_mode, align_corners):
         V, dU, dgrid = (None if a is None else np.asarray(a) for a in out)
     except (TypeError, ValueError):
         raise ValueError(f"must return (V, dU, dgrid), got {type(out).__name__}") from None
-    Ho, Wo = grid.shape[1:3]
-    for name, a, shape in (("V", V, U.shape[:2] + (Ho, Wo)), ("dU", dU, U.shape),
+    for name, a, shape in (("V", V, U.shape[:2] + grid.shape[1:-1]), ("dU", dU, U.shape),
                            ("dgrid", dgrid, grid.shape)):
         if (a is None and name == "V") or (a is not None and a.shape != shape):
             got = None if a is None else a.shape
@@ -497,6 +496,8 @@ def _where(name, ours, theirs, grid, U_shape, align_corners) -> str:
     idx = np.unravel_index(int(np.argmax(diff)), diff.shape)
     text = (f"worst at {name}[{', '.join(map(str, idx))}]: ours {ours[idx]:.6g}, "
             f"theirs {theirs[idx]:.6g}")
+    if len(U_shape) == 5:
+        return text + _where_in_volume(name, idx, grid, U_shape, align_corners)
     H, W = U_shape[2:]
     if name == "dU":
         return text + f", pixel (x={idx[3]}, y={idx[2]})"
@@ -504,6 +505,18 @@ def _where(name, ours, theirs, grid, U_shape, align_corners) -> str:
     x = pixel_coordinates(grid[n, i, j, 0], W, align_corners)[0]
     y = pixel_coordinates(grid[n, i, j, 1], H, align_corners)[0]
     return text + f", sampling point at pixel (x={x:.6g}, y={y:.6g}) of a {H}x{W} image"
+
+
+def _where_in_volume(name, idx, grid, U_shape, align_corners) -> str:
+    """:func:`_where`'s location for a volume: the voxel, or the sampling point in voxels."""
+    D, H, W = U_shape[2:]
+    if name == "dU":
+        return f", voxel (x={idx[4]}, y={idx[3]}, z={idx[2]})"
+    point = (idx[0], *idx[1:4]) if name == "dgrid" else (idx[0], *idx[2:5])
+    x, y, z = (pixel_coordinates(grid[point + (a,)], size, align_corners)[0]
+               for a, size in enumerate((W, H, D)))
+    return (f", sampling point at voxel (x={x:.6g}, y={y:.6g}, z={z:.6g}) of a {D}x{H}x{W} "
+            f"volume")
 
 
 def _adjoint(U, V, dU, dV) -> tuple[float, str]:

@@ -34,9 +34,9 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from ._checks import check_float_array
-from ._parallel import parallel_map
-from .sampling import (
+from .._checks import check_float_array
+from .._parallel import parallel_map
+from . import (
     _CUBIC_A,
     _RING,
     _block_taps,
@@ -127,9 +127,14 @@ def grid_sample_double_backward(ddU, ddgrid, dV, U, grid, mode="bilinear",
     TypeError
         Non-float arrays or dtypes other than U's.
     ValueError
-        Wrong shapes, unknown modes, a grid out of range (as :func:`~stn_numpy.grid_sample`).
+        Wrong shapes, unknown modes, a grid out of range (as :func:`~stn_numpy.grid_sample`);
+        a volume (5-D U), whose double backward is not written yet.
     """
     _check_inputs(U, grid, mode, padding_mode, align_corners)
+    if U.ndim != 4:
+        raise ValueError(f"grid_sample_double_backward takes images, U of shape (N, C, H, W) "
+                         f"with grid (N, H_o, W_o, 2); volumes are not supported yet, got U "
+                         f"of shape {U.shape}")
     N, C, H, W = U.shape
     Ho, Wo = grid.shape[1:3]
     dV = _check_like("dV", dV, (N, C, Ho, Wo), U.dtype)

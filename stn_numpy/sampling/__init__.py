@@ -49,17 +49,26 @@ less than writing and re-reading them. It does reuse the forward's zero-padded,
 channels-last copy of U, whose rebuilding is a transposing copy. Each output value
 depends on its own image alone and sums its taps in a fixed order, so every result is
 bit-identical for any split into blocks and any number of threads.
+
+Volumes: U of shape ``(N, C, D, H, W)`` and a grid ``(N, D_o, H_o, W_o, 3)`` holding
+``(x_s, y_s, z_s)``, where x runs along W, y along H and z along D (the reverse of the
+tensor's axis order, as in PyTorch), give V of shape ``(N, C, D_o, H_o, W_o)``.
+``"bilinear"`` is then trilinear (8 voxels per point) and ``"nearest"`` reads one voxel;
+every convention above holds along each of the three axes. ``"bicubic"`` is refused, as
+PyTorch refuses it. :mod:`stn_numpy.sampling.volumes` holds the 3-D work.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
 
-from ._checks import NonFiniteError, check_choice, check_finite, check_float_array
-from ._parallel import even_split, get_num_threads, parallel_map
+from .._checks import NonFiniteError, check_choice, check_finite, check_float_array
+from .._parallel import even_split, get_num_threads, parallel_map
+from . import volumes
 
 __all__ = [
     "grid_sample",
@@ -95,21 +104,26 @@ _RING = {"nearest": 1, "bilinear": 2, "bicubic": 4}
 def grid_sample(U, grid, mode="bilinear", padding_mode="zeros", align_corners=False):
     """Sample U at the grid's source coordinates, as PyTorch's ``F.grid_sample``.
 
+    Images and volumes: the number of U's dimensions (4 or 5) selects the case, and the
+    grid must have as many.
+
     Parameters
     ----------
-    U : ndarray, shape (N, C, H, W), float32 or float64
-        Input feature map.
-    grid : ndarray, shape (N, H_o, W_o, 2), dtype of ``U``
-        Normalized source coordinates ``(x_s, y_s)``; finite, and at most
-        ``finfo(dtype).max / max(H, W)`` in magnitude, so that pixel coordinates cannot
+    U : ndarray, shape (N, C, H, W) or (N, C, D, H, W), float32 or float64
+        Input feature map or volume.
+    grid : ndarray, shape (N, H_o, W_o, 2) or (N, D_o, H_o, W_o, 3), dtype of ``U``
+        Normalized source coordinates ``(x_s, y_s)``, resp. ``(x_s, y_s, z_s)``: x along W,
+        y along H, z along D, the reverse of U's axis order. Finite, and at most
+        ``finfo(dtype).max / max(D, H, W)`` in magnitude, so that pixel coordinates cannot
         overflow (any larger value lies far outside the image anyway).
     mode : {"bilinear", "nearest", "bicubic"}
+        ``"bilinear"`` is trilinear for volumes; ``"bicubic"`` takes images only.
     padding_mode : {"zeros", "border", "reflection"}
     align_corners : bool
 
     Returns
     -------
-    V : ndarray, shape (N, C, H_o, W_o), dtype of ``U``
+    V : ndarray, shape (N, C, H_o, W_o) or (N, C, D_o, H_o, W_o), dtype of ``U``
         A view of channels-last memory ``(N, H_o, W_o, C)``, the rows the sampler
         computes (for ``C = 1`` the two layouts coincide): transposing them into
         ``(N, C, H_o, W_o)`` order cost 15% of the forward at ``C = 32``, and a consumer
@@ -121,11 +135,14 @@ def grid_sample(U, grid, mode="bilinear", padding_mode="zeros", align_corners=Fa
     TypeError
         Non-float arrays or mismatched dtypes.
     ValueError
-        Wrong shapes, unknown modes; :class:`~stn_numpy.NonFiniteError` (a ValueError)
+        Wrong shapes (an image U with a volume's grid, or the reverse, names both),
+        unknown modes, bicubic on a volume; :class:`~stn_numpy.NonFiniteError` (a ValueError)
         for NaN, inf or a value beyond that bound in ``grid``. NaN or inf in ``U``
         propagate.
     """
     _check_inputs(U, grid, mode, padding_mode, align_corners, grid_range=False)
+    if U.ndim == 5:
+        return volumes.forward(U, grid, mode, padding_mode, align_corners)
     return _forward(U, grid, mode, padding_mode, align_corners)
 
 
@@ -133,23 +150,24 @@ def grid_sample_backward(dV, U, grid, mode="bilinear", padding_mode="zeros",
                          align_corners=False):
     """Gradients of :func:`grid_sample` with respect to U and grid.
 
-    ``dU = S^T dV`` and ``dgrid[..., 0] = sum_c dV (S_x U) dx/dx_s`` (likewise for y),
-    see the module docstring. For ``mode="nearest"`` ``dgrid`` is zero.
+    ``dU = S^T dV`` and ``dgrid[..., 0] = sum_c dV (S_x U) dx/dx_s`` (likewise for y,
+    and z for volumes), see the module docstring and :mod:`~stn_numpy.sampling.volumes`.
+    For ``mode="nearest"`` ``dgrid`` is zero.
 
     Parameters
     ----------
-    dV : ndarray, shape (N, C, H_o, W_o)
-        Upstream gradient, dtype of ``U``.
+    dV : ndarray, shape (N, C, H_o, W_o) or (N, C, D_o, H_o, W_o)
+        Upstream gradient, the shape and dtype of the forward's V.
     U, grid, mode, padding_mode, align_corners
         Exactly the arguments of the forward call.
 
     Returns
     -------
-    dU : ndarray, shape (N, C, H, W)
+    dU : ndarray, shape of ``U``
         A view of channels-last memory, as :func:`grid_sample`'s V.
-    dgrid : ndarray, shape (N, H_o, W_o, 2)
-        A view of ``(N, 2, H_o, W_o)`` planes, the layout :func:`~stn_numpy.affine_grid`
-        returns.
+    dgrid : ndarray, shape of ``grid``
+        A view of ``(N, 2, H_o, W_o)`` (``(N, 3, D_o, H_o, W_o)``) planes, the layout
+        :func:`~stn_numpy.affine_grid` returns.
     """
     _check_inputs(U, grid, mode, padding_mode, align_corners)
     return grid_sample_backward_from_cache(
@@ -171,11 +189,18 @@ def grid_sample_forward(U, grid, mode="bilinear", padding_mode="zeros", align_co
         times the size of ``U`` (``r`` = 2 for bilinear, 4 for bicubic; none for nearest),
         which the backward reads again wherever its blocks are the forward's (the same
         worker count). A ``U`` changed in between would thus be read partly as it was
-        and partly as it is.
+        and partly as it is. For volumes the copy is of the whole batch,
+        ``(D + 4)(H + 4)(W + 4) / (D H W)`` times ``U`` for trilinear, always reread.
     """
     _check_inputs(U, grid, mode, padding_mode, align_corners, grid_range=False)
-    rows, factored = {}, _factored_bilinear(U, mode)
-    V = _forward(U, grid, mode, padding_mode, align_corners, keep_rows=rows, factored=factored)
+    rows = {}
+    if U.ndim == 5:
+        factored = False
+        V = volumes.forward(U, grid, mode, padding_mode, align_corners, keep_rows=rows)
+    else:
+        factored = _factored_bilinear(U, mode)
+        V = _forward(U, grid, mode, padding_mode, align_corners, keep_rows=rows,
+                     factored=factored)
     return V, _SamplingCache(U, grid, (mode, padding_mode, align_corners), rows, factored)
 
 
@@ -184,7 +209,7 @@ def grid_sample_backward_from_cache(dV, cache, input_grad=True):
 
     Parameters
     ----------
-    dV : ndarray, shape (N, C, H_o, W_o)
+    dV : ndarray, shape (N, C, H_o, W_o) or (N, C, D_o, H_o, W_o)
         Upstream gradient, the shape and dtype of the forward's V.
     cache : object
         The second value :func:`grid_sample_forward` returned.
@@ -194,20 +219,22 @@ def grid_sample_backward_from_cache(dV, cache, input_grad=True):
 
     Returns
     -------
-    dU : ndarray, shape (N, C, H, W), or None
+    dU : ndarray, shape of ``U``, or None
         A view of channels-last memory, as :func:`grid_sample`'s V.
-    dgrid : ndarray, shape (N, H_o, W_o, 2)
-        Zero for ``mode="nearest"``; a view of ``(N, 2, H_o, W_o)`` planes.
+    dgrid : ndarray, shape of ``grid``
+        Zero for ``mode="nearest"``; a view of ``(N, 2, H_o, W_o)`` (or
+        ``(N, 3, D_o, H_o, W_o)``) planes.
     """
     if not isinstance(cache, _SamplingCache):
         raise TypeError(f"cache must be the cache grid_sample_forward returned, "
                         f"got {type(cache).__name__}")
     U, grid = cache.U, cache.grid
-    N, C = U.shape[:2]
-    Ho, Wo = grid.shape[1:3]
-    dV = check_float_array("dV", dV, shape=(N, C, Ho, Wo))
+    dV = check_float_array("dV", dV, shape=(*U.shape[:2], *grid.shape[1:-1]))
     if dV.dtype != U.dtype:
         raise TypeError(f"dV must have the dtype of U, {U.dtype}, got {dV.dtype}")
+    if U.ndim == 5:
+        return volumes.backward(dV, U, grid, *cache.options, input_grad=bool(input_grad),
+                                kept_rows=cache.rows)
     return _backward(dV, U, grid, *cache.options, input_grad=bool(input_grad),
                      kept_rows=cache.rows, factored=cache.factored)
 
@@ -220,21 +247,39 @@ def grid_sample_backward_from_cache(dV, cache, input_grad=True):
 def _check_inputs(U, grid, mode, padding_mode, align_corners, grid_range=True) -> None:
     """Raise for invalid arguments. ``grid_range=False`` leaves the grid's values to the
     caller: :func:`_forward` checks them block by block (:func:`_within_range`)."""
-    check_float_array("U", U, shape=(None, None, None, None))
-    check_float_array("grid", grid, shape=(None, None, None, 2))
+    check_float_array("U", U)
+    check_float_array("grid", grid)
+    if {U.ndim, grid.ndim} == {4, 5}:
+        raise ValueError(
+            f"U and grid must both be images, U (N, C, H, W) with grid (N, H_o, W_o, 2), or "
+            f"both volumes, U (N, C, D, H, W) with grid (N, D_o, H_o, W_o, 3); got U of "
+            f"shape {U.shape} and grid of shape {grid.shape}")
+    if U.ndim != 5:
+        check_float_array("U", U, shape=(None, None, None, None))
+    dims = U.ndim - 2
+    if grid.ndim == U.ndim and grid.shape[-1] != dims:  # a coordinate per axis of U
+        holds = "(x, y, z) for a volume" if dims == 3 else "(x, y) for an image"
+        raise ValueError(f"grid must have shape ({'*, ' * (dims + 1)}{dims}), got "
+                         f"{grid.shape}: its last axis holds {holds} U, of shape {U.shape}")
+    check_float_array("grid", grid, shape=(None,) * (dims + 1) + (dims,))
     if grid.dtype != U.dtype:
         raise TypeError(f"grid must have the dtype of U, {U.dtype}, got {grid.dtype}")
     if grid.shape[0] != U.shape[0]:
         raise ValueError(
             f"grid batch size must equal U's, {U.shape[0]}, got grid of shape {grid.shape}"
         )
-    if U.shape[2] < 1 or U.shape[3] < 1:
-        raise ValueError(f"U must have H, W >= 1, got shape {U.shape}")
+    if min(U.shape[2:]) < 1:
+        axes = "D, H, W" if U.ndim == 5 else "H, W"
+        raise ValueError(f"U must have {axes} >= 1, got shape {U.shape}")
     check_choice("mode", mode, MODES)
+    if mode == "bicubic" and U.ndim == 5:
+        raise ValueError(f"mode='bicubic' samples images (4-D U) only, as in PyTorch; for "
+                         f"a volume U of shape {U.shape} use 'bilinear' (trilinear) or "
+                         f"'nearest'")
     check_choice("padding_mode", padding_mode, PADDING_MODES)
     check_choice("align_corners", align_corners, (True, False))
     if grid_range:
-        _check_grid_range(grid, max(U.shape[2], U.shape[3]))
+        _check_grid_range(grid, max(U.shape[2:]))
 
 
 def _within_range(grid: np.ndarray, size: int) -> bool:
@@ -579,11 +624,20 @@ def _sample_block(U_rows, U_shape, grid, mode, padding_mode, align_corners,
         bottom *= wy[1]
         top += bottom
         return top.reshape(M, 1)
+    return _weighted_gathers(U_rows, M, ((rows, offset, functools.partial(
+        np.multiply, wy[j], wx[i])) for j, i, rows, offset in taps))
+
+
+def _weighted_gathers(U_rows, M: int, taps) -> np.ndarray:
+    """``sum_taps weight * U_rows[rows + offset]`` as ``(M, C)`` rows, the taps added in
+    their order. ``taps`` yields ``(rows, offset, weigh)``, ``weigh(out=w)`` writing the
+    tap's ``(M,)`` weights into ``w``."""
+    C = U_rows.shape[1]
     U_rows, V_rows, per_row = _squeezed(U_rows, np.empty((M, C), dtype=U_rows.dtype))
     weight = np.empty(M, dtype=U_rows.dtype)
     gathered = np.empty_like(V_rows)
-    for t, (j, i, rows, offset) in enumerate(taps):
-        np.multiply(wy[j], wx[i], out=weight)
+    for t, (rows, offset, weigh) in enumerate(taps):
+        weigh(out=weight)
         # The rows are in range by construction; mode="clip" skips the bounds check that
         # would make take() buffer its output. The offset is a view, not an addition.
         np.take(U_rows[offset:], rows, axis=0, out=gathered, mode="clip")
@@ -758,6 +812,6 @@ def _matmul(A, B: np.ndarray) -> np.ndarray:
 
 # The second order lives in its own module (read on its own); re-exported here, where the
 # sampler's API is. Imported last: it builds on the helpers above.
-from .sampling_second_order import grid_sample_double_backward  # noqa: E402
+from .second_order import grid_sample_double_backward  # noqa: E402
 
 __all__ += ["grid_sample_double_backward"]
