@@ -158,3 +158,28 @@ def test_model_config_fields_are_checked(tmp_path, change, pattern):
     save_checkpoint(path, model.params, {}, {"model": config})
     with pytest.raises(ValueError, match="c.npz: " + pattern):
         load_model(path)
+
+
+def test_compressed_or_oversized_checkpoints_are_refused_before_allocating(tmp_path):
+    import json as _json
+
+    from stn_numpy.checkpoint import load_model, save_checkpoint
+    from stn_numpy.models import build_model
+
+    model = build_model("cnn", (28, 28))
+    meta = {"model": model.config, "epoch": 0, "history": []}
+    path = tmp_path / "c.npz"
+    save_checkpoint(path, model.params, {}, meta)
+    load_model(path)
+    # Deflated members: np.savez never writes them, and they could inflate 1000-fold.
+    deflated = tmp_path / "deflated.npz"
+    arrays = {f"param/{k}": v for k, v in model.params.items()}
+    np.savez_compressed(deflated, meta=np.array(_json.dumps({"format": "stn-numpy-checkpoint-1",
+                                                             **meta})), **arrays)
+    with pytest.raises(ValueError, match="compressed"):
+        load_model(deflated)
+    # A model configuration far larger than the parameters the file holds.
+    huge = dict(meta, model=dict(model.config, input_size=[100000, 100000]))
+    save_checkpoint(path, model.params, {}, huge)
+    with pytest.raises(ValueError, match="need at least .* parameters, the file holds"):
+        load_model(path)
