@@ -36,7 +36,7 @@ def save_checkpoint(path, params: dict, optim_state: dict, meta: dict) -> None:
     """Write ``params``, ``optim_state`` (dicts of arrays) and ``meta`` (JSON-able) to ``path``."""
     arrays = {f"param/{k}": np.asarray(v) for k, v in params.items()}
     arrays.update({f"optim/{k}": np.asarray(v) for k, v in optim_state.items()})
-    arrays["meta"] = np.array(json.dumps({"format": FORMAT, **meta}))
+    arrays["meta"] = np.array(json.dumps({"format": FORMAT, **meta}, allow_nan=False))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: np.savez(f, **arrays))
