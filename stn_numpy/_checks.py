@@ -11,6 +11,9 @@ import operator
 import numpy as np
 
 FLOAT_DTYPES = (np.float32, np.float64)
+#: The most values an output ``size`` may ask for (64 GiB of float32): beyond it a typo
+#: would end in ``MemoryError`` or NumPy's own message instead of one naming ``size``.
+MAX_VALUES = 2**34
 
 
 def check_float_array(name: str, x, ndim: int | None = None, shape=None) -> np.ndarray:
@@ -21,6 +24,10 @@ def check_float_array(name: str, x, ndim: int | None = None, shape=None) -> np.n
     """
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
+    if isinstance(x, (np.ma.MaskedArray, np.matrix)):
+        # A mask would be ignored and a matrix changes what * and indexing mean.
+        raise TypeError(f"{name} must be a plain numpy.ndarray, got {type(x).__name__}; "
+                        f"pass np.asarray({name}) (after filling any masked values)")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
     if shape is not None:
@@ -53,6 +60,10 @@ def check_size(size, name: str = "size") -> tuple[int, int, int, int]:
         raise ValueError(f"{name} must have 4 entries (N, C, H, W), got {len(size)}: {size}")
     if size[0] < 0 or size[1] < 1 or size[2] < 1 or size[3] < 1:
         raise ValueError(f"{name} must have N >= 0 and C, H, W >= 1, got {size}")
+    values = size[0] * size[2] * size[3] * max(size[1], 2)
+    if values > MAX_VALUES:
+        raise ValueError(f"{name} {size} asks for {values} values (N H W max(C, 2)), more "
+                         f"than {MAX_VALUES}")
     return size
 
 
@@ -103,14 +114,34 @@ def _parse_int(text: str, minimum: int, what: str) -> int:
     return value
 
 
+def check_bool(name: str, value) -> bool:
+    """Return ``value`` as a bool, raising ``ValueError`` unless it is one (``"False"``,
+    1 or an array are refused, never read as true or false)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r:.80}")
+    return bool(value)
+
+
+def check_float_dtype(name: str, dtype) -> np.dtype:
+    """Return ``np.dtype(dtype)``, raising ``TypeError`` unless it is float32 or float64."""
+    try:
+        dtype = np.dtype(dtype)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be float32 or float64, got {dtype!r:.80}") from None
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {dtype}")
+    return dtype
+
+
 def check_choice(name: str, value, choices) -> None:
     """Raise ``ValueError`` unless ``value`` is one of ``choices`` (a tuple or a dict's keys)."""
     try:
-        known = value in choices
-    except TypeError:  # an unhashable value looked up in a dict is not a choice either
+        # An array compared with each choice gives an array, not a bool: not a choice.
+        known = not isinstance(value, np.ndarray) and bool(value in choices)
+    except (TypeError, ValueError):  # unhashable, or a comparison that is not a bool
         known = False
     if not known:
-        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r:.80}")
 
 
 class NonFiniteError(ValueError):

@@ -554,3 +554,47 @@ def test_backward_without_input_grad_skips_only_dU(rng, mode):
     none, dgrid_only = grid_sample_backward_from_cache(dV, cache, input_grad=False)
     assert none is None and dU.shape == U.shape
     np.testing.assert_array_equal(dgrid_only, dgrid)
+
+
+def test_bilinear_dgrid_of_an_infinite_dV_is_the_references_not_nan():
+    from stn_numpy import reference
+
+    rng = np.random.default_rng(0)
+    for C in (1, 3):
+        for padding_mode in PADDING_MODES:
+            U = rng.standard_normal((1, C, 4, 5))
+            grid = rng.uniform(-1.3, 1.3, (1, 3, 3, 2))
+            dV = rng.standard_normal((1, C, 3, 3))
+            dV[0, 0, 1, 1], dV[0, 0, 0, 0] = np.inf, -np.inf
+            with np.errstate(all="ignore"):
+                _, dgrid = grid_sample_backward(dV, U, grid, "bilinear", padding_mode)
+                _, expected = reference.grid_sample_backward(dV, U, grid, "bilinear",
+                                                             padding_mode)
+            assert (np.isnan(dgrid) == np.isnan(expected)).all()
+            assert (np.isinf(dgrid) == np.isinf(expected)).all()
+            assert (np.sign(dgrid) == np.sign(expected))[np.isinf(expected)].all()
+
+
+def test_sparse_indices_widen_to_int64_beyond_int32(monkeypatch):
+    import stn_numpy.sampling as sampling
+
+    rng = np.random.default_rng(1)
+    U = rng.standard_normal((2, 2, 5, 6))
+    grid = rng.uniform(-1.1, 1.1, (2, 4, 3, 2))
+    dV = rng.standard_normal((2, 2, 4, 3))
+    expected = grid_sample_backward(dV, U, grid, "bicubic")[0]
+    import types
+
+    seen = []
+    real = sampling.sp.csr_matrix
+
+    def csr_matrix(arg, shape):
+        seen.append((arg[1].dtype, arg[2].dtype))
+        return real(arg, shape=shape)
+
+    monkeypatch.setattr(sampling, "_INT32_MAX", 100)  # as if 134M points were few
+    monkeypatch.setattr(sampling, "sp", types.SimpleNamespace(csr_matrix=csr_matrix))
+    dU = grid_sample_backward(dV, U, grid, "bicubic")[0]
+    # scipy keeps int64 where the values need it (and narrows them where they fit).
+    assert seen and set(seen) == {(np.dtype(np.int64), np.dtype(np.int64))}
+    np.testing.assert_array_equal(dU, expected)
