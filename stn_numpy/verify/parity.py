@@ -480,7 +480,7 @@ def torch_affine(theta, size, dgrid, align_corners):
 
 
 def _call(fn, U, grid, dV, mode, padding_mode, align_corners):
-    """``fn``'s ``(V, dU, dgrid)`` as float64 arrays (dU, dgrid may be None), checked.
+    """``fn``'s ``(V, dU, dgrid)`` as float arrays (dU, dgrid may be None), checked.
 
     Everything ``fn`` returns is converted and checked here, inside the caller's guard,
     so that an odd result (complex, strings, objects, huge ints, wrong shapes) becomes
@@ -513,7 +513,7 @@ def _call(fn, U, grid, dV, mode, padding_mode, align_corners):
             raise ValueError(f"returned {name} of dtype {a.dtype}, expected real numbers")
         if a.shape != shape:
             raise ValueError(f"returned {name} of shape {a.shape}, expected {shape}")
-        arrays.append(a.astype(np.float64))
+        arrays.append(a if a.dtype.kind == "f" else a.astype(np.float64))
     return tuple(arrays)
 
 
