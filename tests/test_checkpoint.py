@@ -163,9 +163,6 @@ def test_model_config_fields_are_checked(tmp_path, change, pattern):
 def test_compressed_or_oversized_checkpoints_are_refused_before_allocating(tmp_path):
     import json as _json
 
-    from stn_numpy.checkpoint import load_model, save_checkpoint
-    from stn_numpy.models import build_model
-
     model = build_model("cnn", (28, 28))
     meta = {"model": model.config, "epoch": 0, "history": []}
     path = tmp_path / "c.npz"

@@ -93,3 +93,12 @@ def test_backward_after_eval_forward_is_a_clear_error(rng):
 def test_size_arguments_are_ints_never_truncated(rng, kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         small_stn("tps", rng, **kwargs)
+
+
+def test_backward_names_its_own_arguments():
+    st = SpatialTransformer(Sequential(Flatten(), Linear(16, 6, rng=0)), "affine")
+    st.forward(np.random.default_rng(0).random((2, 1, 4, 4)), train=True)
+    with pytest.raises(TypeError, match="dout must have the dtype of the forward's output"):
+        st.backward(np.ones((2, 1, 4, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match="input_grad must be True or False"):
+        st.backward(np.ones((2, 1, 4, 4)), input_grad="no")
