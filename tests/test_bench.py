@@ -160,3 +160,16 @@ def test_header_reports_blas_env_vars_and_busy_machine(monkeypatch):
     assert "warning" not in header
     env["busy_cores"] = 1.5
     assert "warning: other processes kept 1.5 cores busy" in bench.format_header(env)
+
+
+def test_json_to_a_device_is_refused_before_measuring(capsys):
+    import os
+    import stat
+
+    from stn_numpy.cli import main as cli_main
+
+    if not os.path.exists("/dev/null"):
+        pytest.skip("no /dev/null")
+    assert cli_main(["bench", "--json", "/dev/null"]) == 2
+    assert "character device, not a regular file" in capsys.readouterr().err
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
