@@ -60,10 +60,11 @@ def check_size(size, name: str = "size") -> tuple[int, int, int, int]:
         raise ValueError(f"{name} must have 4 entries (N, C, H, W), got {len(size)}: {size}")
     if size[0] < 0 or size[1] < 1 or size[2] < 1 or size[3] < 1:
         raise ValueError(f"{name} must have N >= 0 and C, H, W >= 1, got {size}")
-    values = size[0] * size[2] * size[3] * max(size[1], 2)
+    # max(N, 1): the grid generators build the H x W target grid even for an empty batch.
+    values = max(size[0], 1) * size[2] * size[3] * max(size[1], 2)
     if values > MAX_VALUES:
-        raise ValueError(f"{name} {size} asks for {values} values (N H W max(C, 2)), more "
-                         f"than {MAX_VALUES}")
+        raise ValueError(f"{name} {size} asks for {values} values (max(N, 1) H W max(C, 2)), "
+                         f"more than {MAX_VALUES}")
     return size
 
 

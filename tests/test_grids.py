@@ -386,7 +386,7 @@ def test_odd_options_are_refused_naming_the_argument(call):
         call()
 
 
-@pytest.mark.parametrize("size", [(1, 1, 10**6, 10**6), (2, 1, 10**5, 10**5),
+@pytest.mark.parametrize("size", [(1, 1, 10**6, 10**6), (2, 1, 10**5, 10**5), (0, 1, 10**7, 10**7),
                                   (1, 10**12, 1, 1)])
 def test_huge_sizes_are_a_value_error_naming_size(size):
     with pytest.raises(ValueError, match=r"size .* asks for \d+ values"):
