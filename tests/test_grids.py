@@ -386,8 +386,58 @@ def test_odd_options_are_refused_naming_the_argument(call):
         call()
 
 
-@pytest.mark.parametrize("size", [(1, 1, 10**6, 10**6), (2, 1, 10**5, 10**5), (0, 1, 10**7, 10**7),
+@pytest.mark.parametrize("size", [(1, 1, 10**6, 10**6), (2, 1, 10**5, 10**5),
+                                  (0, 1, 10**7, 10**7),
                                   (1, 10**12, 1, 1)])
 def test_huge_sizes_are_a_value_error_naming_size(size):
     with pytest.raises(ValueError, match=r"size .* asks for \d+ values"):
         affine_grid(np.zeros((size[0], 2, 3)), size)
+
+
+# Kept from a hostile round: sizes, lattices, options and dtypes a user can get wrong;
+# every generator returns a finite grid of the documented shape or raises an error
+# naming an argument, and never changes theta.
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_SIZES = st.one_of(
+    st.tuples(st.integers(0, 2), st.integers(-1, 3), st.integers(0, 6), st.integers(0, 6)),
+    st.sampled_from([(1, 1, 10**7, 10**7), (0, 1, 2**40, 1), (1, 1.0, 3, 3), "abcd", (1, 1, 3),
+                     (1, True, 3, 3)]))
+
+
+@settings(max_examples=80, deadline=None, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(kind=st.sampled_from(["affine", "attention", "projective", "tps"]), size=_SIZES,
+       align_corners=st.sampled_from([True, False, "False", 1, None]),
+       lattice=st.sampled_from([(4, 4), (2, 3), (1, 4), (40, 40), (4.0, 4)]),
+       dtype=st.sampled_from([np.float32, np.float64, np.float16, np.int64, object]),
+       spread=st.sampled_from([0.0, 0.3, 3.0, 1e200]), seed=st.integers(0, 2**16))
+def test_hostile_grid_arguments_give_grids_or_errors_naming_an_argument(
+        kind, size, align_corners, lattice, dtype, spread, seed):
+    import stn_numpy
+
+    N = size[0] if isinstance(size, tuple) and isinstance(size[0], int) else 1
+    K = 16 if not all(isinstance(v, int) for v in lattice) else min(lattice[0] * lattice[1], 64)
+    shape = {"affine": (N, 2, 3), "attention": (N, 3), "projective": (N, 8), "tps": (N, K, 2)}
+    identity = {"affine": np.eye(2, 3), "attention": np.array([1.0, 0, 0]),
+                "projective": np.array([1.0, 0, 0, 0, 1, 0, 0, 0]), "tps": tps_lattice((4, 4))}
+    theta = np.random.default_rng(seed).standard_normal(shape[kind]) * spread
+    if identity[kind].shape == theta.shape[1:]:
+        theta = theta + identity[kind]
+    with np.errstate(all="ignore"):
+        theta = theta.astype(dtype)
+    before = theta.copy()
+    kwargs = {"lattice": lattice} if kind == "tps" else {}
+    forward = getattr(stn_numpy, f"{kind}_grid")
+    backward = getattr(stn_numpy, f"{kind}_grid_backward")
+    names = ("theta", "size", "align_corners", "lattice", "dgrid", "denominator")
+    try:
+        grid = forward(theta, size, align_corners=align_corners, **kwargs)
+        assert grid.shape == (N, size[2], size[3], 2) and np.isfinite(grid).all()
+        dtheta = backward(np.ones_like(grid), theta, size, align_corners=align_corners,
+                          **kwargs)
+        assert dtheta.shape == theta.shape
+    except (TypeError, ValueError) as exc:
+        assert any(name in str(exc) for name in names), exc
+    assert theta.dtype == object or theta.tobytes() == before.tobytes()
