@@ -363,7 +363,7 @@ def _train_locked(cfg: TrainConfig, out: Path, saved, start_epoch: int, history:
                                                                    shuffle_rng, model))):
             try:
                 restore()
-            except (KeyError, TypeError, ValueError) as e:
+            except (KeyError, TypeError, ValueError, OverflowError) as e:
                 raise ValueError(f"{ckpt_path}: field {field!r}: {e}") from None
         log(f"resumed from {ckpt_path} after epoch {start_epoch}")
         stored_threads = saved[2].get("threads")

@@ -430,3 +430,16 @@ def test_resuming_on_images_of_another_size_names_both(tmp_path):
               np.pad(Xt, ((0, 0), (0, 0), (2, 2), (2, 2))), yt)
     with pytest.raises(ValueError, match=r"takes images of \[28, 28\], the data has \[32, 32\]"):
         train(config(tmp_path, epochs=2), resume=True, data=bigger, log=lambda s: None)
+
+
+def test_a_crafted_generator_state_is_a_value_error_naming_the_field(tmp_path):
+    cfg = config(tmp_path, model="stn", epochs=1)
+    train(cfg, data=synthetic_data(), log=lambda s: None)
+    path = tmp_path / "run" / "checkpoint.npz"
+    params, optim_state, meta = load_checkpoint(path)
+    meta["rng"]["dropout"][0]["state"]["state"] = -1  # numpy raises OverflowError on it
+    from stn_numpy.checkpoint import save_checkpoint
+
+    save_checkpoint(path, params, optim_state, {k: v for k, v in meta.items() if k != "format"})
+    with pytest.raises(ValueError, match="field 'rng'"):
+        train(config(tmp_path, epochs=1), resume=True, data=synthetic_data(), log=lambda s: None)
