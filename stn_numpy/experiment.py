@@ -174,6 +174,12 @@ def _run_settings(config: ExperimentConfig, run: Run) -> dict:
     return {**settings, "epochs": config.epochs_of(run)}
 
 
+_RESULT_FIELDS = {"run": str, "dataset": str, "arch": str, "row": str, "seed": int,
+                  "train_images": int, "test_images": int, "epochs": int,
+                  "test_error": (int, float), "seconds": (int, float), "measures": dict,
+                  "progress": list}
+
+
 def _finished(folder: Path, config: ExperimentConfig, run: Run) -> dict | None:
     """``run``'s stored result, or None if it has not finished. A run finished with other
     settings of its own raises ``ValueError``; one finished under a config that differs
@@ -184,6 +190,12 @@ def _finished(folder: Path, config: ExperimentConfig, run: Run) -> dict | None:
         return None
     try:
         stored = _run_settings(ExperimentConfig.from_dict(done["config"]), run)
+        for key, kind in _RESULT_FIELDS.items():  # what results.md reads from each result
+            if not isinstance(done[key], kind) or isinstance(done[key], bool):
+                raise TypeError(f"{key!r} is a {type(done[key]).__name__}")
+        if not all(isinstance(row, dict) and {"epoch", "test_error"} <= set(row)
+                   for row in done["progress"]):
+            raise TypeError("'progress' rows need 'epoch' and 'test_error'")
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path}: not a result this experiment wrote (field {exc}); delete "
                          f"it to train the run again") from None

@@ -90,7 +90,8 @@ def test_finished_runs_are_kept_unless_their_own_settings_changed(tmp_path):
     for name in ("rts-paper-cnn-seed0", "rts-paper-stcnn-affine-seed0",
                  "rot-paper-stcnn-affine-seed0"):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "result.json").write_text(json.dumps({"run": name, "config": old}))
+        result = {**fake_results(SMALL)[0], "run": name, "config": old}
+        (tmp_path / name / "result.json").write_text(json.dumps(result))
     assert _finished(tmp_path / "rts-paper-cnn-seed0", longer, runs["rts-paper-cnn-seed0"])
     assert _finished(tmp_path / "rot-paper-stcnn-affine-seed0", longer,
                      runs["rot-paper-stcnn-affine-seed0"])
@@ -364,6 +365,10 @@ def test_damaged_run_files_are_named(tmp_path):
         _finished(tmp_path, SMALL, run)
     (tmp_path / "result.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"result.json: not a result this experiment wrote"):
+        _finished(tmp_path, SMALL, run)
+    result = {**fake_results(SMALL)[0], "test_error": None}
+    (tmp_path / "result.json").write_text(json.dumps(result))
+    with pytest.raises(ValueError, match=r"result.json: not a result .* 'test_error' is a"):
         _finished(tmp_path, SMALL, run)
     (tmp_path / "result.json").write_text("[" * 100000)
     with pytest.raises(ValueError, match=r"result.json: not valid JSON"):
