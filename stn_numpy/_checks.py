@@ -6,11 +6,15 @@ messages here name the argument and show the expected against the actual shape o
 
 from __future__ import annotations
 
+import math
 import operator
 
 import numpy as np
 
 FLOAT_DTYPES = (np.float32, np.float64)
+#: The most values an output ``size`` may ask for (64 GiB of float32): beyond it a typo
+#: would end in ``MemoryError`` or NumPy's own message instead of one naming ``size``.
+MAX_VALUES = 2**34
 
 
 def check_float_array(name: str, x, ndim: int | None = None, shape=None) -> np.ndarray:
@@ -21,6 +25,10 @@ def check_float_array(name: str, x, ndim: int | None = None, shape=None) -> np.n
     """
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
+    if isinstance(x, (np.ma.MaskedArray, np.matrix)):
+        # A mask would be ignored and a matrix changes what * and indexing mean.
+        raise TypeError(f"{name} must be a plain numpy.ndarray, got {type(x).__name__}; "
+                        f"pass np.asarray({name}) (after filling any masked values)")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
     if shape is not None:
@@ -61,6 +69,11 @@ def check_size(size, name: str = "size", lengths=(4,)) -> tuple[int, ...]:
     if size[0] < 0 or min(size[1:]) < 1:
         spatial = "D, H, W" if len(size) == 5 else "H, W"
         raise ValueError(f"{name} must have N >= 0 and C, {spatial} >= 1, got {size}")
+    # max(N, 1): the grid generators build the target grid even for an empty batch.
+    values = max(size[0], 1) * math.prod(size[2:]) * max(size[1], 2)
+    if values > MAX_VALUES:
+        raise ValueError(f"{name} {size} asks for {values} values (max(N, 1) x spatial x "
+                         f"max(C, 2)), more than {MAX_VALUES}")
     return size
 
 
@@ -111,14 +124,34 @@ def _parse_int(text: str, minimum: int, what: str) -> int:
     return value
 
 
+def check_bool(name: str, value) -> bool:
+    """Return ``value`` as a bool, raising ``ValueError`` unless it is one (``"False"``,
+    1 or an array are refused, never read as true or false)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r:.80}")
+    return bool(value)
+
+
+def check_float_dtype(name: str, dtype) -> np.dtype:
+    """Return ``np.dtype(dtype)``, raising ``TypeError`` unless it is float32 or float64."""
+    try:
+        dtype = np.dtype(dtype)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be float32 or float64, got {dtype!r:.80}") from None
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {dtype}")
+    return dtype
+
+
 def check_choice(name: str, value, choices) -> None:
     """Raise ``ValueError`` unless ``value`` is one of ``choices`` (a tuple or a dict's keys)."""
     try:
-        known = value in choices
-    except TypeError:  # an unhashable value looked up in a dict is not a choice either
+        # An array compared with each choice gives an array, not a bool: not a choice.
+        known = not isinstance(value, np.ndarray) and bool(value in choices)
+    except (TypeError, ValueError):  # unhashable, or a comparison that is not a bool
         known = False
     if not known:
-        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r:.80}")
 
 
 class NonFiniteError(ValueError):

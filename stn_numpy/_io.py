@@ -2,6 +2,12 @@
 the generated blocks of a text file (between two marker lines, rewritten in place), and the
 checked reading of a ``.npy`` member's header, so that no file we read can make us
 allocate more than it holds.
+
+Every path is checked for what it is before anything else: a writer replaces only a
+regular file (or creates one), never a device, a FIFO, a socket or a folder, and a reader
+opens only a regular file, so that ``/dev/zero`` cannot fill memory and a FIFO cannot
+block a command forever. Neither writes nor reads ever go *through* a device on purpose.
+:func:`folder_lock` keeps two commands from working in one folder at the same time.
 """
 
 from __future__ import annotations
@@ -13,6 +19,9 @@ import math
 import os
 import re
 import secrets
+import stat
+import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -30,25 +39,170 @@ def atomic_write(path, write) -> None:
     If ``write`` (or anything after it) raises, the temporary file is removed and the
     exception propagates: ``path`` is left as it was. ``write`` may raise on purpose (a
     checksum mismatch found while streaming, say) to keep bad data from its final name.
-    The folder of ``path`` must exist.
+    The folder of ``path`` must exist. A ``path`` that exists and is not a regular file (a
+    folder, a device such as ``/dev/null``, a FIFO, a socket) is refused with ``OSError``
+    naming it before anything is written: the rename would replace it with a regular file.
+    """
+    atomic_write_all([(path, write)])
+
+
+def atomic_write_all(items) -> None:
+    """:func:`atomic_write` for several ``(path, write)`` pairs that belong together.
+
+    Every destination is checked first, then every temporary file is written and fsynced,
+    and only then are they renamed into place, one after the other. If anything fails
+    before the renames (a check, a ``write``, a full disk), every temporary is removed and
+    no destination has changed. Two items may not name the same path.
+    """
+    paths = [Path(path) for path, _ in items]
+    if len({os.path.abspath(p) for p in paths}) != len(paths):
+        raise ValueError(f"two outputs would go to the same file: {[str(p) for p in paths]}")
+    for path in paths:
+        check_destination(path)
+    temporaries = []
+    try:
+        for path, (_, write) in zip(paths, items, strict=True):
+            tmp = _temp_name(path)
+            fd = _create(tmp, path)
+            temporaries.append(tmp)
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        for i, (tmp, path) in enumerate(zip(temporaries, paths, strict=True)):
+            try:
+                os.replace(tmp, path)
+            except OSError as exc:
+                raise _naming(exc, path) from exc
+            temporaries[i] = None
+    except BaseException:
+        for tmp in temporaries:
+            if tmp is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+        raise
+    for folder in {path.parent for path in paths}:
+        _fsync_dir(folder)
+
+
+def check_destination(path) -> Path:
+    """``path``, unless it exists and is not a regular file: then ``OSError`` naming it.
+
+    A folder gives ``IsADirectoryError``; a device, FIFO or socket an ``OSError`` saying
+    what it is. A symbolic link is judged by what it points to.
     """
     path = Path(path)
-    tmp = _temp_name(path)
-    fd = _create(tmp, path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise _naming(exc, path) from exc
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return path
+    except ValueError as exc:  # a NUL byte in the name
+        raise OSError(errno.EINVAL, str(exc), str(path)) from None
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+    if not stat.S_ISREG(mode):
+        raise _not_regular(path, mode, "replace")
+    return path
+
+
+def open_regular(path, max_bytes: int | None = None):
+    """Open ``path`` for reading in binary mode, only if it is a regular file.
+
+    The file is opened without blocking (a FIFO would otherwise wait for a writer) and
+    its kind checked on the open descriptor, so nothing can swap it in between. Raises
+    ``FileNotFoundError`` if it is missing, ``IsADirectoryError`` for a folder, an
+    ``OSError`` naming a device, FIFO or socket, and, with ``max_bytes``, an ``OSError``
+    for a file larger than that (so that no reader holds more than it expects).
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
+                     | getattr(os, "O_BINARY", 0))
+    except ValueError as exc:  # a NUL byte in the name
+        raise OSError(errno.EINVAL, str(exc), str(path)) from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+        if not stat.S_ISREG(info.st_mode):
+            raise _not_regular(path, info.st_mode, "read")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise OSError(errno.EFBIG, f"holds {info.st_size} bytes, more than the "
+                          f"{max_bytes} this file may have", str(path))
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        os.close(fd)
         raise
-    _fsync_dir(path.parent)
+
+
+def read_regular(path, max_bytes: int) -> bytes:
+    """The bytes of the regular file ``path``, at most ``max_bytes`` (see
+    :func:`open_regular`); a file that grows past the limit while read is refused too."""
+    with open_regular(path, max_bytes) as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise OSError(errno.EFBIG, f"holds more than the {max_bytes} bytes this file may "
+                      f"have", str(path))
+    return data
+
+
+def _not_regular(path: Path, mode: int, action: str) -> OSError:
+    kind = ("a character device" if stat.S_ISCHR(mode) else "a block device"
+            if stat.S_ISBLK(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a socket"
+            if stat.S_ISSOCK(mode) else "not a regular file")
+    return OSError(errno.EINVAL, f"is {kind}, not a regular file; refusing to {action} it",
+                   str(path))
+
+
+_HELD_LOCKS: dict = {}  # (st_dev, st_ino) of a locked folder -> [descriptor, holders]
+_HELD_LOCKS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def folder_lock(folder):
+    """Hold an exclusive lock on the existing ``folder`` for the ``with`` block.
+
+    The lock is ``flock`` on the folder itself (no lock file is left behind), so it ends
+    with the process however it ends. If another process holds it, ``OSError`` naming
+    the folder is raised at once instead of waiting. Within one process it is re-entrant
+    (the experiment trains into run folders it already holds). Where ``fcntl`` does not
+    exist (Windows) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    folder = Path(folder)
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    with _HELD_LOCKS_GUARD:
+        info = os.fstat(fd)
+        key = (info.st_dev, info.st_ino)
+        if key in _HELD_LOCKS:
+            os.close(fd)
+            _HELD_LOCKS[key][1] += 1
+        else:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise _naming(exc, folder) from exc
+                raise OSError(errno.EBUSY, "in use by another stn-numpy command (it holds "
+                              "this folder's lock); wait for it to end or choose another "
+                              "folder", str(folder)) from None
+            _HELD_LOCKS[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        with _HELD_LOCKS_GUARD:
+            entry = _HELD_LOCKS[key]
+            entry[1] -= 1
+            if not entry[1]:
+                del _HELD_LOCKS[key]
+                os.close(entry[0])  # closing the descriptor releases the lock
 
 
 def check_writable(path) -> None:
@@ -57,9 +211,7 @@ def check_writable(path) -> None:
     Creates and removes a temporary file beside ``path``, exactly as the write will, so a
     missing folder or a lack of permission shows before any long computation.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+    path = check_destination(path)
     tmp = _temp_name(path)
     os.close(_create(tmp, path))
     os.unlink(tmp)
@@ -108,9 +260,21 @@ def replace_marked(path, start, end, body: str) -> Path:
     return path
 
 
+MAX_TEXT_BYTES = 64 * 2**20  # a README or a JSON file of ours is a few hundred kB
+
+
+def read_text(path, max_bytes: int = MAX_TEXT_BYTES) -> str:
+    """The UTF-8 text of the regular file ``path`` (see :func:`read_regular`); a file that
+    is not UTF-8 is a ``ValueError`` naming it."""
+    try:
+        return read_regular(path, max_bytes).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc})") from None
+
+
 def _marked_parts(path: Path, start: str, end: str) -> tuple[str, str, str]:
     """``(before start, between the markers, after end)`` of the text of ``path``."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
         raise ValueError(f"{path}: needs one {start!r} line before one {end!r} line")
     head, rest = text.split(start)
@@ -121,10 +285,15 @@ def _marked_parts(path: Path, start: str, end: str) -> tuple[str, str, str]:
 def read_npy_header(z, info) -> tuple[tuple[int, ...], bool, np.dtype]:
     """``(shape, fortran_order, dtype)`` of the ``.npy`` member ``info`` of the open zip ``z``.
 
-    Reads only the header. Raises ``ValueError`` if the member is not a ``.npy`` array,
-    holds Python objects, or declares more bytes (``prod(shape) * itemsize``) than the
-    member stores, so a forged header cannot make the reader allocate terabytes.
+    Reads only the header. Raises ``ValueError`` if the member is compressed (``np.savez``
+    stores members as they are, and a deflated one could inflate a small file to
+    gigabytes), is not a ``.npy`` array, holds Python objects, or declares more bytes
+    (``prod(shape) * itemsize``) than the member stores, so a forged header cannot make the
+    reader allocate terabytes.
     """
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise ValueError("is compressed; only stored (np.savez, not np.savez_compressed) "
+                         "members are read")
     with z.open(info) as f:
         try:
             version = np.lib.format.read_magic(f)

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_write, read_npy_header
+from ._io import atomic_write, open_regular, read_npy_header
 from .models import Model, build_model
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "atomic_write"]
@@ -35,7 +36,7 @@ def save_checkpoint(path, params: dict, optim_state: dict, meta: dict) -> None:
     """Write ``params``, ``optim_state`` (dicts of arrays) and ``meta`` (JSON-able) to ``path``."""
     arrays = {f"param/{k}": np.asarray(v) for k, v in params.items()}
     arrays.update({f"optim/{k}": np.asarray(v) for k, v in optim_state.items()})
-    arrays["meta"] = np.array(json.dumps({"format": FORMAT, **meta}))
+    arrays["meta"] = np.array(json.dumps({"format": FORMAT, **meta}, allow_nan=False))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: np.savez(f, **arrays))
@@ -59,14 +60,18 @@ def load_checkpoint(path, require=("model",)) -> tuple[dict, dict, dict]:
         a missing or mistyped field); the message names the file and the field.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        _check_member_sizes(path)
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {k: archive[k] for k in archive.files}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path} is not a readable stn-numpy checkpoint ({e})") from e
+        f = open_regular(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint not found: {path}") from None
+    with f:
+        try:
+            _check_member_sizes(f)
+            f.seek(0)
+            with np.load(f, allow_pickle=False) as archive:
+                arrays = {k: archive[k] for k in archive.files}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path} is not a readable stn-numpy checkpoint ({e})") from e
     meta_array = arrays.pop("meta", None)
     if meta_array is None or meta_array.shape != () or meta_array.dtype.kind != "U":
         raise ValueError(f"{path}: field 'meta' must be a JSON string, got "
@@ -97,15 +102,17 @@ def _describe(a: np.ndarray) -> str:
     return f"{a.dtype} array of shape {a.shape}"
 
 
-def _check_member_sizes(path: Path) -> None:
-    """Compare every member's declared array size with what the archive stores for it."""
-    on_disk = path.stat().st_size
-    with zipfile.ZipFile(path) as zf:
+def _check_member_sizes(f) -> None:
+    """Compare every member's declared array size with what the archive stores for it.
+
+    ``np.savez`` stores members as they are, so a compressed one is refused (see
+    :func:`~stn_numpy._io.read_npy_header`) and none can claim more than the file holds.
+    """
+    on_disk = os.fstat(f.fileno()).st_size
+    with zipfile.ZipFile(f) as zf:
         for info in zf.infolist():
             name = info.filename.removesuffix(".npy")
-            # np.savez stores members uncompressed; deflate expands at most ~1032-fold.
-            ratio = 1 if info.compress_type == zipfile.ZIP_STORED else 1032
-            if info.file_size > ratio * on_disk:
+            if info.file_size > on_disk:
                 raise ValueError(f"field {name!r} claims {info.file_size} bytes, more than "
                                  f"the {on_disk}-byte file can hold")
             try:
@@ -146,12 +153,23 @@ def _check_meta(path: Path, meta: dict, require) -> None:
 
 
 def model_from_params(config: dict, params: dict, source="parameters") -> Model:
-    """Rebuild the architecture of ``config`` and copy ``params`` into it."""
+    """Rebuild the architecture of ``config`` and copy ``params`` into it.
+
+    Before the model is built, the sizes in ``config`` are bounded by ``params``: every
+    architecture's parameters grow with its input's area (see :func:`_least_parameters`),
+    so a size the parameters cannot match is refused before its weights are allocated.
+    """
     keys = ("arch", "input_size", "transform", "mode", "padding_mode", "align_corners",
             "seed", "dtype")
     missing = [k for k in keys if k not in config]
     if missing:
         raise ValueError(f"{source}: field 'model' lacks {missing}")
+    held = sum(int(np.size(p)) for p in params.values())
+    least = _least_parameters(config.get("input_size"), config.get("st_size"))
+    if least > held:
+        raise ValueError(f"{source}: field 'model': input_size {config['input_size']!r} and "
+                         f"st_size {config.get('st_size')!r} need at least {least} "
+                         f"parameters, the file holds {held}")
     try:
         model = build_model(*(config[k] for k in keys), st_size=config.get("st_size"),
                             loc_net=config.get("loc_net"))  # None before it existed
@@ -168,6 +186,28 @@ def model_from_params(config: dict, params: dict, source="parameters") -> Model:
                              f"expected {p.shape}")
         p[...] = params[name]
     return model
+
+
+def _least_parameters(input_size, st_size) -> int:
+    """A lower bound of the parameter count of every architecture for these sizes.
+
+    Each network ends in two convolutions (kernels of at most 9) with 2x2 pooling, after an
+    optional 2x pool (at most 8x smaller a side, less 5 for the kernels), then a Linear
+    layer of at least 10 channels in and 10 units out, at least
+    ``100 (H // 8 - 5) (W // 8 - 5)`` weights; the classifier runs on ``st_size`` and a
+    transformer's localisation net on ``input_size``. Unreadable sizes count as 0 here;
+    :func:`~stn_numpy.models.build_model` refuses them.
+    """
+    def least(size):
+        try:
+            H, W = ((size, size) if isinstance(size, int) else size)
+            return 100 * max(0, H // 8 - 5) * max(0, W // 8 - 5)
+        except (TypeError, ValueError):
+            return 0
+
+    if st_size is None:
+        return least(input_size)
+    return least(input_size) + least(st_size)
 
 
 def load_model(path) -> Model:

@@ -251,7 +251,8 @@ def main(argv=None) -> int:
     # Bench and verify handle their own bad input; any OS error of any command (an
     # unwritable or impossible path, a full disk, a file where a folder should be, a
     # failed download) ends in one line naming the path, never a traceback.
-    handled = OSError if command in ("bench", "verify") else (OSError, ValueError)
+    handled = ((OSError, MemoryError) if command in ("bench", "verify")
+               else (OSError, ValueError, MemoryError))
     try:
         if command in ("bench", "verify"):
             if command == "bench":
@@ -270,7 +271,9 @@ def main(argv=None) -> int:
             return _run_export(args)
         return _run_evaluate(args)
     except handled as e:
-        print(f"stn-numpy {command}: error: {describe_error(e)}", file=sys.stderr)
+        reason = (f"out of memory ({e or 'an allocation failed'}); choose smaller sizes"
+                  if isinstance(e, MemoryError) else describe_error(e))
+        print(f"stn-numpy {command}: error: {reason}", file=sys.stderr)
         return 2
 
 

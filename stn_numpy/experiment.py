@@ -34,15 +34,24 @@ number there comes from the runs (``stn-numpy experiment --page docs/experiment.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import zipfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_write, remove_stale_temporaries, replace_marked
+from ._io import (
+    atomic_write,
+    folder_lock,
+    open_regular,
+    read_text,
+    remove_stale_temporaries,
+    replace_marked,
+)
 from .checkpoint import load_checkpoint, model_from_params
 from .measures import transformer_measures
 from .train import TrainConfig, load_split, train
@@ -233,13 +242,32 @@ def _run_settings(config: ExperimentConfig, run: Run) -> dict:
             "train_limit": config.train_limit_of(run)}
 
 
+_RESULT_FIELDS = {"run": str, "dataset": str, "arch": str, "row": str, "seed": int,
+                  "train_images": int, "test_images": int, "epochs": int,
+                  "test_error": (int, float), "seconds": (int, float), "measures": dict,
+                  "progress": list}
+
+
 def _finished(folder: Path, config: ExperimentConfig, run: Run) -> dict | None:
     """``run``'s stored result, or None if it has not finished. A run finished with other
     settings of its own raises ``ValueError``; one finished under a config that differs
     only for other runs (their seeds, their epochs) is kept."""
-    done = _read_json(folder / "result.json", None)
-    if done is not None and (_run_settings(ExperimentConfig.from_dict(done["config"]), run)
-                             != _run_settings(config, run)):
+    path = folder / "result.json"
+    done = _read_json(path, None)
+    if done is None:
+        return None
+    try:
+        stored = _run_settings(ExperimentConfig.from_dict(done["config"]), run)
+        for key, kind in _RESULT_FIELDS.items():  # what results.md reads from each result
+            if not isinstance(done[key], kind) or isinstance(done[key], bool):
+                raise TypeError(f"{key!r} is a {type(done[key]).__name__}")
+        if not all(isinstance(row, dict) and {"epoch", "test_error"} <= set(row)
+                   for row in done["progress"]):
+            raise TypeError("'progress' rows need 'epoch' and 'test_error'")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: not a result this experiment wrote (field {exc}); delete "
+                         f"it to train the run again") from None
+    if stored != _run_settings(config, run):
         raise ValueError(f"{folder} was finished with other settings "
                          f"({done['config']}); choose another --runs folder")
     return done
@@ -273,39 +301,63 @@ def _write_json(path: Path, value) -> None:
 
 
 def _read_json(path: Path, default):
-    return json.loads(path.read_text()) if path.is_file() else default
+    """The JSON value in ``path``, ``default`` if there is no such file; a file that is not
+    JSON (or not a regular file) is an error naming it."""
+    try:
+        text = read_text(path)
+    except FileNotFoundError:
+        return default
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
 
 
 class _Recorder:
     """Keeps, after every epoch, the transformer's outputs for fixed test digits and its
-    measures on the first test images; resumes from what an interrupted run left."""
+    measures on the first test images; resumes from what an interrupted run left, and
+    :meth:`__call__` recomputes for an epoch only what is missing (a run killed between
+    its checkpoint and these files gets them back from the checkpoint)."""
 
     def __init__(self, folder: Path, X, params: dict, dataset: str, start_epoch: int):
         self.folder, self.dataset = folder, dataset
         self.X = X[:N_PROGRESS]
         self.params = {k: v[:N_PROGRESS] for k, v in params.items()}
-        self.progress = [r for r in _read_json(folder / "progress.json", [])
-                         if r["epoch"] <= start_epoch]
+        progress = folder / "progress.json"
+        try:
+            self.progress = [r for r in _read_json(progress, [])
+                             if r["epoch"] <= start_epoch]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{progress}: not the per-epoch record this experiment "
+                             f"writes ({type(exc).__name__}: {exc})") from None
         self.epochs, self.images = [], []
         path = folder / "snapshots.npz"
-        if path.is_file():
-            with np.load(path) as f:
-                keep = f["epochs"] <= start_epoch
-                self.epochs, self.images = list(f["epochs"][keep]), list(f["images"][keep])
+        try:
+            with open_regular(path) as f, np.load(f, allow_pickle=False) as z:
+                epochs, images = z["epochs"], z["images"]
+                keep = epochs <= start_epoch
+                self.epochs, self.images = list(epochs[keep]), list(images[keep])
+        except FileNotFoundError:
+            pass
+        except (ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"{path}: not the snapshots this experiment writes "
+                             f"({type(exc).__name__}: {exc})") from None
 
     def __call__(self, model, row: dict) -> None:
-        entry = {"epoch": row["epoch"], "test_error": 100 * (1 - row["test_acc"])}
-        if model.transformer is not None:
-            if len(self.X) > 1:
-                entry.update(_summary(transformer_measures(model, self.X, self.params,
-                                                           self.dataset)))
-            self.epochs.append(row["epoch"])
+        epoch = row["epoch"]
+        if model.transformer is not None and epoch not in self.epochs:
+            self.epochs.append(epoch)
             self.images.append(model.transform(self.X[:N_SNAPSHOT])[:, 0])
             epochs, images = np.array(self.epochs), np.stack(self.images)
             atomic_write(self.folder / "snapshots.npz",
                          lambda f: np.savez(f, epochs=epochs, images=images))
-        self.progress.append(entry)
-        _write_json(self.folder / "progress.json", self.progress)
+        if all(r["epoch"] != epoch for r in self.progress):
+            entry = {"epoch": epoch, "test_error": 100 * (1 - row["test_acc"])}
+            if model.transformer is not None and len(self.X) > 1:
+                entry.update(_summary(transformer_measures(model, self.X, self.params,
+                                                           self.dataset)))
+            self.progress.append(entry)
+            _write_json(self.folder / "progress.json", self.progress)
 
 
 def _run_one(config: ExperimentConfig, run: Run, folder: Path, data, test_params, out: Path,
@@ -316,16 +368,19 @@ def _run_one(config: ExperimentConfig, run: Run, folder: Path, data, test_params
                                    f"{run.name}-snapshots.png", f"{run.name}-recovered.png"))
     ckpt = folder / "checkpoint.npz"
     start_epoch = 0
-    if ckpt.is_file():
-        params, _, meta = load_checkpoint(ckpt)
+    if ckpt.exists():
+        params, _, meta = load_checkpoint(ckpt, require=("model", "epoch", "history"))
         start_epoch = meta["epoch"]
     recorder = _Recorder(folder, data[2], test_params, run.dataset, start_epoch)
-    if start_epoch >= config.epochs_of(run):
-        model = model_from_params(meta["model"], params, source=str(ckpt))
-        history = meta["history"]
-    else:
-        model, history = train(cfg, resume=start_epoch > 0, data=data, log=log,
-                               overwrite=True, on_epoch=recorder)
+    if start_epoch:
+        # A kill between the checkpoint and the per-epoch record (or its figures) loses
+        # nothing: what the checkpoint's last epoch implies is recomputed from it.
+        recorder(model_from_params(meta["model"], params, source=str(ckpt)),
+                 meta["history"][-1])
+    # Also for a checkpoint that holds every epoch: train then trains none, removes
+    # stale temporaries and rewrites the run's metrics and figures.
+    model, history = train(cfg, resume=start_epoch > 0, data=data, log=log,
+                           overwrite=True, on_epoch=recorder)
     X_test = data[2]
     measures = transformer_measures(model, X_test, test_params, run.dataset)
     result = {"run": run.name, "dataset": run.dataset, "arch": run.arch,
@@ -371,10 +426,17 @@ def run_experiment(config="full", out=DEFAULT_OUT, runs=None, data_dir=None, pro
     list of dict
         The result of every run (``result.json``), in the order of :func:`experiment_runs`.
 
+    While it runs it holds the locks of ``out`` and ``runs``
+    (:func:`~stn_numpy._io.folder_lock`), and ``train`` that of each run folder, so a
+    second experiment (or a ``train``) on them is refused with ``OSError``.
+
     Raises
     ------
     ValueError
-        A finished run in ``runs`` was made with other settings of its own.
+        A finished run in ``runs`` was made with other settings of its own, or a file of
+        a run is damaged (the message names it).
+    OSError
+        Another command holds ``out``, ``runs`` or a run folder.
     """
     name = config if isinstance(config, str) else "custom"
     if isinstance(config, str):
@@ -384,6 +446,14 @@ def run_experiment(config="full", out=DEFAULT_OUT, runs=None, data_dir=None, pro
     out = Path(out)
     runs = Path(runs) if runs is not None else Path(DEFAULT_RUNS) / name
     out.mkdir(parents=True, exist_ok=True)
+    runs.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out), folder_lock(runs):
+        return _run_all(config, out, runs, data_dir, progress, log)
+
+
+def _run_all(config: ExperimentConfig, out: Path, runs: Path, data_dir, progress,
+             log) -> list[dict]:
+    """The body of :func:`run_experiment`, run while it holds the folders' locks."""
     recorded = _recorded_results(out)
     every_run = experiment_runs(config)
     # Every finished result first: each write of results.json then holds them all, not
@@ -500,8 +570,15 @@ def _plot_epochs(results: list[dict], path: Path) -> bool:
 
 def read_results(out) -> tuple[list[dict], ExperimentConfig]:
     """The runs' results and the config that :func:`write_results` stored in ``<out>``."""
-    stored = json.loads((Path(out) / "results.json").read_text())
-    return stored["results"], ExperimentConfig.from_dict(stored["config"])
+    path = Path(out) / "results.json"
+    stored = _read_json(path, None)
+    if stored is None:
+        raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
+    try:
+        return stored["results"], ExperimentConfig.from_dict(stored["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: not the results this experiment writes "
+                         f"({type(exc).__name__}: {exc})") from None
 
 
 def write_results(results: list[dict], config: ExperimentConfig, out) -> None:

@@ -61,11 +61,15 @@ def numerical_gradient(f, x: np.ndarray, df=None, h: float = 1e-6) -> np.ndarray
     TypeError
         ``x`` is not a float64 ndarray.
     ValueError
-        ``x`` is read-only, or ``df`` does not have the shape of ``f(x)``.
+        ``x`` is read-only, ``h`` is not a finite number > 0, or ``df`` does not have the
+        shape of ``f(x)``.
     """
     _check_x(x)
+    _check_h(h)
     df = None if df is None else np.asarray(df)
     grad = np.zeros_like(x)
+    if not x.size:  # nothing to perturb (nditer refuses an empty array)
+        return grad
     it = np.nditer(x, flags=["multi_index"], op_flags=[["readwrite"]])
     for _ in it:
         i = it.multi_index
@@ -85,6 +89,13 @@ def numerical_gradient(f, x: np.ndarray, df=None, h: float = 1e-6) -> np.ndarray
         weight = 1.0 if df is None else df
         grad[i] = np.sum((plus - minus) * weight) / (2 * h)
     return grad
+
+
+def _check_h(h) -> None:
+    if (isinstance(h, bool) or not isinstance(h, (int, float, np.integer, np.floating))
+            or not np.isfinite(h) or h <= 0):
+        raise ValueError(f"h must be a finite number > 0 (the step of the central "
+                         f"differences), got {h!r}")
 
 
 def _check_x(x) -> None:

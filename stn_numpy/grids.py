@@ -25,19 +25,20 @@ from __future__ import annotations
 import functools
 import operator
 from collections import OrderedDict
-from fractions import Fraction
 
 import numpy as np
 
 from ._checks import (
     NonFiniteError,
+    check_bool,
     check_choice,
     check_finite,
     check_float_array,
+    check_float_dtype,
     check_int_pair,
     check_size,
 )
-from ._parallel import bands, parallel_map
+from ._parallel import bands, even_split, parallel_map
 
 _FLOAT64 = np.dtype(np.float64)
 
@@ -86,24 +87,47 @@ def _linspace_from_neg_one(steps: int, align_corners: bool, dtype) -> np.ndarray
 
     The values are PyTorch's, bit for bit: ``step = 2 / (steps - 1)`` in ``dtype``; the
     first half is ``-1 + step * i`` and the second half ``1 - step * (steps - 1 - i)``,
-    each rounded once (a fused multiply-add, computed here exactly with fractions); the
-    scaling multiplies by ``steps - 1``, rounds, then divides by ``steps``. This matters
-    because an identity transform puts the points on pixel centres, exactly where the
-    sampler's gradient jumps: a grid one rounding step off would take the gradient from
-    the other side of the jump.
+    each rounded once (a fused multiply-add); the scaling multiplies by ``steps - 1``,
+    rounds, then divides by ``steps``. This matters because an identity transform puts
+    the points on pixel centres, exactly where the sampler's gradient jumps: a grid one
+    rounding step off would take the gradient from the other side of the jump.
+
+    The fused multiply-add is computed exactly in float64, vectorised (one pass per
+    operation, not a Python object per point): with ``k`` the distance from the nearer
+    end, ``k * step = p + e`` exactly (Dekker's product), ``p - 1 = s + t`` exactly
+    (Knuth's sum), and ``t + e`` is exact too (both are multiples of ``ulp(step)`` below
+    ``2^-52``, which takes fewer than 53 bits while ``steps < 2^50``), so ``s + (t + e)``
+    is the one correct rounding of ``-1 + k * step``. In float32 that value is exact in
+    float64 (a 24-bit step times ``k`` spans fewer than 53 bits), so the cast rounds once.
     """
     dtype = np.dtype(dtype)
     if steps <= 1:
         return np.zeros(max(steps, 0), dtype=dtype)
-    step = Fraction(float(dtype.type(2) / dtype.type(steps - 1)))
-    exact = [-1 + step * i if i < steps // 2 else 1 - step * (steps - 1 - i)
-             for i in range(steps)]
-    # Each exact value has few enough bits that float() is the one correct rounding for
-    # float64 and exact for float32, so the cast to dtype rounds only once.
-    line = np.array([float(v) for v in exact]).astype(dtype)
+    step = float(dtype.type(2) / dtype.type(steps - 1))
+    i = np.arange(steps, dtype=np.float64)
+    first = i < steps // 2
+    k = np.where(first, i, (steps - 1) - i)
+    p = k * step
+    (k_hi, k_lo), (step_hi, step_lo) = _veltkamp_split(k), _veltkamp_split(step)
+    e = ((k_hi * step_hi - p) + k_hi * step_lo + k_lo * step_hi) + k_lo * step_lo
+    s = p - 1.0
+    p_part = s + 1.0
+    t = (p - p_part) + (-1.0 - (s - p_part))
+    line = s + (t + e)
+    # 1 - k step = -(-1 + k step) with a rounding symmetric about 0; 0 - x, not -x,
+    # keeps a middle point's 0 positive.
+    line = np.where(first, line, 0.0 - line).astype(dtype)
     if not align_corners:
         line = line * dtype.type(steps - 1) / dtype.type(steps)
     return line
+
+
+def _veltkamp_split(x):
+    """``(hi, lo)`` with ``hi + lo = x`` exactly and each of at most 26 significant bits,
+    so that products of two halves are exact in float64."""
+    c = 134217729.0 * x  # 2^27 + 1
+    hi = c - (c - x)
+    return hi, x - hi
 
 
 def _cache_by_bytes(max_bytes: int, max_entries: int = 256):
@@ -174,8 +198,8 @@ def target_coordinates(H: int, W: int, align_corners: bool = False, dtype=np.flo
         raise TypeError(f"H and W must be ints, got H={H!r}, W={W!r}") from None
     if H < 1 or W < 1:
         raise ValueError(f"H and W must be >= 1, got H={H}, W={W}")
-    dtype = np.dtype(dtype)
-    return _base_grid(H, W, bool(align_corners), dtype)[..., :2].copy()
+    check_bool("align_corners", align_corners)
+    return _base_grid(H, W, bool(align_corners), check_float_dtype("dtype", dtype))[..., :2].copy()
 
 
 def _check_params(name: str, theta, shape) -> np.ndarray:
@@ -536,10 +560,14 @@ def _homography_terms(theta: np.ndarray, H: int, W: int, align_corners: bool):
     h = np.concatenate([theta, np.ones_like(theta[:, :1])], axis=1).reshape(-1, 3, 3)
     # abw[n, i, j] = (a, b, w) = h @ (x_t, y_t, 1)
     abw = (base.reshape(1, H * W, 3) @ h.transpose(0, 2, 1)).reshape(-1, H, W, 3)
+    # w = h6 x + h7 y + 1 carries a rounding error of a few ulps of |h6 x| + |h7 y| + 1; a
+    # w within it of zero is a pole whose side (and so the sign of x_s) is round-off.
+    w_scale = (np.abs(base).reshape(1, H * W, 3) @ np.abs(h[:, 2:, :]).transpose(0, 2, 1))
+    at_pole = np.abs(abw[..., 2]) <= 4 * np.finfo(theta.dtype).eps * w_scale.reshape(-1, H, W)
     # A vanishing w is reported below as an error; numpy's warnings would only add noise.
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         xy_s = abw[..., :2] / abw[..., 2:]
-    if not np.isfinite(xy_s).all():
+    if at_pole.any() or not np.isfinite(xy_s).all():
         raise NonFiniteError(
             "the homography's denominator h6 x + h7 y + 1 is zero (or too close to zero) at "
             "some target point (x, y), so the grid would be infinite there; keep h6, h7 "
@@ -627,13 +655,34 @@ def tps_lattice(lattice=(4, 4), dtype=np.float64) -> np.ndarray:
     itself as ``theta`` to :func:`tps_grid` gives the identity transform.
     """
     rows, cols = _check_lattice(lattice)
+    dtype = check_float_dtype("dtype", dtype)
     y, x = np.meshgrid(np.linspace(-1, 1, rows), np.linspace(-1, 1, cols), indexing="ij")
     return np.stack([x.ravel(), y.ravel()], axis=1).astype(dtype)
 
 
+#: The most control points a TPS lattice may have: its matrix solve takes O(K^3) time
+#: and its matrix K + 3 squared values (1024: 8 MB and well under a second).
+MAX_TPS_POINTS = 1024
+#: The most bytes the fixed TPS matrix ``M`` (H*W x K float64) may take.
+MAX_TPS_MATRIX_BYTES = 2**31
+
+
 def _check_lattice(lattice) -> tuple[int, int]:
-    """``(rows, cols)``: a spline needs at least 2 x 2 control points."""
-    return check_int_pair("lattice", lattice, 2)
+    """``(rows, cols)``: a spline needs at least 2 x 2 control points, and at most
+    ``MAX_TPS_POINTS`` in all."""
+    rows, cols = check_int_pair("lattice", lattice, 2)
+    if rows * cols > MAX_TPS_POINTS:
+        raise ValueError(f"lattice must have at most {MAX_TPS_POINTS} points (rows * cols), "
+                         f"got {rows} x {cols} = {rows * cols}")
+    return rows, cols
+
+
+def _check_tps_matrix(lattice: tuple[int, int], H: int, W: int) -> None:
+    nbytes = H * W * lattice[0] * lattice[1] * 8
+    if nbytes > MAX_TPS_MATRIX_BYTES:
+        raise ValueError(f"size and lattice: the TPS matrix for {H}x{W} points and "
+                         f"{lattice[0]}x{lattice[1]} control points would take {nbytes} bytes, "
+                         f"more than {MAX_TPS_MATRIX_BYTES}")
 
 
 def _tps_radial(r2: np.ndarray) -> np.ndarray:
@@ -663,11 +712,13 @@ def _tps_matrix(lattice: tuple[int, int], H: int, W: int, align_corners: bool) -
     L[K:, :K] = C.T
     L_inv_top = np.linalg.solve(L, np.eye(K + 3)[:, :K])  # (K+3, K): [w; a] per unit P'
     p = _base_grid(H, W, align_corners, _FLOAT64)[..., :2].reshape(H * W, 2)
-    B = np.concatenate(
-        [_tps_radial(((p[:, None, :] - c[None, :, :]) ** 2).sum(-1)), np.ones((H * W, 1)), p],
-        axis=1,
-    )
-    M = B @ L_inv_top
+    M = np.empty((H * W, K))
+    # In bands of points, so that the (points, K, 2) differences stay small.
+    for start, stop in even_split(H * W, -(-H * W * K // 2**20)):
+        q = p[start:stop]
+        B = np.concatenate([_tps_radial(((q[:, None, :] - c[None, :, :]) ** 2).sum(-1)),
+                            np.ones((len(q), 1)), q], axis=1)
+        M[start:stop] = B @ L_inv_top
     M.setflags(write=False)
     return M
 
@@ -698,6 +749,9 @@ def tps_grid(theta: np.ndarray, size, *, lattice=(4, 4), align_corners: bool = F
     rows, cols = _check_lattice(lattice)
     theta = _check_params("theta", theta, (None, rows * cols, 2))
     N, _, H, W = _check_output_size(size, theta.shape[0], align_corners)
+    _check_tps_matrix((rows, cols), H, W)
+    if not N:  # no image needs the matrix
+        return np.empty((0, H, W, 2), dtype=theta.dtype)
     M = _tps_matrix((rows, cols), H, W, align_corners).astype(theta.dtype, copy=False)
     return (M @ theta).reshape(N, H, W, 2)
 
@@ -721,6 +775,9 @@ def tps_grid_backward(dgrid: np.ndarray, theta: np.ndarray, size, *, lattice=(4,
     theta = _check_params("theta", theta, (None, rows * cols, 2))
     N, _, H, W = _check_output_size(size, theta.shape[0], align_corners)
     dgrid = _check_dgrid(dgrid, N, H, W, theta.dtype)
+    _check_tps_matrix((rows, cols), H, W)
+    if not N:
+        return np.empty((0, rows * cols, 2), dtype=theta.dtype)
     M = _tps_matrix((rows, cols), H, W, align_corners).astype(theta.dtype, copy=False)
     return M.T @ dgrid.reshape(N, H * W, 2)
 

@@ -380,6 +380,9 @@ def build_model(arch: str = "stn", input_size=(28, 28), transform: str = "affine
     return Model(Sequential(stn, *classifier), config)
 
 
+MAX_ST_SCALE = 4
+
+
 def check_loc_net_arch(arch: str) -> None:
     """``ValueError`` unless ``arch`` is a model whose localisation net ``loc_net`` chooses."""
     if arch not in LOC_NET_ARCHS:
@@ -403,6 +406,12 @@ def _check_st_size(st_size, arch: str, input_size, has_transformer: bool) -> tup
     if Ho < minimum or Wo < minimum:
         raise ValueError(f"st_size must be at least {minimum}x{minimum} for arch={arch!r}, "
                          f"got {(Ho, Wo)}")
+    # The classifier's weights grow with the output's area; beyond a few times the input's
+    # side a transformer only interpolates, and a typo (100000) would ask for terabytes.
+    limit = MAX_ST_SCALE * max(input_size)
+    if Ho > limit or Wo > limit:
+        raise ValueError(f"st_size must be at most {MAX_ST_SCALE}x the input's larger side "
+                         f"({limit}), got {(Ho, Wo)}")
     return Ho, Wo
 
 

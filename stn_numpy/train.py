@@ -20,6 +20,7 @@ stops the run with :class:`TrainingDiverged`, leaving the last good checkpoint.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ._checks import NonFiniteError, check_choice, check_int, check_positive_int
-from ._io import check_writable, remove_stale_temporaries
+from ._io import check_writable, folder_lock, remove_stale_temporaries
 from ._parallel import usable_cores
 from .checkpoint import atomic_write, load_checkpoint, model_from_params, save_checkpoint
 from .data import DATASETS, load_mnist
@@ -97,10 +98,15 @@ class TrainConfig:
                 check_positive_int(name, getattr(self, name))
         if self.lr is None:
             self.lr = DEFAULT_LR[self.optimizer]
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not self.loc_lr_scale > 0:
-            raise ValueError(f"loc_lr_scale must be > 0, got {self.loc_lr_scale}")
+        for name, positive in (("lr", True), ("loc_lr_scale", True), ("momentum", False),
+                               ("weight_decay", False)):
+            value = getattr(self, name)
+            # A number, finite: an infinite rate would only show as a diverged run, and
+            # NaN would make the checkpoint's metadata invalid JSON.
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value) or value < 0 or (positive and value == 0)):
+                raise ValueError(f"{name} must be {'>' if positive else '>='} 0 and finite"
+                                 f", got {value!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -278,14 +284,17 @@ def train(config: TrainConfig | None = None, resume: bool = False, data=None, lo
         failed; the file in place stays intact.
     ValueError
         A bad config, or a checkpoint to resume whose fields are missing or mistyped.
-    """
-    from tqdm import tqdm
 
+    While it runs, ``train`` holds the run folder's lock
+    (:func:`~stn_numpy._io.folder_lock`): another ``train`` (fresh, ``overwrite`` or
+    ``resume``) on the same folder raises ``OSError`` at once instead of losing a run.
+    """
     cfg = config or TrainConfig()
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.npz"
     start_epoch, history, saved = 0, [], None
     if resume:
+        read = _identity(ckpt_path)
         params, optim_state, meta = load_checkpoint(
             ckpt_path, require=("model", "train", "epoch", "history", "rng"))
         stored = dict(meta["train"], out=cfg.out, data_dir=cfg.data_dir, progress=cfg.progress)
@@ -304,20 +313,46 @@ def train(config: TrainConfig | None = None, resume: bool = False, data=None, lo
             log(f"extending the run to {cfg.epochs} epochs: the cosine schedule is "
                 f"recomputed over the new total")
         saved = (params, optim_state, meta)
-    elif ckpt_path.exists() and not overwrite:
-        raise ValueError(f"{ckpt_path} already exists: pass --resume to continue that run, "
-                         f"--overwrite to replace it, or choose another --out")
     if cfg.epochs is None:
         cfg.epochs = TrainConfig.epochs
     cfg.validate()
-    # Before the data and the first epoch: an unwritable --out fails now, not in an hour.
     out.mkdir(parents=True, exist_ok=True)
+    # One command per run folder: a second one (a fresh run, --overwrite, --resume) is
+    # refused while this one lives, so neither loses its run or its temporaries.
+    with folder_lock(out):
+        if saved is None and ckpt_path.exists() and not overwrite:
+            raise ValueError(f"{ckpt_path} already exists: pass --resume to continue that "
+                             f"run, --overwrite to replace it, or choose another --out")
+        if saved is not None and _identity(ckpt_path) != read:
+            raise OSError(errno.EBUSY, "was replaced by another command while this one "
+                          "read it; run again", str(ckpt_path))
+        return _train_locked(cfg, out, saved, start_epoch, history, data, log, on_epoch)
+
+
+def _identity(path: Path):
+    """What tells one version of a file from the next: atomic writes rename a new file
+    (inode) into place."""
+    info = os.stat(path)
+    return info.st_ino, info.st_mtime_ns, info.st_size
+
+
+def _train_locked(cfg: TrainConfig, out: Path, saved, start_epoch: int, history: list,
+                  data, log, on_epoch):
+    """The body of :func:`train`, run while it holds the run folder's lock."""
+    from tqdm import tqdm
+
+    ckpt_path = out / "checkpoint.npz"
+    # Before the data and the first epoch: an unwritable --out fails now, not in an hour.
     check_writable(ckpt_path)
     remove_stale_temporaries(out, RUN_FILES)
 
     X_train, y_train, X_test, y_test = data or load_dataset(
         cfg.dataset, cfg.data_dir, cfg.train_limit, cfg.test_limit)
     input_size = X_train.shape[2:]
+    if saved is not None and list(input_size) != list(saved[2]["model"].get("input_size", [])):
+        raise ValueError(f"{ckpt_path}: the run's model takes images of "
+                         f"{saved[2]['model'].get('input_size')}, the data has "
+                         f"{list(input_size)}")
     if saved is None:
         model = build_model(cfg.model, input_size, cfg.transform, cfg.mode, cfg.padding_mode,
                             cfg.align_corners, seed=cfg.seed, st_size=cfg.st_size,
@@ -333,7 +368,7 @@ def train(config: TrainConfig | None = None, resume: bool = False, data=None, lo
                                                                    shuffle_rng, model))):
             try:
                 restore()
-            except (KeyError, TypeError, ValueError) as e:
+            except (KeyError, TypeError, ValueError, OverflowError) as e:
                 raise ValueError(f"{ckpt_path}: field {field!r}: {e}") from None
         log(f"resumed from {ckpt_path} after epoch {start_epoch}")
         stored_threads = saved[2].get("threads")

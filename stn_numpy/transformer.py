@@ -25,7 +25,7 @@ import math
 import numpy as np
 
 from . import grids
-from ._checks import check_choice, check_float_array, check_int_pair
+from ._checks import check_bool, check_choice, check_float_array, check_int_pair
 from .layers import Layer, Linear, Sequential
 from .sampling import (
     MODES,
@@ -190,6 +190,11 @@ class SpatialTransformer(Layer):
             raise RuntimeError("SpatialTransformer.backward needs a forward pass with "
                                "train=True; forward(x, train=False) keeps no sampler "
                                "cache for the backward pass")
+        dtype = self._sampler_cache.U.dtype
+        if dV.dtype != dtype:  # named here: the sampler would name its own dV and U
+            raise TypeError(f"dout must have the dtype of the forward's output, {dtype}, "
+                            f"got {dV.dtype}")
+        input_grad = check_bool("input_grad", input_grad)
         dU, dgrid = grid_sample_backward_from_cache(dV, self._sampler_cache,
                                                     input_grad=input_grad)
         dtheta = self._grid_backward(dgrid, self.theta, self._size, **self._grid_kwargs())

@@ -173,3 +173,16 @@ def test_memory_rows_measure_each_side_in_a_fresh_process():
         assert row["ours_traced_mb"] > 0 and row["ours_rss_mb"] >= 0
         assert (row["torch_rss_mb"] is None) == (not _torch_importable())
     assert "ours traced" in bench.format_memory(rows)
+
+
+def test_json_to_a_device_is_refused_before_measuring(capsys):
+    import os
+    import stat
+
+    from stn_numpy.cli import main as cli_main
+
+    if not os.path.exists("/dev/null"):
+        pytest.skip("no /dev/null")
+    assert cli_main(["bench", "--json", "/dev/null"]) == 2
+    assert "character device, not a regular file" in capsys.readouterr().err
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)

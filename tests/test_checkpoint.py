@@ -1,6 +1,7 @@
 """Tests for checkpoint files: round trip, atomic writes, clear errors on bad files."""
 
 import io
+import json
 import os
 import stat
 import zipfile
@@ -158,3 +159,69 @@ def test_model_config_fields_are_checked(tmp_path, change, pattern):
     save_checkpoint(path, model.params, {}, {"model": config})
     with pytest.raises(ValueError, match="c.npz: " + pattern):
         load_model(path)
+
+
+def test_compressed_or_oversized_checkpoints_are_refused_before_allocating(tmp_path):
+    model = build_model("cnn", (28, 28))
+    meta = {"model": model.config, "epoch": 0, "history": []}
+    path = tmp_path / "c.npz"
+    save_checkpoint(path, model.params, {}, meta)
+    load_model(path)
+    # Deflated members: np.savez never writes them, and they could inflate 1000-fold.
+    deflated = tmp_path / "deflated.npz"
+    arrays = {f"param/{k}": v for k, v in model.params.items()}
+    np.savez_compressed(deflated, meta=np.array(json.dumps({"format": "stn-numpy-checkpoint-1",
+                                                             **meta})), **arrays)
+    with pytest.raises(ValueError, match="compressed"):
+        load_model(deflated)
+    # A model configuration far larger than the parameters the file holds.
+    huge = dict(meta, model=dict(model.config, input_size=[100000, 100000]))
+    save_checkpoint(path, model.params, {}, huge)
+    with pytest.raises(ValueError, match="need at least .* parameters, the file holds"):
+        load_model(path)
+
+
+def test_crafted_checkpoints_are_value_errors_naming_the_file(tmp_path):
+    """Kept from a hostile round: bytes flipped, cut short, members replaced, dropped or
+    deflated, metadata fields replaced by odd JSON; loading either works or raises a
+    ValueError naming the file, and never allocates more than the file implies."""
+    import random
+
+    model = build_model("cnn", (28, 28))
+    good = tmp_path / "good.npz"
+    save_checkpoint(good, model.params, {}, {"model": model.config, "epoch": 0,
+                                             "history": []})
+    raw = good.read_bytes()
+    with zipfile.ZipFile(good) as z:
+        members = {i.filename: z.read(i.filename) for i in z.infolist()}
+    meta = json.loads(str(np.load(good)["meta"]))
+    odd = [None, True, -1, 2**70, 0.5, "x", [], {}, [10**6, 10**6], [28, 28, 28], 10**9]
+    r = random.Random(0)
+    for case in range(60):
+        how = case % 5
+        path = tmp_path / f"crafted{case}.npz"
+        if how == 0:
+            b = bytearray(raw)
+            b[r.randrange(len(b))] ^= 1 << r.randrange(8)
+            path.write_bytes(bytes(b))
+        elif how == 1:
+            path.write_bytes(raw[:r.randrange(len(raw))])
+        else:
+            crafted = dict(members)
+            if how == 2:
+                m = json.loads(json.dumps(meta))
+                target = m["model"] if r.random() < 0.7 else m
+                target[r.choice(list(target))] = r.choice(odd)
+                buf = io.BytesIO()
+                np.save(buf, np.array(json.dumps(m)))
+                crafted["meta.npy"] = buf.getvalue()
+            elif how == 3:
+                crafted.pop(r.choice(list(crafted)))
+            with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED if how == 4
+                                 else zipfile.ZIP_STORED) as z:
+                for name, data in crafted.items():
+                    z.writestr(name, data)
+        try:
+            load_model(path)
+        except ValueError as exc:
+            assert str(path) in str(exc), exc

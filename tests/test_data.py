@@ -419,3 +419,15 @@ def test_download_offline_error(tmp_path, fake_mirrors):
     # file's worth of timeouts, not four.
     assert len(requested) == len(mnist.MIRRORS)
     assert os.listdir(root) == []
+
+
+def test_a_gzip_bomb_is_refused_before_it_inflates(tmp_path, monkeypatch):
+    import gzip
+
+    from stn_numpy.data import mnist
+
+    monkeypatch.setattr(mnist, "MAX_IDX_BYTES", 1000)
+    path = tmp_path / "bomb.gz"
+    path.write_bytes(gzip.compress(b"\0" * 100_000))
+    with pytest.raises(ValueError, match="inflates to more than 1000 bytes"):
+        mnist.read_idx(path)

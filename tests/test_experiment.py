@@ -124,7 +124,8 @@ def test_finished_runs_are_kept_unless_their_own_settings_changed(tmp_path):
     for name in ("rts-paper-cnn-seed0", "rts-paper-stcnn-affine-seed0",
                  "rot-paper-stcnn-affine-seed0"):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "result.json").write_text(json.dumps({"run": name, "config": old}))
+        result = {**fake_results(SMALL)[0], "run": name, "config": old}
+        (tmp_path / name / "result.json").write_text(json.dumps(result))
     assert _finished(tmp_path / "rts-paper-cnn-seed0", longer, runs["rts-paper-cnn-seed0"])
     assert _finished(tmp_path / "rot-paper-stcnn-affine-seed0", longer,
                      runs["rot-paper-stcnn-affine-seed0"])
@@ -420,3 +421,83 @@ def test_each_write_of_results_json_holds_every_finished_run(tmp_path, monkeypat
                          log=lambda *a: None)
     assert [r["run"] for r in got] == [r.name for r in experiment_runs(config)]
     assert written[0] == [r["run"] for r in results]  # the first write already holds them all
+
+
+def _one_run(folder, out, data, **patches):
+    """``proj``'s affine ST-CNN for 2 epochs on synthetic data, as run_experiment runs it."""
+    from stn_numpy.experiment import Run, _run_one
+
+    config = replace(CONFIGS["tiny"], epochs=2)
+    run = Run("proj", "paper-stcnn", "affine", 0)
+    folder.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return _run_one(config, run, folder, data, {}, out, None, False, lambda s: None)
+
+
+def _kept(folder):
+    """Everything a run folder holds but the wall times."""
+    z = np.load(folder / "snapshots.npz")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    return (sorted(p.name for p in folder.iterdir()), json.loads((folder / "progress.json")
+            .read_text()), z["epochs"].tolist(), z["images"].tobytes(),
+            [{k: v for k, v in row.items() if k != "seconds"} for row in metrics])
+
+
+@pytest.mark.parametrize("killed_in", ["metrics", "progress"])
+def test_a_run_killed_after_its_checkpoint_loses_nothing_on_resume(tmp_path, monkeypatch,
+                                                                  killed_in):
+    import stn_numpy.experiment as experiment
+    import stn_numpy.train as train_module
+
+    rng = np.random.default_rng(0)
+    data = (rng.random((64, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 64),
+            rng.random((16, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 16))
+    straight = tmp_path / "straight"
+    _one_run(straight / "run", straight, data)
+    # A kill -9 in the window after the last epoch's checkpoint: before its metrics, or
+    # after its snapshots and before its per-epoch measures.
+    module, name = ((train_module, "_write_metrics") if killed_in == "metrics"
+                    else (experiment, "_write_json"))
+    real, calls = getattr(module, name), []
+
+    def killed(*args):
+        calls.append(args)
+        if killed_in == "metrics" and len(calls) == 2 or killed_in == "progress" and len(
+                [a for a in calls if a[0].name == "progress.json"]) == 2:
+            raise SystemExit("killed")
+        return real(*args)
+
+    killed_run = tmp_path / "killed"
+    with monkeypatch.context() as m, pytest.raises(SystemExit):
+        m.setattr(module, name, killed)
+        _one_run(killed_run / "run", killed_run, data)
+    assert load_checkpoint_epoch(killed_run / "run") == 2
+    _one_run(killed_run / "run", killed_run, data)
+    assert _kept(killed_run / "run") == _kept(straight / "run")
+    assert sorted(p.name for p in killed_run.iterdir() if p.is_file()) == sorted(
+        p.name for p in straight.iterdir() if p.is_file())
+
+
+def load_checkpoint_epoch(folder):
+    from stn_numpy.checkpoint import load_checkpoint
+
+    return load_checkpoint(folder / "checkpoint.npz")[2]["epoch"]
+
+
+def test_damaged_run_files_are_named(tmp_path):
+    from stn_numpy.experiment import Run, _finished
+
+    run = Run("rot", "paper-cnn", "affine", 0)
+    (tmp_path / "result.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"result.json: not valid JSON"):
+        _finished(tmp_path, SMALL, run)
+    (tmp_path / "result.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"result.json: not a result this experiment wrote"):
+        _finished(tmp_path, SMALL, run)
+    result = {**fake_results(SMALL)[0], "test_error": None}
+    (tmp_path / "result.json").write_text(json.dumps(result))
+    with pytest.raises(ValueError, match=r"result.json: not a result .* 'test_error' is a"):
+        _finished(tmp_path, SMALL, run)
+    (tmp_path / "result.json").write_text("[" * 100000)
+    with pytest.raises(ValueError, match=r"result.json: not valid JSON"):
+        _finished(tmp_path, SMALL, run)

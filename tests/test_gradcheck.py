@@ -125,3 +125,13 @@ def test_check_double_backward_rejects_mismatched_gradients(rng):
         numerical_double_backward(lambda x: (x, x), [x], [x])
     with pytest.raises(TypeError, match="float64"):
         check_double_backward(lambda x: (x,), [x.astype(np.float32)], [x], [x])
+
+
+def test_step_must_be_positive_and_finite_and_an_empty_x_has_an_empty_gradient():
+    x = np.ones(3)
+    for h in (0, -1e-6, float("nan"), float("inf"), "1e-6", True):
+        with pytest.raises(ValueError, match="h must be a finite number > 0"):
+            numerical_gradient(lambda v: v.sum(), x, h=h)
+    empty = np.zeros((0, 2))
+    assert numerical_gradient(lambda v: v.sum(), empty).shape == (0, 2)
+    assert check_gradient(lambda v: v * 2, empty, np.zeros((0, 2))).max_abs_error == 0.0

@@ -128,3 +128,87 @@ def test_replace_marked_rewrites_only_the_block(tmp_path):
         with pytest.raises(ValueError, match=f"{path}: needs one '<!-- a -->'"):
             replace_marked(path, "<!-- a -->", "<!-- b -->", "x\n")
         assert path.read_text() == text
+
+
+# --- What a path is, checked before anything else ------------------------------------
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
+    path = tmp_path / "pipe"
+    os.mkfifo(path)
+    return path
+
+
+def test_writers_refuse_a_device_and_a_fifo(fifo):
+    for path in (fifo, "/dev/null"):
+        if not os.path.exists(path):
+            continue
+        before = os.stat(path).st_mode
+        with pytest.raises(OSError, match="not a regular file; refusing to replace it"):
+            atomic_write(path, lambda f: f.write(b"x"))
+        with pytest.raises(OSError, match="not a regular file"):
+            check_writable(path)
+        assert os.stat(path).st_mode == before  # still the device or the FIFO
+    assert os.listdir(fifo.parent) == ["pipe"]
+
+
+def test_readers_refuse_a_device_and_a_fifo_without_blocking(fifo, tmp_path):
+    for path in (fifo, "/dev/zero"):
+        if os.path.exists(path):
+            with pytest.raises(OSError, match="not a regular file; refusing to read it"):
+                _io.open_regular(path)
+    with pytest.raises(IsADirectoryError):
+        _io.open_regular(tmp_path)
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"x" * 100)
+    with pytest.raises(OSError, match="more than the 99 this file may have"):
+        _io.read_regular(big, 99)
+    assert _io.read_regular(big, 100) == b"x" * 100
+
+
+def test_atomic_write_all_changes_nothing_unless_every_write_succeeds(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(b"old a")
+
+    def fail(f):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        _io.atomic_write_all([(a, lambda f: f.write(b"new a")), (b, fail)])
+    assert a.read_bytes() == b"old a" and sorted(os.listdir(tmp_path)) == ["a"]
+    b.mkdir()
+    with pytest.raises(IsADirectoryError):  # checked before anything is written
+        _io.atomic_write_all([(a, lambda f: f.write(b"new a")), (b, lambda f: None)])
+    assert a.read_bytes() == b"old a" and sorted(os.listdir(tmp_path)) == ["a", "b"]
+    with pytest.raises(ValueError, match="same file"):
+        _io.atomic_write_all([(a, lambda f: None), (tmp_path / "." / "a", lambda f: None)])
+
+
+def test_compressed_members_are_refused(tmp_path):
+    import zipfile
+
+    import numpy as np
+
+    path = tmp_path / "c.npz"
+    np.savez_compressed(path, x=np.zeros(10))
+    with zipfile.ZipFile(path) as z, pytest.raises(ValueError, match="compressed"):
+        _io.read_npy_header(z, z.infolist()[0])
+
+
+def test_folder_lock_refuses_a_second_process_and_is_reentrant(tmp_path):
+    import subprocess
+    import sys
+
+    pytest.importorskip("fcntl")
+    code = ("import sys; from stn_numpy._io import folder_lock\n"
+            "try:\n    with folder_lock(sys.argv[1]): pass\n"
+            "except OSError as e:\n    print(e); sys.exit(2)\n")
+    with _io.folder_lock(tmp_path), _io.folder_lock(tmp_path):  # re-entrant in-process
+        other = subprocess.run([sys.executable, "-c", code, str(tmp_path)],
+                               capture_output=True, text=True)
+        assert other.returncode == 2 and "in use by another stn-numpy command" in other.stdout
+    assert subprocess.run([sys.executable, "-c", code, str(tmp_path)]).returncode == 0
+    assert os.listdir(tmp_path) == []  # no lock file left behind

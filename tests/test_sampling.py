@@ -554,3 +554,116 @@ def test_backward_without_input_grad_skips_only_dU(rng, mode):
     none, dgrid_only = grid_sample_backward_from_cache(dV, cache, input_grad=False)
     assert none is None and dU.shape == U.shape
     np.testing.assert_array_equal(dgrid_only, dgrid)
+
+
+def test_bilinear_dgrid_of_an_infinite_dV_is_the_references_not_nan():
+    from stn_numpy import reference
+
+    rng = np.random.default_rng(0)
+    for C in (1, 3):
+        for padding_mode in PADDING_MODES:
+            U = rng.standard_normal((1, C, 4, 5))
+            grid = rng.uniform(-1.3, 1.3, (1, 3, 3, 2))
+            dV = rng.standard_normal((1, C, 3, 3))
+            dV[0, 0, 1, 1], dV[0, 0, 0, 0] = np.inf, -np.inf
+            with np.errstate(all="ignore"):
+                _, dgrid = grid_sample_backward(dV, U, grid, "bilinear", padding_mode)
+                _, expected = reference.grid_sample_backward(dV, U, grid, "bilinear",
+                                                             padding_mode)
+            assert (np.isnan(dgrid) == np.isnan(expected)).all()
+            assert (np.isinf(dgrid) == np.isinf(expected)).all()
+            assert (np.sign(dgrid) == np.sign(expected))[np.isinf(expected)].all()
+
+
+def test_sparse_indices_widen_to_int64_beyond_int32(monkeypatch):
+    import stn_numpy.sampling as sampling
+
+    rng = np.random.default_rng(1)
+    U = rng.standard_normal((2, 2, 5, 6))
+    grid = rng.uniform(-1.1, 1.1, (2, 4, 3, 2))
+    dV = rng.standard_normal((2, 2, 4, 3))
+    expected = grid_sample_backward(dV, U, grid, "bicubic")[0]
+    import types
+
+    seen = []
+    real = sampling.sp.csr_matrix
+
+    def csr_matrix(arg, shape):
+        seen.append((arg[1].dtype, arg[2].dtype))
+        return real(arg, shape=shape)
+
+    monkeypatch.setattr(sampling, "_INT32_MAX", 100)  # as if 134M points were few
+    monkeypatch.setattr(sampling, "sp", types.SimpleNamespace(csr_matrix=csr_matrix))
+    dU = grid_sample_backward(dV, U, grid, "bicubic")[0]
+    # scipy keeps int64 where the values need it (and narrows them where they fit).
+    assert seen and set(seen) == {(np.dtype(np.int64), np.dtype(np.int64))}
+    np.testing.assert_array_equal(dU, expected)
+
+
+# A law over generated inputs, kept from a hostile round: every dtype, layout, option and
+# shape mistake, 1-pixel and elongated images, extreme values; the sampler returns or
+# raises TypeError/ValueError naming an argument, never changes its inputs, and on valid
+# float64 input agrees with the plain reference.
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def _hostile_sampler_inputs(draw):
+    def mostly(good, bad):
+        return draw(st.sampled_from(good) if draw(st.integers(0, 5)) else st.sampled_from(bad))
+
+    N, C = draw(st.integers(0, 3)), draw(st.integers(0, 3))
+    H, W = draw(st.sampled_from([(1, 1), (1, 17), (17, 1), (3, 4), (5, 2)]))
+    Ho, Wo = draw(st.integers(0, 4)), draw(st.integers(0, 4))
+    dtype = mostly([np.float32, np.float64], [np.float16, np.int32, np.complex128, bool, object])
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    values = draw(st.sampled_from(["normal", "special", "wide"]))
+
+    def make(shape, spread=1.0):
+        if values == "special":
+            a = rng.choice([0.0, -0.0, 1.0, -1.0, 0.5, 1e-320, 1e308, np.inf, np.nan], shape)
+        else:
+            a = rng.standard_normal(shape) * spread
+            if values == "wide":
+                a *= 10.0 ** rng.integers(-30, 30, shape)
+        with np.errstate(all="ignore"):
+            return a.astype(dtype)
+
+    grid = make((N, Ho, Wo, 2), 1.3)
+    if draw(st.integers(0, 9)) == 0:
+        grid = np.moveaxis(grid, -1, 1)  # a channels-first grid: a layout mistake
+    return (make((N, C, H, W)), grid, make((N, C, Ho, Wo)),
+            mostly(list(MODES), ["Bilinear", None, np.array(["bilinear"])]),
+            mostly(list(PADDING_MODES), ["wrap", ["zeros"]]),
+            mostly([True, False], ["False", 1, np.array([True])]))
+
+
+@settings(max_examples=80, deadline=None, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(_hostile_sampler_inputs())
+def test_hostile_inputs_give_results_or_errors_naming_an_argument(case):
+    from stn_numpy import reference
+
+    U, grid, dV, mode, padding_mode, align_corners = case
+    before = [a.copy() for a in (U, grid, dV)]
+    results = []
+    for call in (lambda: grid_sample(U, grid, mode, padding_mode, align_corners),
+                 lambda: grid_sample_backward(dV, U, grid, mode, padding_mode, align_corners)):
+        try:
+            with np.errstate(all="ignore"):
+                results.append(call())
+        except (TypeError, ValueError) as exc:
+            assert any(name in str(exc) for name in ("U", "grid", "dV", "mode", "padding_mode",
+                                                     "align_corners")), exc
+    for a, b in zip((U, grid, dV), before, strict=True):
+        assert a.dtype == object or a.tobytes() == b.tobytes()
+    if (len(results) == 2 and mode in ("bilinear", "nearest") and U.dtype == np.float64
+            and np.isfinite(U).all() and np.isfinite(dV).all()):
+        with np.errstate(all="ignore"):
+            expected = (reference.grid_sample(U, grid, mode, padding_mode, align_corners),
+                        *reference.grid_sample_backward(dV, U, grid, mode, padding_mode,
+                                                        align_corners))
+        for ours, theirs in zip((results[0], *results[1]), expected, strict=True):
+            np.testing.assert_allclose(ours, theirs, rtol=1e-9, atol=1e-9 * max(
+                1.0, float(np.max(np.abs(theirs), initial=0))))

@@ -374,3 +374,80 @@ def test_loc_net_is_checked_before_any_data_is_loaded():
         TrainConfig(model="paper-stcnn", loc_net="mlp").validate()
     with pytest.raises(ValueError, match="arch='stn' has none to choose"):
         TrainConfig(model="stn", loc_net="fcn").validate()
+
+
+def _hold_lock(folder):
+    """A separate process holding ``folder``'s lock (as a live run does) until killed."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from stn_numpy._io import folder_lock\n"
+            "with folder_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_command_on_a_live_run_folder_is_refused(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("fcntl")
+    monkeypatch.setattr(train_module, "load_dataset", lambda *a, **k: synthetic_data())
+    out = tmp_path / "r"
+    assert main(["train", "--out", str(out), "--epochs", "1", "--no-progress"]) == 0
+    before = sorted(p.name for p in out.iterdir())
+    stray = out / ".checkpoint.npz.0123456789abcdef.tmp"  # the live run's in-flight write
+    stray.write_bytes(b"partial")
+    proc = _hold_lock(out)
+    try:
+        for extra in ([], ["--overwrite"], ["--resume", "--epochs", "2"]):
+            assert main(["train", "--out", str(out), "--no-progress", *extra]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"{out}: in use by another stn-numpy command" in err
+        assert stray.exists()  # nothing of the live run was touched
+    finally:
+        proc.kill()
+        proc.wait()
+    assert sorted(p.name for p in out.iterdir() if p != stray) == before
+    assert main(["train", "--out", str(out), "--no-progress", "--resume", "--epochs", "2"]) == 0
+    assert not stray.exists()
+
+
+@pytest.mark.parametrize("option, value", [("--lr", "inf"), ("--lr", "nan"),
+                                           ("--weight-decay", "inf"), ("--momentum", "nan"),
+                                           ("--loc-lr-scale", "inf"), ("--weight-decay", "-1")])
+def test_non_finite_options_are_refused_naming_the_option(tmp_path, capsys, option, value):
+    out = tmp_path / "r"
+    assert main(["train", "--out", str(out), option, value, "--no-progress"]) == 2
+    name = option[2:].replace("-", "_")
+    assert f"{name} must be" in capsys.readouterr().err
+    assert not (out / "checkpoint.npz").exists()
+
+
+def test_huge_st_size_is_a_value_error_not_a_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train_module, "load_dataset", lambda *a, **k: synthetic_data())
+    assert main(["train", "--out", str(tmp_path / "r"), "--st-size", "100000",
+                 "--no-progress"]) == 2
+    assert "st_size must be at most" in capsys.readouterr().err
+
+
+def test_resuming_on_images_of_another_size_names_both(tmp_path):
+    cfg = config(tmp_path, epochs=1)
+    train(cfg, data=synthetic_data(), log=lambda s: None)
+    X, y, Xt, yt = synthetic_data()
+    bigger = (np.pad(X, ((0, 0), (0, 0), (2, 2), (2, 2))), y,
+              np.pad(Xt, ((0, 0), (0, 0), (2, 2), (2, 2))), yt)
+    with pytest.raises(ValueError, match=r"takes images of \[28, 28\], the data has \[32, 32\]"):
+        train(config(tmp_path, epochs=2), resume=True, data=bigger, log=lambda s: None)
+
+
+def test_a_crafted_generator_state_is_a_value_error_naming_the_field(tmp_path):
+    cfg = config(tmp_path, model="stn", epochs=1)
+    train(cfg, data=synthetic_data(), log=lambda s: None)
+    path = tmp_path / "run" / "checkpoint.npz"
+    params, optim_state, meta = load_checkpoint(path)
+    meta["rng"]["dropout"][0]["state"]["state"] = -1  # numpy raises OverflowError on it
+    from stn_numpy.checkpoint import save_checkpoint
+
+    save_checkpoint(path, params, optim_state, {k: v for k, v in meta.items() if k != "format"})
+    with pytest.raises(ValueError, match="field 'rng'"):
+        train(config(tmp_path, epochs=1), resume=True, data=synthetic_data(), log=lambda s: None)

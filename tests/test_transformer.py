@@ -167,3 +167,12 @@ def test_r1_penalty_gradients_match_finite_differences(rng, transform, mode):
 
     assert penalty_of_theta(theta) == pytest.approx(R, rel=1e-12)
     assert rel_error(d_theta, numerical_gradient(penalty_of_theta, theta)) < 1e-6
+
+
+def test_backward_names_its_own_arguments():
+    st = SpatialTransformer(Sequential(Flatten(), Linear(16, 6, rng=0)), "affine")
+    st.forward(np.random.default_rng(0).random((2, 1, 4, 4)), train=True)
+    with pytest.raises(TypeError, match="dout must have the dtype of the forward's output"):
+        st.backward(np.ones((2, 1, 4, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match="input_grad must be True or False"):
+        st.backward(np.ones((2, 1, 4, 4)), input_grad="no")

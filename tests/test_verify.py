@@ -370,12 +370,13 @@ def test_main_user_callable_that_raises_fails_each_row_with_its_message(
         tmp_path, user_module, capsys, name, message):
     assert main(["verify", "--against", f"{user_module}:{name}"]) == 1
     captured = capsys.readouterr()
-    assert captured.err == "" and "Traceback" not in captured.out
+    nothing = "stn-numpy verify: nothing was compared (every case N/A or ERROR)\n"
+    assert captured.err == nothing and "Traceback" not in captured.out
     assert f"bilinear/zeros/align_corners=True: {message}\n" in captured.out
     assert captured.out.count(" ERROR\n") == 18 and "0/18 cases" in captured.out
     golden = export_golden(tmp_path / "g.npz")
     assert main(["verify", "--check", str(golden), "--against", f"{user_module}:{name}"]) == 1
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr().err == nothing
 
 
 @pytest.mark.parametrize("seed", ["-1", "1.5", "x"])
@@ -417,3 +418,54 @@ def test_runs_as_module(tmp_path):
                           capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert f"{N_GOLDEN_CASES}/{N_GOLDEN_CASES} cases" in proc.stdout
+
+
+_ODD_CALLABLES = (
+    "import sys\n"
+    "import numpy as np\n"
+    "from stn_numpy.verify import Unsupported, numpy_impl as good\n"
+    "def complex_(*a):\n"
+    "    V, dU, dgrid = good(*a)\n"
+    "    return V + 1j, dU, dgrid\n"
+    "def exits(*a):\n"
+    "    sys.exit(0)\n"
+    "def unsupported(*a):\n"
+    "    raise Unsupported('nothing here')\n"
+    "def strings(*a):\n"
+    "    V, dU, dgrid = good(*a)\n"
+    "    return V.astype(str), dU, dgrid\n"
+    "def objects(*a):\n"
+    "    V, dU, dgrid = good(*a)\n"
+    "    return V.astype(object), dU, dgrid\n"
+    "def huge_ints(*a):\n"
+    "    V, dU, dgrid = good(*a)\n"
+    "    return np.full(V.shape, 10**400, dtype=object), dU, dgrid\n"
+    "def coin(*a):\n"
+    "    V, dU, dgrid = good(*a)\n"
+    "    return np.random.random(V.shape) < 0.5, dU, dgrid\n"
+    "def raising_errors(*a):\n"
+    "    np.seterr(all='raise')\n"
+    "    return good(*a)\n"
+    "def not_a_tuple(*a):\n"
+    "    return 'V, dU, dgrid'\n"
+)
+
+
+@pytest.mark.parametrize("name, status", [
+    ("complex_", "ERROR"), ("exits", "ERROR"), ("strings", "ERROR"), ("objects", "ERROR"),
+    ("huge_ints", "ERROR"), ("coin", "FAIL"), ("raising_errors", "PASS"),
+    ("not_a_tuple", "ERROR"), ("unsupported", "N/A"),
+])
+def test_odd_callables_are_rows_never_a_pass_without_evidence(tmp_path, monkeypatch, capsys,
+                                                              name, status):
+    (tmp_path / "odd_kernels.py").write_text(_ODD_CALLABLES)
+    monkeypatch.chdir(tmp_path)  # found in the current folder, as `python -m` would
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".")])
+    before = np.geterr()
+    code = main(["verify", "--against", f"odd_kernels:{name}"])
+    captured = capsys.readouterr()
+    assert np.geterr() == before and "Traceback" not in captured.err
+    assert captured.out.count(f" {status}\n") == 18, captured.out
+    assert code == (0 if status == "PASS" else 1)
+    if status in ("ERROR", "N/A"):
+        assert "nothing was compared" in captured.err

@@ -322,9 +322,105 @@ def test_a_golden_file_of_format_version_2_still_checks(golden, tmp_path):
      r"3d/nearest/zeros/align_corners=True/grid: shape \(2, 4, 5, 6, 3\) does not fit"),
     (lambda m, a: a.__setitem__("3d/affine_grid/align_corners=True/size",
                                 np.array([2, 2, 4, 5, 7])),
-     r"3d/affine_grid/align_corners=True/size: is \[2, 2, 4, 5, 7\], expected \[2, C >= 0, "
-     r"4, 5, 6\]"),
+     r"3d/affine_grid/align_corners=True/size: is \[2, 2, 4, 5, 7\], expected "
+     r"\[2, C in 1\.\.1048576, 4, 5, 6\]"),
 ])
 def test_load_golden_checks_the_volume_cases(golden, tmp_path, change, message):
     with pytest.raises(GoldenFormatError, match=message):
         load_golden(_tweak(golden, tmp_path, change))
+
+
+# --- Malformed files exit 2, the golden pair is written whole or not at all ----------
+
+
+def _main_exit(args, capsys):
+    from stn_numpy.verify import main
+
+    code = main(args)
+    return code, capsys.readouterr()
+
+
+def test_a_flipped_data_byte_is_a_malformed_file(golden, tmp_path, capsys):
+    data = bytearray(golden.read_bytes())
+    with zipfile.ZipFile(golden) as z:
+        info = z.getinfo("bilinear/zeros/align_corners=True/U.npy")
+    data[info.header_offset + 30 + len(info.filename) + 200] ^= 0xFF  # inside the data
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(bytes(data))
+    code, captured = _main_exit(["verify", "--check", str(bad)], capsys)
+    assert code == 2 and "Traceback" not in captured.err and captured.err.count("\n") == 1
+    assert "CRC" in captured.err
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m, a: m.update(cases=[{"key": [[[[]]]]}] + m["cases"]), "cases[0]"),
+    (lambda m, a: a["affine_grid/align_corners=True/size"].__setitem__(1, 0), "C in 1.."),
+    (lambda m, a: [c.update(lattice=[200, 200]) for c in m["cases"]
+                   if c["kind"] == "tps_grid"], "at most 1024 points"),
+])
+def test_crafted_manifests_exit_2_in_one_line(golden, tmp_path, capsys, change, message):
+    manifest, arrays = load_golden(golden)
+    change(manifest, arrays)
+    path = tmp_path / "crafted.npz"
+    rewrite_golden(path, arrays, manifest)
+    code, captured = _main_exit(["verify", "--check", str(path)], capsys)
+    assert code == 2 and captured.err.count("\n") == 1 and message in captured.err
+
+
+def test_a_deeply_nested_manifest_is_malformed(tmp_path, capsys):
+    path = tmp_path / "deep.npz"
+    text = "[" * 100000 + "]" * 100000
+    np.savez(path, manifest=np.frombuffer(text.encode(), np.uint8))
+    code, captured = _main_exit(["verify", "--check", str(path)], capsys)
+    assert code == 2 and "manifest is not UTF-8 JSON" in captured.err
+
+
+def test_export_checks_both_destinations_then_writes_both(tmp_path, capsys, monkeypatch):
+    from stn_numpy import _io
+
+    code, captured = _main_exit(["verify", "--export", str(tmp_path / "g.json")], capsys)
+    assert code == 2 and "cannot go to a .json file" in captured.err
+    assert os.listdir(tmp_path) == []
+    for bad in (".", "", str(tmp_path)):
+        code, captured = _main_exit(["verify", "--export", bad], capsys)
+        assert code == 2 and captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert _main_exit(["verify", "--check", ""], capsys)[0] == 2
+    path = export_golden(tmp_path / "g.npz")
+    before = path.read_bytes(), (tmp_path / "g.json").read_bytes()
+    real_fdopen = os.fdopen
+
+    def failing_json(fd, mode):  # the .json half fails (a full disk, say)
+        f = real_fdopen(fd, mode)
+        if ".g.json." in os.readlink(f"/proc/self/fd/{fd}"):
+            f.close()
+            raise OSError(28, "No space left on device")
+        return f
+
+    if os.path.exists("/proc/self/fd"):
+        monkeypatch.setattr(_io.os, "fdopen", failing_json)
+        with pytest.raises(OSError, match="No space"):
+            export_golden(path, seed=3)
+        monkeypatch.undo()
+        assert (path.read_bytes(), (tmp_path / "g.json").read_bytes()) == before
+    # A killed export's temporaries are removed by the next one.
+    stray = tmp_path / ".g.npz.0123456789abcdef.tmp"
+    stray.write_bytes(b"partial")
+    export_golden(path)
+    assert sorted(os.listdir(tmp_path)) == ["g.json", "g.npz"]
+
+
+def test_devices_and_fifos_are_refused_and_never_replaced(tmp_path, capsys):
+    if os.path.exists("/dev/null"):
+        code, captured = _main_exit(["verify", "--export", "/dev/null"], capsys)
+        assert code == 2 and "character device" in captured.err
+        assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    if os.path.exists("/dev/zero"):
+        code, captured = _main_exit(["verify", "--check", "/dev/zero"], capsys)
+        assert code == 2 and "not a regular file" in captured.err
+    if hasattr(os, "mkfifo"):
+        fifo = tmp_path / "pipe.npz"
+        os.mkfifo(fifo)
+        code, captured = _main_exit(["verify", "--check", str(fifo)], capsys)  # no blocking
+        assert code == 2 and "a FIFO" in captured.err
+        code, captured = _main_exit(["verify", "--export", str(fifo)], capsys)
+        assert code == 2 and stat.S_ISFIFO(os.stat(fifo).st_mode)

@@ -17,7 +17,6 @@ number ``0x0000TTDD`` (TT the element type, DD the number of dimensions), one bi
 (``0x0803``: uint8, 3 dims), labels 2049 (``0x0801``: uint8, 1 dim).
 """
 
-import gzip
 import hashlib
 import logging
 import math
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .._checks import check_choice
-from .._io import atomic_write
+from .._io import atomic_write, read_regular
 
 __all__ = [
     "DEFAULT_ROOT",
@@ -73,6 +72,8 @@ MIRRORS = (
 )
 
 TIMEOUT = 30.0
+#: The largest IDX file read, raw or inflated (MNIST's largest is 47 MB).
+MAX_IDX_BYTES = 256 * 2**20
 
 IMAGE_MAGIC = 2051
 LABEL_MAGIC = 2049
@@ -149,10 +150,16 @@ def read_idx(path, magic=None):
         ``magic``), or its length differs from the one the header implies.
     """
     path = Path(path)
-    raw = path.read_bytes()
+    raw = read_regular(path, MAX_IDX_BYTES)
     if path.suffix == ".gz" or raw[:2] == b"\x1f\x8b":
         try:
-            raw = gzip.decompress(raw)
+            inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing
+            raw = inflate.decompress(raw, MAX_IDX_BYTES + 1)  # at most that, a bomb or not
+            if len(raw) > MAX_IDX_BYTES:
+                raise ValueError(f"{path}: inflates to more than {MAX_IDX_BYTES} bytes, "
+                                 f"more than any IDX file of MNIST")
+            if not inflate.eof:
+                raise EOFError("compressed file ended before the end-of-stream marker")
         except (OSError, EOFError, zlib.error) as err:
             raise ValueError(
                 f"{path}: not a valid gzip file ({err}); delete it and download it again"

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .._io import open_regular, read_npy_header
+
 __all__ = ["load_npz"]
 
 
@@ -40,23 +42,36 @@ def load_npz(path, input_size=None) -> tuple[np.ndarray, np.ndarray]:
         the message names the file, the array and what was expected.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
     try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path} is not a readable .npz archive ({e})") from e
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path} holds a single array, not an .npz archive of x and y")
-    with archive:
-        missing = [k for k in ("x", "y") if k not in archive.files]
-        if missing:
-            raise ValueError(f"{path} lacks the array(s) {missing} (it holds {archive.files}); "
-                             f"expected x (N, H, W) float in [0, 1] and y (N,) integer labels")
+        f = open_regular(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"data file not found: {path}") from None
+    with f:
+        if f.read(6) == b"\x93NUMPY":
+            raise ValueError(f"{path} holds a single array, not an .npz archive of x and y")
+        f.seek(0)
         try:
-            x, y = archive["x"], archive["y"]
+            z = zipfile.ZipFile(f)
         except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
-            raise ValueError(f"{path}: x or y is not a readable array ({e})") from e
+            raise ValueError(f"{path} is not a readable .npz archive ({e})") from e
+        with z:
+            names = {info.filename.removesuffix(".npy"): info for info in z.infolist()}
+            missing = [k for k in ("x", "y") if k not in names]
+            if missing:
+                raise ValueError(f"{path} lacks the array(s) {missing} (it holds "
+                                 f"{sorted(names)}); expected x (N, H, W) float in [0, 1] "
+                                 f"and y (N,) integer labels")
+            arrays = {}
+            for key in ("x", "y"):
+                # The header's declared size is checked against the member's before any
+                # of it is allocated.
+                try:
+                    read_npy_header(z, names[key])
+                    with z.open(names[key]) as member:
+                        arrays[key] = np.lib.format.read_array(member, allow_pickle=False)
+                except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+                    raise ValueError(f"{path}: {key} is not a readable array ({e})") from e
+    x, y = arrays["x"], arrays["y"]
     if not np.issubdtype(x.dtype, np.floating) or x.ndim != 3:
         raise ValueError(f"{path}: x must be float images of shape (N, H, W), "
                          f"got dtype {x.dtype}, shape {x.shape}")

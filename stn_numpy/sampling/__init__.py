@@ -94,6 +94,7 @@ _BLOCK = 2**19
 _GATHER_MAX_CHANNELS = 3
 # Zeros on each side of U: as many as the kernel has taps per axis (see _padded_index).
 _RING = {"nearest": 1, "bilinear": 2, "bicubic": 4}
+_INT32_MAX = 2**31 - 1  # sparse indices beyond this need int64
 
 
 # --------------------------------------------------------------------------------------
@@ -739,6 +740,11 @@ def _backward_block(dV, U, grid, mode, padding_mode, align_corners, input_grad, 
             dx, dy = _bilinear_slopes(_corners(U_rows, taps), wx[1], wy[1])
             dx *= dV_rows
             dy *= dV_rows
+        elif len(taps) == 4 and not np.isfinite(dV_rows).all():
+            # Bilinear with an infinite dV: the slopes per channel first, then times dV,
+            # as the reference and PyTorch order it; the per-tap sums below would add
+            # inf - inf = NaN where the two taps of a difference meet.
+            dx, dy = _slopes_then_dV(U_rows, dV_rows, taps, wx, dwx, wy, dwy)
         else:
             gathered = np.empty_like(dV_rows)
             dVU = np.empty(M, dtype=U.dtype)
@@ -760,6 +766,19 @@ def _backward_block(dV, U, grid, mode, padding_mode, align_corners, input_grad, 
         np.multiply(dx, gx, out=dgrid[0].reshape(M))
         np.multiply(dy, gy, out=dgrid[1].reshape(M))
     return dU, dgrid.reshape(2, n, Ho, Wo).swapaxes(0, 1)
+
+
+def _slopes_then_dV(U_rows, dV_rows, taps, wx, dwx, wy, dwy):
+    """``(dx, dy)`` of eq. (7) summed over the taps per channel, then weighted by dV:
+    ``dx = sum_c dV[c] sum_taps k'(x_s - w) k(y_s - h) U[c, h, w]`` (likewise ``dy``)."""
+    M, C = dV_rows.shape
+    slope_x = np.zeros((M, C), dtype=dV_rows.dtype)
+    slope_y = np.zeros((M, C), dtype=dV_rows.dtype)
+    for j, i, rows, offset in taps:
+        gathered = np.take(U_rows[offset:], rows, axis=0, mode="clip")
+        slope_x += (wy[j] * dwx[i])[:, None] * gathered
+        slope_y += (dwy[j] * wx[i])[:, None] * gathered
+    return (dV_rows * slope_x).sum(axis=1), (dV_rows * slope_y).sum(axis=1)
 
 
 def _along_x(corners, tx):
@@ -795,11 +814,14 @@ def _sampling_matrix(taps, wx, wy, n_rows: int, dtype) -> sp.csr_matrix:
     """S of eq. (3) for a block as CSR ``(M, n_rows)``: one row of taps per output point."""
     M, k = len(taps[0][2]), len(taps)
     weight = np.empty((M, k), dtype=dtype)
-    cols = np.empty((M, k), dtype=taps[0][2].dtype)
+    # The index type follows the sizes: int32 wraps once the taps (M k, the row pointer's
+    # last value) or the columns pass 2^31 - 1, and scipy would then read out of bounds.
+    index_dtype = np.int32 if max(M * k, n_rows) <= _INT32_MAX else np.int64
+    cols = np.empty((M, k), dtype=index_dtype)
     for t, (j, i, rows, offset) in enumerate(taps):
         np.multiply(wy[j], wx[i], out=weight[:, t])
         np.add(rows, offset, out=cols[:, t])
-    indptr = np.arange(0, M * k + 1, k, dtype=cols.dtype)
+    indptr = np.arange(0, M * k + 1, k, dtype=index_dtype)
     return sp.csr_matrix((weight.reshape(-1), cols.reshape(-1), indptr), shape=(M, n_rows))
 
 

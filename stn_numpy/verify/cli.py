@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -61,7 +62,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     """Carry out parsed ``verify`` options; returns the exit code (0 pass, 1 fail, 2 error)."""
     try:
-        if (args.export or args.atlas) and args.against:
+        for option in ("export", "check", "atlas"):
+            if getattr(args, option) == "":
+                raise _CallableSpecError(f"--{option} needs a path, got ''")
+        if (args.export is not None or args.atlas) and args.against is not None:
             raise _CallableSpecError(f"--{'export' if args.export else 'atlas'} takes no "
                                      f"--against; drop it")
         if args.dims == 3 and (args.export or args.check or args.atlas):
@@ -74,15 +78,18 @@ def _run(args: argparse.Namespace) -> int:
                                      f"--order (an export holds both orders)")
         if args.order == 2:
             return _second_order(args)
-        other = _load_other(args.against) if args.against else None
+        other = _load_other(args.against) if args.against is not None else None
         if args.atlas:
             return _atlas(args.atlas)
-        if args.export:
-            path = export_golden(args.export, seed=args.seed, dtype=args.dtype)
+        if args.export is not None:
+            try:
+                path = export_golden(args.export, seed=args.seed, dtype=args.dtype)
+            except ValueError as exc:  # a path the pair cannot go to (it ends in .json)
+                return _error(exc)
             print(f"wrote golden vectors ({args.dtype}, seed {args.seed}) to {path} and "
                   f"{path.with_suffix('.json')}")
             return 0
-        if args.check:
+        if args.check is not None:
             results = check_against_golden(args.check, other, tol=args.tol)
             title = f"{_label(args.against, other or numpy_impl)} vs golden vectors in {args.check}"
         else:
@@ -97,6 +104,11 @@ def _run(args: argparse.Namespace) -> int:
         return _error(exc)
     print(title)
     print(format_table(results))
+    if not any(r.status in ("PASS", "FAIL") for r in results):
+        # Success needs evidence: every case unsupported or errored compared nothing.
+        print("stn-numpy verify: nothing was compared (every case N/A or ERROR)",
+              file=sys.stderr)
+        return 1
     return 0 if all(r.passed for r in results) else 1
 
 
@@ -148,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``main(["verify", "--check", "golden.npz"])``; the subcommand name may be left out, as
     ``stn-numpy verify`` and ``python -m stn_numpy.verify`` do. Exit codes: 0 every case
     passed (or a file was written), 1 some case failed (including an implementation that
-    raised or returned arrays of the wrong shape: its row says so), 2 an error before
+    raised, exited or returned something unusable: its row says so) or nothing was
+    compared (every case N/A or ERROR), 2 an error before
     any comparison: the library asked for is missing (the message names what to install),
     a golden file that is unreadable or malformed, a bad argument, or a
     ``MODULE:FUNCTION`` that cannot be imported.
@@ -168,8 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Compare forward and both gradients on all 18 mode x padding_mode x "
                     "align_corners combinations.",
         epilog="exit status: 0 every case passed (or a file was written), 1 some case "
-               "failed, 2 an error before comparing (a missing library, a malformed golden "
-               "file, a bad argument or path)"))
+               "failed or none was compared, 2 an error before comparing (a missing "
+               "library, a malformed golden file, a bad argument or path)"))
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -206,10 +219,18 @@ def _load_other(spec: str):
     if not sep or not module_name or not attr:
         raise _CallableSpecError(f"--against must be one of {', '.join(_AGAINST)} or look "
                                  f"like MODULE:FUNCTION, got {spec!r}")
+    # As `python -m` would, find modules in the current folder too (after every installed
+    # one, so that nothing installed is shadowed).
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         obj = importlib.import_module(module_name)
     except ImportError as exc:
-        raise _CallableSpecError(f"--against: cannot import {module_name!r} ({exc})") from exc
+        raise _CallableSpecError(f"--against: cannot import {module_name!r} ({exc}); it is "
+                                 f"looked for in the current folder and on sys.path") from exc
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the module's own failure
+        raise _CallableSpecError(f"--against: importing {module_name!r} failed "
+                                 f"({type(exc).__name__}: {exc})") from exc
     try:
         for part in attr.split("."):
             obj = getattr(obj, part)

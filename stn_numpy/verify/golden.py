@@ -71,18 +71,29 @@ volume cases) are read and checked as they are.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import numbers
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from .._checks import check_int_pair
-from .._io import atomic_write, read_npy_header
+from .._io import (
+    atomic_write_all,
+    check_destination,
+    check_writable,
+    folder_lock,
+    open_regular,
+    read_npy_header,
+    remove_stale_temporaries,
+)
 from ..gradcheck import rel_error
 from ..grids import (
+    MAX_TPS_POINTS,
     affine_grid,
     affine_grid_backward,
     attention_grid,
@@ -125,6 +136,8 @@ GOLDEN_FORMAT_VERSION = 3
 _READABLE_VERSIONS = (2, 3)
 #: Refuse to read an archive declaring more than this (a golden file is about 1 MB).
 MAX_BYTES = 1 << 30
+#: A grid case's channel count is not in its arrays (grids have none), so it is bounded.
+MAX_CHANNELS = 1 << 20
 
 _TOLERANCE_NOTE = (
     "rel_error(a, b) = max|a - b| / max(1e-8, max(|a| + |b|)) per array. 1e-10 (float64): "
@@ -393,9 +406,12 @@ def export_golden(path, *, seed: int = 0, dtype=np.float64, shape=(2, 3, 5, 6),
                   out_hw=(7, 8)) -> Path:
     """Write golden test vectors to ``path`` and the manifest as JSON beside it.
 
-    Both files are written to a temporary file and moved into place with ``os.replace``,
-    so a reader never sees a half-written file and an existing file survives a failed
-    export.
+    Both destinations are checked first (a ``path`` ending in ``.json``, a folder or a
+    device is refused), then both files are written to temporary files and only then
+    moved into place with ``os.replace``, so a reader never sees a half-written file and
+    a failed export changes neither file. The folder is locked
+    (:func:`~stn_numpy._io.folder_lock`) while the temporaries of an earlier, killed
+    export are removed and the pair is written.
 
     Parameters
     ----------
@@ -415,6 +431,7 @@ def export_golden(path, *, seed: int = 0, dtype=np.float64, shape=(2, 3, 5, 6),
 
     from .. import __version__
 
+    path, json_path = _export_paths(path)
     dtype = np.dtype(dtype)
     tol = default_tol(dtype)
     cases, arrays = _build_cases(seed, dtype, tuple(shape), tuple(out_hw))
@@ -439,10 +456,26 @@ def export_golden(path, *, seed: int = 0, dtype=np.float64, shape=(2, 3, 5, 6),
     }
     text = json.dumps(manifest, indent=1)
     arrays["manifest"] = np.frombuffer(text.encode(), dtype=np.uint8)
-    path = Path(path)
-    atomic_write(path, lambda f: np.savez(f, **arrays))
-    atomic_write(path.with_suffix(".json"), lambda f: f.write(text.encode() + b"\n"))
+    with folder_lock(path.parent):
+        # What a killed export left; no other export into this folder is under way.
+        remove_stale_temporaries(path.parent, (path.name, json_path.name))
+        atomic_write_all([(path, lambda f: np.savez(f, **arrays)),
+                          (json_path, lambda f: f.write(text.encode() + b"\n"))])
     return path
+
+
+def _export_paths(path) -> tuple[Path, Path]:
+    """``(path, its .json manifest)``, both checked before anything is computed."""
+    path = check_destination(path)
+    if path.name in ("", ".", ".."):
+        raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+    json_path = path.with_suffix(".json")
+    if json_path == path:
+        raise ValueError(f"{path}: the vectors cannot go to a .json file, where their JSON "
+                         f"manifest goes; name it {path.with_suffix('.npz')}")
+    check_writable(path)
+    check_writable(json_path)
+    return path, json_path
 
 
 # --------------------------------------------------------------------------------------
@@ -566,6 +599,9 @@ def _check_shapes(path, case, shapes):
         if case["kind"] == "tps_grid":
             try:
                 rows, cols = check_int_pair("lattice", case.get("lattice"), 2)
+                if rows * cols > MAX_TPS_POINTS:
+                    raise ValueError(f"lattice must have at most {MAX_TPS_POINTS} points, got "
+                                     f"{rows} x {cols}")
             except ValueError as exc:
                 _fail(path, f"{key}: lattice", str(exc))
             theta = (N, rows * cols, 2)
@@ -587,8 +623,8 @@ def _check_sizes(path, case, arrays):
     key = case["key"]
     size, grid = arrays[f"{key}/size"], arrays[f"{key}/grid"]
     N, spatial = grid.shape[0], grid.shape[1:-1]
-    if size[0] != N or size[1] < 0 or tuple(size[2:]) != spatial:
-        expected = ", ".join(str(d) for d in (N, "C >= 0", *spatial))
+    if size[0] != N or not 1 <= size[1] <= MAX_CHANNELS or tuple(size[2:]) != spatial:
+        expected = ", ".join(str(d) for d in (N, f"C in 1..{MAX_CHANNELS}", *spatial))
         _fail(path, f"{key}/size", f"is {size.tolist()}, expected [{expected}] "
               f"(the grid's shape)")
 
@@ -604,10 +640,22 @@ def load_golden(path) -> tuple[dict, dict[str, np.ndarray]]:
     its entry holds, or a non-finite input;
     ``OSError`` if it cannot be read.
     """
+    with open_regular(path) as f:
+        try:
+            return _load_golden(path, f)
+        except (zipfile.BadZipFile, EOFError, RecursionError, zlib.error,
+                NotImplementedError) as exc:  # a damaged or unsupported member
+            raise GoldenFormatError(f"{path}: not a readable .npz file ({type(exc).__name__}"
+                                    f": {exc})") from exc
+        except OSError as exc:
+            if exc.filename is not None:
+                raise
+            raise GoldenFormatError(f"{path}: not a readable .npz file ({exc})") from exc
+
+
+def _load_golden(path, f):
     try:
-        z = zipfile.ZipFile(path)
-    except FileNotFoundError:
-        raise
+        z = zipfile.ZipFile(f)
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise GoldenFormatError(f"{path}: not a readable .npz file ({exc})") from exc
     with z:
@@ -621,7 +669,7 @@ def load_golden(path) -> tuple[dict, dict[str, np.ndarray]]:
             with z.open("manifest.npy") as f:
                 raw = np.lib.format.read_array(f, allow_pickle=False)
             manifest = json.loads(raw.tobytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as exc:
             raise GoldenFormatError(f"{path}: manifest is not UTF-8 JSON ({exc})") from exc
         _check_manifest(path, manifest)
         declared, shapes, total = manifest["arrays"], {}, 0
@@ -707,17 +755,23 @@ def check_against_golden(path, other=None, *, tol: float | None = None,
         if kind == "grid_sample":
             results.append(_check_sampler(sampler, case, get, tol))
         elif kind == "affine_grid" and affine is not None:
-            grid, dtheta = affine(get["theta"], tuple(int(s) for s in get["size"]),
-                                  get["dgrid"], case["align_corners"])
+            try:
+                grid, dtheta = affine(get["theta"], tuple(int(s) for s in get["size"]),
+                                      get["dgrid"], case["align_corners"])
+            except Exception as exc:  # noqa: BLE001 - the other implementation's row
+                results.append(_with_key(ParityResult(
+                    op=kind, mode=None, padding_mode=None, align_corners=case["align_corners"],
+                    tol=tol, failure=f"{type(exc).__name__}: {exc}"), key))
+                continue
             results.append(_grid_row(case, get, grid, dtheta, tol))
         elif kind == _SECOND_ORDER:
             if everything:
                 results.append(_check_double_backward(numpy_double_backward, case, get, tol))
         elif everything and kind in _GRID_TRANSFORMS:
-            out = _outputs(case, get)
+            out = _our_outputs(path, case, get)
             results.append(_grid_row(case, get, out["grid"], out["dtheta"], tol))
         elif everything:
-            out = _outputs(case, {n: get[n] for n in case["inputs"]})
+            out = _our_outputs(path, case, {n: get[n] for n in case["inputs"]})
             params = [n for n in case["outputs"] if n not in ("V", "dU")]
             results.append(ParityResult(
                 op=kind, mode=case["mode"], padding_mode=case["padding_mode"],
@@ -727,6 +781,15 @@ def check_against_golden(path, other=None, *, tol: float | None = None,
     if not results:
         raise GoldenFormatError(f"{path}: no cases found")
     return results
+
+
+def _our_outputs(path, case, inputs):
+    """:func:`_outputs`, a refusal of the inputs (a pole, a size) being the file's fault."""
+    try:
+        return _outputs(case, inputs)
+    except (TypeError, ValueError) as exc:
+        raise GoldenFormatError(f"{path}: {case['key']}: the stored inputs are refused "
+                                f"({exc})") from None
 
 
 def _check_sampler(sampler, case, get, tol):

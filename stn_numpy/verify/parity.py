@@ -474,19 +474,40 @@ def torch_affine(theta, size, dgrid, align_corners):
 
 
 def _call(fn, U, grid, dV, mode, padding_mode, align_corners):
-    """``fn``'s ``(V, dU, dgrid)`` as arrays (dU, dgrid may be None), shapes checked."""
-    # Copies, so a callable that writes into its inputs cannot change what we compare.
-    out = fn(U.copy(), grid.copy(), dV.copy(), mode, padding_mode, align_corners)
+    """``fn``'s ``(V, dU, dgrid)`` as float arrays (dU, dgrid may be None), checked.
+
+    Everything ``fn`` returns is converted and checked here, inside the caller's guard,
+    so that an odd result (complex, strings, objects, huge ints, wrong shapes) becomes
+    that row's error and nothing later has to trust it. ``fn`` also may not change
+    NumPy's floating-point error handling for the rest of the comparison.
+    """
+    saved = np.geterr()
     try:
-        V, dU, dgrid = (None if a is None else np.asarray(a) for a in out)
+        # Copies, so a callable that writes into its inputs cannot change what we compare.
+        out = fn(U.copy(), grid.copy(), dV.copy(), mode, padding_mode, align_corners)
+    finally:
+        np.seterr(**saved)
+    try:
+        V, dU, dgrid = out
     except (TypeError, ValueError):
         raise ValueError(f"must return (V, dU, dgrid), got {type(out).__name__}") from None
+    arrays = []
     for name, a, shape in (("V", V, U.shape[:2] + grid.shape[1:-1]), ("dU", dU, U.shape),
                            ("dgrid", dgrid, grid.shape)):
-        if (a is None and name == "V") or (a is not None and a.shape != shape):
-            got = None if a is None else a.shape
-            raise ValueError(f"returned {name} of shape {got}, expected {shape}")
-    return V, dU, dgrid
+        if a is None and name != "V":
+            arrays.append(None)
+            continue
+        try:
+            a = np.asarray(a)
+        except Exception as exc:  # noqa: BLE001 - whatever it is, it is not an array
+            raise ValueError(f"returned {name} that is not an array ({type(exc).__name__}: "
+                             f"{exc})") from None
+        if a.dtype.kind not in "biuf":
+            raise ValueError(f"returned {name} of dtype {a.dtype}, expected real numbers")
+        if a.shape != shape:
+            raise ValueError(f"returned {name} of shape {a.shape}, expected {shape}")
+        arrays.append(a if a.dtype.kind == "f" else a.astype(np.float64))
+    return tuple(arrays)
 
 
 def _where(name, ours, theirs, grid, U_shape, align_corners) -> str:
@@ -546,8 +567,9 @@ def compare_sampler(other, U, grid, dV, mode, padding_mode, align_corners, *,
         again = _call(other, U, grid, dV, mode, padding_mode, align_corners) if repeat else None
     except Unsupported as exc:
         return ParityResult(**row, unsupported=str(exc))
-    except Exception as exc:  # noqa: BLE001 - the other implementation's failure is the row's
-        message = " ".join(str(exc).split())
+    # The other implementation's failure is the row's, a sys.exit() in it included.
+    except (Exception, SystemExit) as exc:  # noqa: BLE001
+        message = " ".join(str(exc).split())[:500]
         return ParityResult(**row, failure=f"{type(exc).__name__}: {message}")
     ours = (reference or numpy_impl)(U, grid, dV, mode, padding_mode, align_corners)
     errs, where = {}, {}
