@@ -243,11 +243,16 @@ def test_st_size_checks():
         np.zeros((1, 42, 42))).shape == (1, 1, 20, 30)
 
 
-def test_paper_stcnn_gradients_with_a_smaller_output():
+@pytest.mark.parametrize("arch, transform, loc_net", [
+    ("paper-stcnn", "affine", None), ("paper-stfcn", "similarity", None),
+    ("paper-stcnn", "similarity", "fcn")])
+def test_paper_st_models_gradients_with_a_smaller_output(arch, transform, loc_net):
     """Loss w.r.t. the input and every parameter, float64, a 32x32 input (the localisation
-    net pools it first) sampled to 24x24: every path of the architecture."""
+    net pools it first) sampled to 24x24: every path of the architecture, either
+    localisation net in front of either classifier."""
     rng = np.random.default_rng(4)
-    model = build_model("paper-stcnn", (32, 32), seed=2, dtype=np.float64, st_size=24)
+    model = build_model(arch, (32, 32), transform=transform, seed=2, dtype=np.float64,
+                        st_size=24, loc_net=loc_net)
     head = model.transformer.localization[-1].params
     head["weight"][...] = 0.05 * rng.standard_normal(head["weight"].shape)
     X = rng.random((2, 1, 32, 32))
@@ -315,24 +320,3 @@ def test_a_config_without_loc_net_rebuilds_the_models_own():
     config = {k: v for k, v in model.config.items() if k != "loc_net"}
     again = model_from_params(config, model.params)
     assert again.config == model.config
-
-
-@pytest.mark.parametrize("arch, loc_net", [("paper-stfcn", None), ("paper-stcnn", "fcn")])
-def test_fully_connected_models_gradients_match_finite_differences(arch, loc_net):
-    rng = np.random.default_rng(5)
-    model = build_model(arch, (32, 32), transform="similarity", seed=3, dtype=np.float64,
-                        st_size=24, loc_net=loc_net)
-    head = model.transformer.localization[-1].params
-    head["weight"][...] = 0.05 * rng.standard_normal(head["weight"].shape)
-    X = rng.random((2, 1, 32, 32))
-    y = np.array([2, 9])
-
-    def loss_of(x=X):
-        return cross_entropy(model.forward(x, train=True), y)[0]
-
-    dX = model.backward(cross_entropy(model.forward(X, train=True), y)[1])
-    picks = rng.choice(X.size, size=40, replace=False)
-    assert rel_error(dX.reshape(-1)[picks], central_differences(loss_of, X.reshape(-1),
-                                                                picks)) < 1e-5
-    check_parameter_gradients(model, {k: v.copy() for k, v in model.grads.items()}, loss_of,
-                              rng, 8)
