@@ -141,17 +141,17 @@ def check_bilinear_backward_dU(bilinear_backward_dU):
 
 
 def check_bilinear_dxy(bilinear_dxy):
-    """``bilinear_dxy(U, x, y, dV) -> (dx, dy)``, each (P,): dL/dx and dL/dy in pixel units."""
+    """``bilinear_dxy(dV, U, x, y) -> (dx, dy)``, each (P,): dL/dx and dL/dy in pixel units."""
     def comparisons(fn):
         U, x, y, dV = _off_kink_case(4)
-        dx, dy = fn(U, x, y, dV)
+        dx, dy = fn(dV, U, x, y)
         num_x = numerical_gradient(lambda v: _reference(U, v, y), x.copy(), df=dV)
         num_y = numerical_gradient(lambda v: _reference(U, x, v), y.copy(), df=dV)
         yield "dx, dy vs central differences (off the kinks)", \
             max(_err(dx, num_x), _err(dy, num_y)), 1e-8, \
             "a column difference interpolated along y (and a row difference along x)"
         U, x, y, dV = _sampler_case(5)
-        dx, dy = fn(U, x, y, dV)
+        dx, dy = fn(dV, U, x, y)
         _, d_ref = _reference(U, x, y, dV)
         yield "dx, dy vs stn.reference, integers included", \
             max(_err(dx, d_ref[:, 0]), _err(dy, d_ref[:, 1])), 1e-12, \
