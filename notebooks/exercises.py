@@ -55,6 +55,8 @@ def _run(name, fn, comparisons):
 
 def _err(mine, ref):
     """rel_error of ``mine`` against ``ref``, after checking that the shapes agree."""
+    if mine is None:
+        raise AssertionError("returned None: is the return statement missing?")
     mine = np.asarray(mine, dtype=float)
     if mine.shape != np.shape(ref):
         raise AssertionError(f"returned an array of shape {mine.shape}, expected {np.shape(ref)}")
@@ -112,12 +114,15 @@ def check_bilinear_forward(bilinear_forward):
     """``bilinear_forward(U, x, y) -> V``: U (C, H, W), points (P,) in pixels, V (C, P)."""
     def comparisons(fn):
         U, x, y, _ = _sampler_case(1)
-        yield "V vs stn.reference.grid_sample", _err(fn(U, x, y), _reference(U, x, y)), \
-            1e-12, "points outside the image read 0 (zero padding); check the corner weights"
-        ones = np.ones((1, _H, _W))
-        inside = (x >= 0) & (x <= _W - 1) & (y >= 0) & (y <= _H - 1)
-        yield "weights sum to 1 inside the image", \
-            _err(fn(ones, x[inside], y[inside]), np.ones((1, inside.sum()))), 1e-12, None
+        inside = (x > 0) & (x < _W - 1) & (y > 0) & (y < _H - 1)
+        xi, yi = x[inside], y[inside]
+        yield "V vs the reference, points inside the image", \
+            _err(fn(U, xi, yi), _reference(U, xi, yi)), 1e-12, \
+            "wa = (x1 - x)(y1 - y) multiplies Ia = U[:, y0, x0] (each weight is the area " \
+            "opposite its corner); x picks the column, y the row"
+        yield "V vs the reference, points outside too", _err(fn(U, x, y), _reference(U, x, y)), \
+            1e-12, "a corner outside the image reads 0: mask it (NumPy wraps a negative index " \
+            "round to the other side of the image)"
     _run("bilinear_forward", bilinear_forward, comparisons)
 
 
@@ -127,7 +132,8 @@ def check_bilinear_backward_dU(bilinear_backward_dU):
         U, x, y, dV = _sampler_case(2, P=400)  # 400 points on 45 pixels: many repeats
         dU_ref, _ = _reference(U, x, y, dV)
         yield "dU vs stn.reference.grid_sample_backward", _err(fn(dV, U.shape, x, y), dU_ref),\
-            1e-12, "several points read the same pixel: add with np.add.at, not dU[idx] +="
+            1e-12, "several points read the same pixel: add with np.add.at, not dU[idx] +=; " \
+            "corners outside the image receive nothing"
         U, x, y, dV = _off_kink_case(3)
         num = numerical_gradient(lambda u: _reference(u, x, y), U.copy(), df=dV)
         yield "dU vs central differences", _err(fn(dV, U.shape, x, y), num), 1e-8, None
@@ -135,17 +141,17 @@ def check_bilinear_backward_dU(bilinear_backward_dU):
 
 
 def check_bilinear_dxy(bilinear_dxy):
-    """``bilinear_dxy(U, x, y, dV) -> (dx, dy)``, each (P,): dL/dx and dL/dy in pixel units."""
+    """``bilinear_dxy(dV, U, x, y) -> (dx, dy)``, each (P,): dL/dx and dL/dy in pixel units."""
     def comparisons(fn):
         U, x, y, dV = _off_kink_case(4)
-        dx, dy = fn(U, x, y, dV)
+        dx, dy = fn(dV, U, x, y)
         num_x = numerical_gradient(lambda v: _reference(U, v, y), x.copy(), df=dV)
         num_y = numerical_gradient(lambda v: _reference(U, x, v), y.copy(), df=dV)
         yield "dx, dy vs central differences (off the kinks)", \
             max(_err(dx, num_x), _err(dy, num_y)), 1e-8, \
             "a column difference interpolated along y (and a row difference along x)"
         U, x, y, dV = _sampler_case(5)
-        dx, dy = fn(U, x, y, dV)
+        dx, dy = fn(dV, U, x, y)
         _, d_ref = _reference(U, x, y, dV)
         yield "dx, dy vs stn.reference, integers included", \
             max(_err(dx, d_ref[:, 0]), _err(dy, d_ref[:, 1])), 1e-12, \
@@ -165,7 +171,8 @@ def check_affine_grid_backward(affine_grid_backward):
             mine = fn(dgrid, theta, size, ac)
             yield f"dtheta vs stn.affine_grid_backward, ac={ac!s:5}", \
                 _err(mine, stn.affine_grid_backward(dgrid, theta, size, ac)), 1e-12, \
-                "dtheta = sum over points of dL/ds_i (x_t, y_t, 1); use stn.target_coordinates"
+                "dtheta = sum over points of dL/ds_i (x_t, y_t, 1); use stn.target_coordinates" \
+                + ("(H, W, align_corners): the target points move with align_corners" if ac else "")
             num = numerical_gradient(lambda th, ac=ac: stn.affine_grid(th, size, ac), theta,
                                      df=dgrid)
             yield f"dtheta vs central differences, ac={ac!s:5}", _err(mine, num), 1e-8, None

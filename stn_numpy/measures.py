@@ -12,7 +12,9 @@ parameters the generator drew for each image (:mod:`stn_numpy.data.distort`,
   ``phi = atan2(A_10 - A_01, A_00 + A_11)``, in degrees and in the generator's convention
   (positive turns the digit counter-clockwise on screen). The generator's inverse map for
   an angle ``a`` is ``R(a)^T``; a transformer that undoes it predicts ``A = R(a)``, whose
-  angle is ``-a``. Fitted against the applied angle, a slope of -1 undoes every rotation,
+  angle is ``-a`` (the generator's ``R(a) = [[cos, sin], [-sin, cos]]`` is the notebooks'
+  grid of angle ``-a``: a positive grid angle turns the grid clockwise on screen and the
+  content counter-clockwise). Fitted against the applied angle, a slope of -1 undoes every rotation,
   0 none. A ``similarity`` head's rotation is its angle parameter itself, in degrees and
   not wrapped into (-180, 180], so a head that turns past a half-turn shows as such.
 * **scale** (``rts``): the output window's side measured in digit frames,

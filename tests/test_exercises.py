@@ -109,9 +109,9 @@ def _dU_with_plus_equals(dV, U_shape, x, y):
     return dU
 
 
-def _dxy_eq7_as_printed(U, x, y, dV):
+def _dxy_eq7_as_printed(dV, U, x, y):
     # The floor form everywhere except at integer x, where eq. (7) as printed keeps U[:, y, x].
-    dx, dy = SOLVED["bilinear_dxy"](U, x, y, dV)
+    dx, dy = SOLVED["bilinear_dxy"](dV, U, x, y)
     on = (x == np.floor(x)) & (x >= 0) & (x < U.shape[2]) & (y == np.floor(y))
     on &= (y >= 0) & (y < U.shape[1])
     dx[on] = (dV[:, on] * U[:, y[on].astype(int), x[on].astype(int)]).sum(axis=0)
