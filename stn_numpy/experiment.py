@@ -748,9 +748,10 @@ def _settings(results: list[dict], config: ExperimentConfig) -> list[str]:
 def _measures_table(results: list[dict]) -> list[str]:
     """What each ST run's transformer does to the distortion, one row per run."""
     lines = [
-        "Measured on the test set (see `stn_numpy/measures.py`): on R and RTS the rotation "
-        "the predicted affine transform applies against the applied rotation (slope -1 "
-        "undoes it exactly, 0 not at all), on RTS also the window's scale and its centre "
+        "Measured on the test set (see `stn_numpy/measures.py`): on R and RTS the angle of "
+        "the transformer's sampling grid against the rotation applied to the digit (slope "
+        "-1: the grid turns with the digit and V shows it upright, 0: no rotation undone), "
+        "on RTS also the window's scale and its centre "
         "against the digit's (slope > 0 and R² near 1: it follows the digit), on TC the "
         "fraction of the digit's ink inside the transformer's window.",
         "",
