@@ -45,6 +45,7 @@ API_MODULES = (
     "stn_numpy.verify.adapters",
     "stn_numpy.verify.common",
     "stn_numpy.verify.second_order",
+    "stn_numpy.verify.volumes",
     "stn_numpy.verify.atlas",
     "stn_numpy.verify.mutants",
     "stn_numpy.onnx",
