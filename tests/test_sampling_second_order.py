@@ -12,7 +12,7 @@ from stn_numpy import grid_sample, grid_sample_backward, grid_sample_double_back
 from stn_numpy.gradcheck import check_double_backward, rel_error
 from stn_numpy.sampling import MODES, PADDING_MODES
 from stn_numpy.verify import make_grid
-from stn_numpy.verify.volumes import make_volume_grid
+from stn_numpy.verify.volumes import COMBOS_3D, make_volume_grid
 
 ALL_COMBOS = list(itertools.product(MODES, PADDING_MODES, [True, False]))
 
@@ -27,8 +27,11 @@ def random_case(rng, grid, C=2, H=4, W=5):
 @pytest.mark.parametrize("mode,padding_mode,align_corners", ALL_COMBOS)
 def test_matches_finite_differences_of_the_backward(rng, mode, padding_mode, align_corners):
     grid = smooth_grid(rng, 2, 3, 4, 4, 5, align_corners)
-    U, dV, ddU, ddgrid = random_case(rng, grid)
-    opts = (mode, padding_mode, align_corners)
+    assert_matches_finite_differences(grid, *random_case(rng, grid), mode, padding_mode,
+                                      align_corners)
+
+
+def assert_matches_finite_differences(grid, U, dV, ddU, ddgrid, *opts):
     analytic = grid_sample_double_backward(ddU, ddgrid, dV, U, grid, *opts)
     report = check_double_backward(lambda dv, u, g: grid_sample_backward(dv, u, g, *opts),
                                    [dV, U, grid], [ddU, ddgrid], analytic)
@@ -58,8 +61,11 @@ def test_matches_torch_double_backward(rng, mode, padding_mode, align_corners, p
         grid = rng.uniform(-1.4, 1.4, (N, Ho, Wo, 2))
     else:  # half the points exactly on integers, half-integers, borders, reflection lines
         grid = make_grid(N, Ho, Wo, H, W, align_corners, rng=rng)
-    U, dV, ddU, ddgrid = random_case(rng, grid, C=3, H=H, W=W)
-    opts = (mode, padding_mode, align_corners)
+    assert_matches_torch(grid, *random_case(rng, grid, C=3, H=H, W=W), mode, padding_mode,
+                         align_corners)
+
+
+def assert_matches_torch(grid, U, dV, ddU, ddgrid, *opts):
     ours = grid_sample_double_backward(ddU, ddgrid, dV, U, grid, *opts)
     theirs = torch_double_backward(ddU, ddgrid, dV, U, grid, *opts)
     for name, a, b in zip(("d_dV", "d_U", "d_grid"), ours, theirs, strict=True):
@@ -151,12 +157,17 @@ def test_rejects_bad_arguments(rng):
         grid_sample_double_backward(ddU, ddgrid, dV, U, np.full_like(grid, np.inf))
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_results_do_not_depend_on_blocks_or_threads(rng, mode):
+@pytest.mark.parametrize("mode,dims", [(m, 2) for m in MODES] + [("bilinear", 3),
+                                                                   ("nearest", 3)])
+def test_results_do_not_depend_on_blocks_or_threads(rng, mode, dims):
     from stn_numpy import _parallel, sampling
 
-    grid = rng.uniform(-1.5, 1.5, (5, 4, 3, 2))
-    U, dV, ddU, ddgrid = random_case(rng, grid, H=6, W=7)
+    if dims == 2:
+        grid = rng.uniform(-1.5, 1.5, (5, 4, 3, 2))
+        U, dV, ddU, ddgrid = random_case(rng, grid, H=6, W=7)
+    else:  # as many output points per volume as per image: the same blocks
+        grid = rng.uniform(-1.5, 1.5, (5, 2, 3, 2, 3))
+        U, dV, ddU, ddgrid = random_volume_case(rng, grid)
     results = []
     original = sampling._BLOCK
     try:
@@ -173,25 +184,29 @@ def test_results_do_not_depend_on_blocks_or_threads(rng, mode):
             assert np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("U_shape,out_hw", [((0, 2, 3, 4), (2, 2)), ((1, 2, 3, 4), (0, 2)),
-                                            ((1, 0, 3, 4), (2, 2)), ((1, 1, 1, 1), (2, 2))])
-@pytest.mark.parametrize("mode", MODES)
-def test_empty_and_one_pixel_inputs_give_the_documented_shapes(U_shape, out_hw, mode):
+EMPTY_AND_ONE_PIXEL = [
+    ((0, 2, 3, 4), (2, 2)), ((1, 2, 3, 4), (0, 2)), ((1, 0, 3, 4), (2, 2)),
+    ((1, 1, 1, 1), (2, 2)),
+    ((0, 2, 2, 3, 4), (2, 2, 2)), ((1, 2, 2, 3, 4), (2, 0, 2)), ((1, 0, 2, 3, 4), (2, 2, 2)),
+    ((1, 1, 1, 1, 1), (2, 2, 2))]
+
+
+@pytest.mark.parametrize("U_shape,out,mode", [
+    (U_shape, out, mode) for U_shape, out in EMPTY_AND_ONE_PIXEL for mode in MODES
+    if len(U_shape) == 4 or mode != "bicubic"])
+def test_empty_and_one_pixel_inputs_give_the_documented_shapes(U_shape, out, mode):
     U = np.ones(U_shape)
-    grid = np.zeros((U_shape[0], *out_hw, 2))
-    dV = np.ones(U_shape[:2] + out_hw)
-    out = grid_sample_double_backward(np.ones(U_shape), np.ones(grid.shape), dV, U, grid, mode,
-                                      "border")
-    assert [a.shape for a in out] == [dV.shape, U.shape, grid.shape]
-    assert all(np.isfinite(a).all() for a in out)
+    grid = np.zeros((U_shape[0], *out, len(out)))
+    dV = np.ones(U_shape[:2] + out)
+    result = grid_sample_double_backward(np.ones(U_shape), np.ones(grid.shape), dV, U, grid,
+                                         mode, "border")
+    assert [a.shape for a in result] == [dV.shape, U.shape, grid.shape]
+    assert all(np.isfinite(a).all() for a in result)
 
 
 # --------------------------------------------------------------------------------------
 # Volumes: trilinear and nearest on 5-D U
 # --------------------------------------------------------------------------------------
-
-COMBOS_3D = list(itertools.product(["bilinear", "nearest"], PADDING_MODES, [True, False]))
-
 
 def random_volume_case(rng, grid, C=2, D=3, H=4, W=5):
     N, *out, _ = grid.shape
@@ -204,12 +219,8 @@ def random_volume_case(rng, grid, C=2, D=3, H=4, W=5):
 def test_volumes_match_finite_differences_of_the_backward(rng, mode, padding_mode,
                                                           align_corners):
     grid = smooth_volume_grid(rng, 1, (2, 3, 3), 3, 4, 5, align_corners)
-    U, dV, ddU, ddgrid = random_volume_case(rng, grid)
-    opts = (mode, padding_mode, align_corners)
-    analytic = grid_sample_double_backward(ddU, ddgrid, dV, U, grid, *opts)
-    report = check_double_backward(lambda dv, u, g: grid_sample_backward(dv, u, g, *opts),
-                                   [dV, U, grid], [ddU, ddgrid], analytic)
-    assert report.max_rel_error < 1e-7, report  # as in 2-D: exact in dV and U, O(h^2) in grid
+    assert_matches_finite_differences(grid, *random_volume_case(rng, grid), mode, padding_mode,
+                                      align_corners)
 
 
 @pytest.mark.parametrize("mode,padding_mode,align_corners", COMBOS_3D)
@@ -220,13 +231,8 @@ def test_volumes_match_torch_double_backward(rng, mode, padding_mode, align_corn
         grid = rng.uniform(-1.4, 1.4, (N, *out, 3))
     else:  # integers, half-integers, borders and reflection lines along every axis
         grid = make_volume_grid(N, *out, D, H, W, align_corners, rng=rng)
-    U, dV, ddU, ddgrid = random_volume_case(rng, grid, C=3, D=D, H=H, W=W)
-    opts = (mode, padding_mode, align_corners)
-    ours = grid_sample_double_backward(ddU, ddgrid, dV, U, grid, *opts)
-    theirs = torch_double_backward(ddU, ddgrid, dV, U, grid, *opts)
-    for name, a, b in zip(("d_dV", "d_U", "d_grid"), ours, theirs, strict=True):
-        assert a.shape == b.shape
-        assert rel_error(a, b) <= 1e-10, name
+    assert_matches_torch(grid, *random_volume_case(rng, grid, C=3, D=D, H=H, W=W), mode,
+                         padding_mode, align_corners)
 
 
 def test_trilinear_grid_term_is_the_twists_of_the_cube_faces(rng):
@@ -277,43 +283,6 @@ def test_volume_nearest_reaches_dV_alone(rng, padding_mode):
                                                     padding_mode)
     assert np.all(d_U == 0) and np.all(d_grid == 0)
     np.testing.assert_array_equal(d_dV, grid_sample(ddU, grid, "nearest", padding_mode))
-
-
-@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
-def test_volume_results_do_not_depend_on_blocks_or_threads(rng, mode):
-    from stn_numpy import _parallel, sampling
-
-    grid = rng.uniform(-1.5, 1.5, (5, 2, 3, 2, 3))
-    U, dV, ddU, ddgrid = random_volume_case(rng, grid)
-    results = []
-    original = sampling._BLOCK
-    try:
-        for block, threads in ((12 * (2 + 4), 1), (10**9, 2), (2 * 12 * (2 + 4), 2)):
-            sampling._BLOCK = block
-            _parallel.set_num_threads(threads)
-            results.append(grid_sample_double_backward(ddU, ddgrid, dV, U, grid, mode,
-                                                       "reflection"))
-    finally:
-        sampling._BLOCK = original
-        _parallel.set_num_threads(None)
-    for other in results[1:]:
-        for a, b in zip(results[0], other, strict=True):
-            assert np.array_equal(a, b)
-
-
-@pytest.mark.parametrize("U_shape,out", [((0, 2, 2, 3, 4), (2, 2, 2)),
-                                         ((1, 2, 2, 3, 4), (2, 0, 2)),
-                                         ((1, 0, 2, 3, 4), (2, 2, 2)),
-                                         ((1, 1, 1, 1, 1), (2, 2, 2))])
-@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
-def test_empty_and_one_voxel_volumes_give_the_documented_shapes(U_shape, out, mode):
-    U = np.ones(U_shape)
-    grid = np.zeros((U_shape[0], *out, 3))
-    dV = np.ones(U_shape[:2] + out)
-    result = grid_sample_double_backward(np.ones(U_shape), np.ones(grid.shape), dV, U, grid,
-                                         mode, "border")
-    assert [a.shape for a in result] == [dV.shape, U.shape, grid.shape]
-    assert all(np.isfinite(a).all() for a in result)
 
 
 def test_volumes_refuse_bicubic_and_mismatched_shapes(rng):
