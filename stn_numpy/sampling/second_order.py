@@ -169,12 +169,10 @@ def grid_sample_double_backward(ddU, ddgrid, dV, U, grid, mode="bilinear",
     ring = _RING[mode]
     # The zero-padded channels-last rows the taps read: of U where ddgrid reaches it
     # (nearest's grid terms vanish), of ddU where given.
-    sources = [x if x is not None and (x is ddU or mode != "nearest") else None
-               for x in (U if ddgrid is not None else None, ddU)]
+    sources = [U if ddgrid is not None and mode != "nearest" else None, ddU]
     if D == 3:  # the volumes' padding runs on the worker threads: once, outside the blocks
         per_volume = int(np.prod([s + 2 * ring for s in spatial]))
-        whole = [None if x is None else volumes._padded_rows(x, ring)
-                 for x in sources]
+        whole = [None if x is None else volumes._padded_rows(x, ring) for x in sources]
 
     def block(sl):
         if D == 2:
