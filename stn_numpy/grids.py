@@ -825,20 +825,20 @@ def affine_grid_double_backward(ddtheta: np.ndarray, dgrid: np.ndarray, theta: n
 
     Parameters
     ----------
-    ddtheta : ndarray, shape (N, 2, 3)
+    ddtheta : ndarray, shape (N, 2, 3) or, for volumes, (N, 3, 4)
         Upstream gradient of the backward's ``dtheta``, dtype of ``theta``.
     dgrid, theta, size, align_corners
-        Exactly the arguments of :func:`affine_grid_backward`.
+        Exactly the arguments of :func:`affine_grid_backward` (a 5-entry ``size`` for
+        volumes, where the same holds along the third axis).
 
     Returns
     -------
-    d_dgrid : ndarray, shape (N, H, W, 2)
-    d_theta : ndarray, shape (N, 2, 3)
+    d_dgrid : ndarray, shape (N, H, W, 2) or (N, D, H, W, 3)
+    d_theta : ndarray, shape of ``theta``
         Zero.
     """
-    theta = _check_params("theta", theta, (None, 2, 3))
-    N, _, H, W = _check_output_size(size, theta.shape[0], align_corners)
-    _check_dgrid(dgrid, N, H, W, theta.dtype)
+    theta, size = _check_affine(theta, size, align_corners)
+    _check_dgrid_of(dgrid, size[0], size[2:], theta.dtype)
     return affine_grid(_check_ddtheta(ddtheta, theta), size, align_corners), np.zeros_like(theta)
 
 

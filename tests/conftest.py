@@ -42,6 +42,13 @@ def smooth_grid(rng, N, Ho, Wo, H, W, align_corners, margin=2):
     return np.stack([normalize(x, W, align_corners), normalize(y, H, align_corners)], axis=-1)
 
 
+def smooth_volume_grid(rng, N, out, D, H, W, align_corners, margin=2):
+    """A float64 grid (N, Do, Ho, Wo, 3) of (x, y, z) away from every kink."""
+    return np.stack([normalize(smooth_pixel_coords(rng, (N, *out), size, margin), size,
+                               align_corners)
+                     for size in (W, H, D)], axis=-1)
+
+
 def assert_sampler_gradients(sample, sample_backward, rng, mode, padding_mode, align_corners):
     """Check ``sample_backward`` (the signature of grid_sample_backward) by central differences
     of ``sample`` (that of grid_sample), on a grid away from every kink."""

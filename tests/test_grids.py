@@ -418,6 +418,26 @@ def test_double_backward_of_a_linear_generator_is_its_grid_of_ddtheta(rng):
     assert np.array_equal(d_dgrid, affine_grid(dd, (2, 1, 3, 4)))
 
 
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_volume_affine_double_backward_is_the_grid_of_ddtheta(rng, align_corners):
+    N, size = 2, (2, 1, 3, 4, 5)
+    theta = rng.standard_normal((N, 3, 4))
+    dgrid, ddtheta = rng.standard_normal((N, 3, 4, 5, 3)), rng.standard_normal(theta.shape)
+    d_dgrid, d_theta = affine_grid_double_backward(ddtheta, dgrid, theta, size, align_corners)
+    assert np.array_equal(d_dgrid, affine_grid(ddtheta, size, align_corners))
+    assert d_theta.shape == theta.shape and not d_theta.any()
+    report = check_double_backward(
+        lambda g, t: (affine_grid_backward(g, t, size, align_corners),),
+        [dgrid, theta], [ddtheta], [d_dgrid, d_theta])
+    assert report.max_rel_error < 1e-8, report  # bilinear in (dgrid, base): exact
+    with pytest.raises(ValueError, match="theta"):  # an image's theta with a volume's size
+        affine_grid_double_backward(ddtheta[:, :2, :3], dgrid, theta[:, :2, :3], size)
+    with pytest.raises(ValueError, match="dgrid"):
+        affine_grid_double_backward(ddtheta, dgrid[..., :2], theta, size)
+    with pytest.raises(ValueError, match="ddtheta"):
+        affine_grid_double_backward(ddtheta[:, :2], dgrid, theta, size)
+
+
 @pytest.mark.parametrize("kind", ["similarity", "projective"])
 def test_curved_generators_double_backward_matches_torch(rng, kind):
     torch = pytest.importorskip("torch", reason="PyTorch not installed: pip install torch==2.13.0")

@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import normalize, smooth_pixel_coords
+from conftest import normalize, smooth_volume_grid
 
 from stn_numpy import (
     NonFiniteError,
@@ -42,12 +42,6 @@ def torch_sample(U, grid, dV, mode, padding_mode, align_corners):
     V_t.backward(torch.tensor(dV))
     dgrid = np.zeros_like(grid) if grid_t.grad is None else grid_t.grad.numpy()
     return V_t.detach().numpy(), U_t.grad.numpy(), dgrid
-
-
-def smooth_volume_grid(rng, N, out, D, H, W, align_corners):
-    """A float64 grid (N, Do, Ho, Wo, 3) of (x, y, z) away from every kink (see conftest)."""
-    return np.stack([normalize(smooth_pixel_coords(rng, (N, *out), size), size, align_corners)
-                     for size in (W, H, D)], axis=-1)
 
 
 # ---------------------------------------------------------------------------------------

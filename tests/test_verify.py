@@ -27,7 +27,7 @@ from stn_numpy.verify import (
 
 TORCH_MISSING = "PyTorch not installed: pip install torch==2.13.0"
 # 18 sampler combinations, 84 sampler edge cases, 4 grid transforms x 2, one whole layer
-N_GOLDEN_CASES = 18 + 84 + 8 + 1 + 26 + 18  # ..., the layer, volumes, double backward
+N_GOLDEN_CASES = 18 + 84 + 8 + 1 + 26 + 18 + 12  # ..., volumes, double backward (2-D, 3-D)
 ALL_COMBOS = set(itertools.product(MODES, PADDING_MODES, [True, False]))
 
 

@@ -20,8 +20,8 @@ from stn_numpy.verify import (
     pixel_coordinates,
 )
 
-N_CASES = 18 + 84 + 8 + 1 + 26 + 18  # 2-D samplers, edge cases, grids, a layer; volumes;
-# the double backward
+N_CASES = 18 + 84 + 8 + 1 + 26 + 18 + 12  # 2-D samplers, edge cases, grids, a layer;
+# volumes; the double backward of images and of volumes
 N_SAMPLER_CASES = 18 + 84 + 24
 
 
@@ -282,7 +282,12 @@ def test_load_golden_rejects_other_files(tmp_path):
 def test_volume_cases_hold_5d_arrays_and_check(golden):
     manifest, arrays = load_golden(golden)
     volume = [c for c in manifest["cases"] if c.get("dims") == 3]
-    assert len(volume) == 26 and all(c["key"].startswith("3d/") for c in volume)
+    first, second = volume[:26], volume[26:]
+    assert all(c["key"].startswith("3d/") for c in first)
+    assert len(second) == 12 and all(c["key"].startswith("second_order/3d/") for c in second)
+    key = "second_order/3d/bilinear/border/align_corners=True"
+    assert arrays[f"{key}/ddU"].shape == arrays[f"{key}/d_U"].shape == (2, 2, 3, 4, 5)
+    assert arrays[f"{key}/ddgrid"].shape == arrays[f"{key}/d_grid"].shape == (2, 4, 5, 6, 3)
     key = "3d/bilinear/reflection/align_corners=False"
     assert arrays[f"{key}/U"].shape == (2, 2, 3, 4, 5)
     assert arrays[f"{key}/grid"].shape == arrays[f"{key}/dgrid"].shape == (2, 4, 5, 6, 3)
@@ -305,7 +310,7 @@ def test_a_golden_file_of_format_version_2_still_checks(golden, tmp_path):
     path = tmp_path / "v2.npz"
     rewrite_golden(path, {k: a for k, a in arrays.items() if k in keep}, manifest)
     rows = check_against_golden(path)
-    assert len(rows) == N_CASES - 26 and all(r.status == "PASS" for r in rows)
+    assert len(rows) == N_CASES - 26 - 12 and all(r.status == "PASS" for r in rows)
     # A volume case in a version 2 file is not of that format.
     manifest["cases"][0]["dims"] = 3
     rewrite_golden(path, {k: a for k, a in arrays.items() if k in keep}, manifest)

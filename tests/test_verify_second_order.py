@@ -10,6 +10,7 @@ from stn_numpy.verify import (
     main,
     numpy_double_backward,
     second_order_matrix,
+    second_order_matrix_3d,
 )
 from stn_numpy.verify.parity import Unsupported
 
@@ -28,6 +29,16 @@ def test_torch_double_backward_matches_on_every_combination():
     results = second_order_matrix(seed=3, repeat=False)
     assert all(r.status == "PASS" for r in results), format_table(results)
     assert max(r.max_error for r in results) < 1e-14
+
+
+def test_volume_rows_agree_with_torch_and_catch_a_wrong_double_backward():
+    pytest.importorskip("torch", reason="PyTorch not installed: pip install torch==2.13.0")
+    results = second_order_matrix_3d(seed=3, repeat=False)
+    assert len(results) == 12 and all(r.status == "PASS" for r in results), format_table(results)
+    assert max(r.max_error for r in results) < 1e-14
+    assert results[0].case == "second_order/3d/bilinear/zeros/align_corners=True"
+    bad = second_order_matrix_3d(drop_grid_grid_term, repeat=False)
+    assert {r.mode for r in bad if r.status == "FAIL"} == {"bilinear"}
 
 
 def drop_grid_grid_term(U, grid, dV, ddU, ddgrid, mode, padding_mode, align_corners):
@@ -69,10 +80,12 @@ def test_failures_of_the_callable_are_rows_not_crashes():
 def test_golden_second_order_cases(tmp_path):
     path = export_golden(tmp_path / "golden.npz")
     results = check_against_golden(path, order=2)
-    assert len(results) == 18 and all(r.status == "PASS" for r in results)
+    assert len(results) == 18 + 12 and all(r.status == "PASS" for r in results)
     assert results[0].case == "second_order/bilinear/zeros/align_corners=True"
+    assert results[18].case == "second_order/3d/bilinear/zeros/align_corners=True"
     bad = check_against_golden(path, drop_grid_grid_term, order=2)
-    assert any(r.status == "FAIL" for r in bad)
+    assert {r.case.startswith("second_order/3d/") for r in bad if r.status == "FAIL"} == {
+        True, False}  # caught on images and on volumes
     with pytest.raises(ValueError, match="order must be 1 or 2"):
         check_against_golden(path, order=3)
 
@@ -87,6 +100,10 @@ def test_main_order_2(tmp_path, monkeypatch, capsys):
     assert main(["verify", "--order", "2", "--against", "user_double:good"]) == 0
     assert "18/18 cases within tol 1e-10" in capsys.readouterr().out
     assert main(["verify", "--order", "2", "--against", "user_double:bad"]) == 1
+    capsys.readouterr()
+    assert main(["verify", "--order", "2", "--dims", "3", "--against", "user_double:good"]) == 0
+    out = capsys.readouterr().out
+    assert "volumes" in out and "12/12 cases within tol 1e-10" in out
     assert main(["verify", "--order", "2", "--against", "scipy"]) == 2
     assert "no double backward" in capsys.readouterr().err
     assert main(["verify", "--order", "2", "--export", str(tmp_path / "g.npz")]) == 2

@@ -22,11 +22,11 @@ and its double backward is the gradient of ``L2 = <ddU, dU> + <ddgrid, dgrid>`` 
 respect to dV, U and grid, ``a_x = ddx_s g_x`` and ``a_y = ddy_s g_y`` the upstream grid
 gradient carried into pixel units.
 
-The per-tap sums are written for any number of axes (:func:`_tap_factor`,
-:func:`_double_backward_block`): a volume (5-D U, grid ``(..., 3)``) needs only its taps
-(one index per axis, a padded row and offset each) and, per axis, the weights, their first
-and second derivatives and ``g``; its terms are the same with ``d, e`` over ``x, y, z``
-(trilinear: the three pure terms vanish, the three mixed ones do not).
+Volumes (5-D U, grid ``(..., 3)`` holding ``(x, y, z)``) take the same sums over three
+axes: a tap's weight is ``W_t = k_x(t) k_y(t) k_z(t)`` and its derivatives are the products
+with one or two of the factors differentiated, ``W_t^{de}`` for ``d, e`` in ``x, y, z``.
+The per-tap sums (:func:`_tap_factor`, :func:`_double_backward_block`) are written for
+any number of axes; only the taps come from :mod:`stn_numpy.sampling.volumes`.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from . import (
     _matmul,
     _padded_rows,
     _unnormalize,
+    volumes,
 )
 
 __all__ = ["grid_sample_double_backward"]
@@ -98,28 +99,51 @@ def grid_sample_double_backward(ddU, ddgrid, dV, U, grid, mode="bilinear",
       ``W^xx``; the mixed term carries ``g_x g_y`` (and ``a_x g_y``), which flips with
       the reflection along either axis.
 
+    **Volumes** (5-D U; ``mode="bilinear"`` is trilinear, bicubic is refused as in the
+    forward). Every formula above holds with the sums over ``d, e`` in ``x, y, z``:
+    ``a_z = ddz_s g_z``, ``d_dV`` and ``d_U`` take the weight ``sum_d a_d W_t^d`` and
+
+        d_grid_d[i] += g_d sum_c dV[c, i] sum_t (W_t^d ddU[c, p(t)]
+                                                 + sum_e a_e W_t^{de} U[c, p(t)]).
+
+    Trilinear: the hats ``h_0(t) = 1 - t``, ``h_1(t) = t`` have ``h'' = 0``, so the three
+    pure terms ``W^xx, W^yy, W^zz`` vanish; the three mixed ones do not, and each keeps the
+    hat of the third axis, ``W^xy = h_i'(t_x) h_j'(t_y) h_k(t_z) = +-h_k(t_z)``. With the
+    first order's ``G[k, j, i] = sum_c dV_c U_c[z0 + k, y0 + j, x0 + i]``
+    (:mod:`~stn_numpy.sampling.volumes`) and the twist of a face,
+    ``T_xy[k] = G[k, 1, 1] - G[k, 1, 0] - G[k, 0, 1] + G[k, 0, 0]`` (likewise ``T_xz[j]``
+    over ``(k, i)``, ``T_yz[i]`` over ``(k, j)``), the grid-grid term is
+
+        d_grid_x += g_x (a_y sum_k h_k(t_z) T_xy[k] + a_z sum_j h_j(t_y) T_xz[j])
+        d_grid_y += g_y (a_x sum_k h_k(t_z) T_xy[k] + a_z sum_i h_i(t_x) T_yz[i])
+        d_grid_z += g_z (a_x sum_j h_j(t_y) T_xz[j] + a_y sum_i h_i(t_x) T_yz[i])
+
+    the twists of the cube's faces, interpolated along the axis normal to them. Nearest:
+    as in 2-D, only ``d_dV = S ddU`` survives. The paddings act per axis exactly as in 2-D.
+
     **Kinks** follow the first order (and PyTorch): the taps come from ``floor(x)``, so
     at an integer ``x`` the right-hand derivatives are taken (bilinear's pixels ``x`` and
     ``x + 1``; bicubic's ``k''``, which jumps at integers, from the right); a coordinate
     exactly on a clip limit (``0`` or ``W - 1`` for border and reflection) has
     ``g_x = 0``. The derivative of ``g_x`` itself (a step at the limits, a Dirac
-    impulse) is taken as zero, as it is almost everywhere.
+    impulse) is taken as zero, as it is almost everywhere. The same holds per axis for
+    volumes.
 
     Parameters
     ----------
-    ddU : ndarray, shape (N, C, H, W), or None
+    ddU : ndarray, shape (N, C, H, W) or (N, C, D, H, W), or None
         Upstream gradient of the backward's dU; None means zero.
-    ddgrid : ndarray, shape (N, H_o, W_o, 2), or None
+    ddgrid : ndarray, shape (N, H_o, W_o, 2) or (N, D_o, H_o, W_o, 3), or None
         Upstream gradient of the backward's dgrid; None means zero.
     dV, U, grid, mode, padding_mode, align_corners
         Exactly the arguments of :func:`~stn_numpy.grid_sample_backward`.
 
     Returns
     -------
-    d_dV : ndarray, shape (N, C, H_o, W_o)
-    d_U : ndarray, shape (N, C, H, W)
+    d_dV : ndarray, shape of ``dV``
+    d_U : ndarray, shape of ``U``
         Zero for nearest, and without ddgrid.
-    d_grid : ndarray, shape (N, H_o, W_o, 2)
+    d_grid : ndarray, shape of ``grid``
         Zero for nearest.
 
     Raises
@@ -127,33 +151,42 @@ def grid_sample_double_backward(ddU, ddgrid, dV, U, grid, mode="bilinear",
     TypeError
         Non-float arrays or dtypes other than U's.
     ValueError
-        Wrong shapes, unknown modes, a grid out of range (as :func:`~stn_numpy.grid_sample`);
-        a volume (5-D U), whose double backward is not written yet.
+        Wrong shapes, unknown modes (bicubic on a volume), a grid out of range (as
+        :func:`~stn_numpy.grid_sample`).
     """
     _check_inputs(U, grid, mode, padding_mode, align_corners)
-    if U.ndim != 4:
-        raise ValueError(f"grid_sample_double_backward takes images, U of shape (N, C, H, W) "
-                         f"with grid (N, H_o, W_o, 2); volumes are not supported yet, got U "
-                         f"of shape {U.shape}")
-    N, C, H, W = U.shape
-    Ho, Wo = grid.shape[1:3]
-    dV = _check_like("dV", dV, (N, C, Ho, Wo), U.dtype)
+    N, C, *spatial = U.shape
+    out = grid.shape[1:-1]
+    D = len(spatial)
+    dV = _check_like("dV", dV, (N, C, *out), U.dtype)
     if ddU is not None:
         ddU = _check_like("ddU", ddU, U.shape, U.dtype)
     if ddgrid is not None:
         ddgrid = _check_like("ddgrid", ddgrid, grid.shape, U.dtype)
-    d_dV = np.zeros((N, Ho, Wo, C), dtype=U.dtype)
-    d_U = np.zeros((N, H, W, C), dtype=U.dtype)
-    d_grid = np.zeros((N, Ho, Wo, 2), dtype=U.dtype)
+    d_dV = np.zeros((N, *out, C), dtype=U.dtype)
+    d_U = np.zeros((N, *spatial, C), dtype=U.dtype)
+    d_grid = np.zeros((N, *out, D), dtype=U.dtype)
+    ring = _RING[mode]
+    # The zero-padded channels-last rows the taps read: of U where ddgrid reaches it
+    # (nearest's grid terms vanish), of ddU where given.
+    sources = [U if ddgrid is not None and mode != "nearest" else None, ddU]
+    if D == 3:  # the volumes' padding runs on the worker threads: once, outside the blocks
+        per_volume = int(np.prod([s + 2 * ring for s in spatial]))
+        whole = [None if x is None else volumes._padded_rows(x, ring) for x in sources]
 
     def block(sl):
+        if D == 2:
+            rows = [None if x is None else _padded_rows(x[sl], ring) for x in sources]
+        else:
+            rows = [None if x is None else x[sl.start * per_volume:sl.stop * per_volume]
+                    for x in whole]
         _double_backward_block(
-            None if ddU is None else ddU[sl], None if ddgrid is None else ddgrid[sl],
-            dV[sl], U[sl], grid[sl], mode, padding_mode, align_corners,
-            d_dV[sl], d_U[sl], d_grid[sl])
+            None if ddgrid is None else ddgrid[sl], dV[sl], U[sl], grid[sl], mode,
+            padding_mode, align_corners, *rows, d_dV[sl], d_U[sl], d_grid[sl])
 
-    parallel_map(block, _blocks(N, Ho * Wo, C))
-    return d_dV.transpose(0, 3, 1, 2), d_U.transpose(0, 3, 1, 2), d_grid
+    parallel_map(block, _blocks(N, int(np.prod(out)), C))
+    channels_first = (0, D + 1, *range(1, D + 1))
+    return d_dV.transpose(channels_first), d_U.transpose(channels_first), d_grid
 
 
 def _check_like(name, x, shape, dtype) -> np.ndarray:
@@ -214,40 +247,48 @@ def _orders(D, *axes_of_derivatives):
     return tuple(axes_of_derivatives.count(d) for d in range(D))
 
 
-def _double_backward_block(ddU, ddgrid, dV, U, grid, mode, padding_mode, align_corners,
-                           d_dV, d_U, d_grid):
-    """One block of images: writes ``d_dV (n, Ho, Wo, C)``, ``d_U (n, H, W, C)`` and
-    ``d_grid (n, Ho, Wo, 2)`` (channels-last views of the caller's arrays)."""
-    n, C, H, W = U.shape
-    _, Ho, Wo, D = grid.shape
-    M = n * Ho * Wo
+def _double_backward_block(ddgrid, dV, U, grid, mode, padding_mode, align_corners, U_rows,
+                           ddU_rows, d_dV, d_U, d_grid):
+    """One block of whole images or volumes: writes ``d_dV (n, *out, C)``, ``d_U
+    (n, *spatial, C)`` and ``d_grid (n, *out, D)`` (channels-last views of the caller's
+    arrays). ``U_rows``, ``ddU_rows``: the block's U and ddU as zero-padded channels-last
+    rows, as the forward reads them, or None where not needed (U) or not given (ddU)."""
+    n, C, *spatial = U.shape
+    out = grid.shape[1:-1]
+    D = len(spatial)
+    P = int(np.prod(out))  # explicit sizes, not -1: with C = 0, 0 elements fix no -1
+    M = n * P
     ring = _RING[mode]
-    Hp, Wp = H + 2 * ring, W + 2 * ring
-    taps2d, (wx, dwx, gx), (wy, dwy, gy) = _block_taps(grid, (H, W), mode, padding_mode,
-                                                       align_corners)
-    coords = [grid[..., 0].reshape(M), grid[..., 1].reshape(M)]
-    # Per axis (in the grid's order x, y): kernel factors and dx/dx_s.
-    axes = [(wx, dwx, _axis_second_derivative(coords[0], W, mode, align_corners)),
-            (wy, dwy, _axis_second_derivative(coords[1], H, mode, align_corners))]
-    g = [gx, gy]
-    taps = [((i, j), rows, offset) for j, i, rows, offset in taps2d]
-    dV_rows = np.ascontiguousarray(dV.reshape(n, C, Ho * Wo).transpose(0, 2, 1)).reshape(M, C)
-    smooth = dwx is not None  # nearest: no derivative of the kernel anywhere
+    padded = [s + 2 * ring for s in spatial]
+    sizes = spatial[::-1]  # along x, y (, z): the grid's order
+    if D == 2:
+        taps2d, *kernels = _block_taps(grid, spatial, mode, padding_mode, align_corners)
+        taps = [((i, j), rows_, offset) for j, i, rows_, offset in taps2d]
+    else:
+        coords = tuple(grid[..., d].reshape(n, P) for d in range(D))
+        vt = volumes._chunk_taps(coords, 0, U.shape, mode, padding_mode, align_corners)
+        taps = [((i, j, k), vt.rows, offset) for offset, (k, j, i) in vt.offsets]
+        kernels = [vt.x, vt.y, vt.z]
+    # Per axis (in the grid's order x, y, z): kernel factors and dx/dx_s.
+    axes = [(w, dw, _axis_second_derivative(grid[..., d].reshape(M), sizes[d], mode,
+                                            align_corners))
+            for d, (w, dw, _) in enumerate(kernels)]
+    g = [kernel[2] for kernel in kernels]
+    dV_rows = np.ascontiguousarray(np.moveaxis(dV.reshape(n, C, P), 1, 2)).reshape(M, C)
+    smooth = axes[0][1] is not None  # nearest: no derivative of the kernel anywhere
     # a_d = ddgrid_d g_d: the upstream grid gradient in pixel units.
     a = None if ddgrid is None or not smooth else [ddgrid[..., d].reshape(M) * g[d]
                                                    for d in range(D)]
-    U_rows = _padded_rows(U, ring) if a is not None else None
-    ddU_rows = _padded_rows(ddU, ring) if ddU is not None else None
     out_dV = np.zeros((M, C), dtype=U.dtype)
     acc = [np.zeros(M, dtype=U.dtype) for _ in range(D)] if smooth else None
-    scatter = []  # per tap, the weight a_x W^x + a_y W^y of d(dgrid)/dU
-    for tap, rows, offset in taps:
+    scatter = []  # per tap, the weight sum_d a_d W^d of d(dgrid)/dU
+    for tap, tap_rows, offset in taps:
         ddU_t = U_t = None
         if ddU_rows is not None:
-            ddU_t = np.take(ddU_rows[offset:], rows, axis=0, mode="clip")
+            ddU_t = np.take(ddU_rows[offset:], tap_rows, axis=0, mode="clip")
             out_dV += _per_row(_tap_factor(axes, tap, (0,) * D), M) * ddU_t
         if a is not None:
-            U_t = np.take(U_rows[offset:], rows, axis=0, mode="clip")
+            U_t = np.take(U_rows[offset:], tap_rows, axis=0, mode="clip")
             coef = sum(a[d] * _tap_factor(axes, tap, _orders(D, d)) for d in range(D))
             out_dV += coef[:, None] * U_t
             scatter.append(coef)
@@ -264,14 +305,14 @@ def _double_backward_block(ddU, ddgrid, dV, U, grid, mode, padding_mode, align_c
                          if (w := _tap_factor(axes, tap, _orders(D, d, e))) is not None]
                 if terms:
                     acc[d] += sum(terms) * dVU
-    d_dV[...] = out_dV.reshape(n, Ho, Wo, C)
+    d_dV[...] = out_dV.reshape(n, *out, C)
     if smooth:
         for d in range(D):
-            d_grid[..., d] = (acc[d] * g[d]).reshape(n, Ho, Wo)
+            d_grid[..., d] = (acc[d] * g[d]).reshape(n, *out)
     if scatter:
-        S = _tap_matrix(taps, scatter, n * Hp * Wp)
-        d_U[...] = _matmul(S.T, dV_rows).reshape(n, Hp, Wp, C)[:, ring:ring + H,
-                                                                ring:ring + W, :]
+        S = _tap_matrix(taps, scatter, n * int(np.prod(padded)))
+        inside = tuple(slice(ring, ring + s) for s in spatial)
+        d_U[...] = _matmul(S.T, dV_rows).reshape(n, *padded, C)[(slice(None), *inside)]
 
 
 def _per_row(w, M):

@@ -21,7 +21,8 @@ For engineers checking a PyTorch, JAX, CUDA, C++ or any other spatial-transforme
 * :func:`second_order_matrix` does the same for a double backward (the gradients of
   ``<ddU, dU> + <ddgrid, dgrid>``), called as ``other(U, grid, dV, ddU, ddgrid, mode,
   padding_mode, align_corners) -> (d_dV, d_U, d_grid)``; PyTorch's by default
-  (:mod:`~stn_numpy.verify.second_order`). Golden files carry these cases too.
+  (:mod:`~stn_numpy.verify.second_order`; :func:`second_order_matrix_3d` on volumes).
+  Golden files carry the images' cases too.
 * :mod:`~stn_numpy.verify.atlas` measures how each library's settings map onto these
   conventions and writes the table; :mod:`~stn_numpy.verify.mutants` holds samplers with
   bugs re-created from real reports, each of which the checks above flag.
@@ -57,6 +58,7 @@ from .parity import (
 from .second_order import (
     numpy_double_backward,
     second_order_matrix,
+    second_order_matrix_3d,
     torch_double_backward,
 )
 from .volumes import make_volume_grid, parity_matrix_3d
@@ -83,6 +85,7 @@ __all__ = [
     "parity_matrix_3d",
     "pixel_coordinates",
     "second_order_matrix",
+    "second_order_matrix_3d",
     "torch_double_backward",
     "torch_impl",
 ]

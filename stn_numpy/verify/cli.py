@@ -54,7 +54,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--dims", type=int, choices=(2, 3), default=2,
                         help="2: images, 4-D U (default); 3: volumes, 5-D U (N, C, D, H, W) "
                              "with grids (N, D_o, H_o, W_o, 3) of (x, y, z): the 12 "
-                             "trilinear and nearest combinations and the 3-D affine_grid")
+                             "trilinear and nearest combinations and the 3-D affine_grid "
+                             "(with --order 2, their double backwards)")
     parser.set_defaults(func=_run)
     return parser
 
@@ -71,8 +72,6 @@ def _run(args: argparse.Namespace) -> int:
         if args.dims == 3 and (args.export or args.check or args.atlas):
             raise _CallableSpecError("--dims applies to the parity table only: golden files "
                                      "and the atlas hold both images and volumes; drop it")
-        if args.dims == 3 and args.order == 2:
-            raise _CallableSpecError("--order 2 compares images only so far; drop --dims 3")
         if args.order == 2 and (args.export or args.atlas):
             raise _CallableSpecError(f"--{'export' if args.export else 'atlas'} takes no "
                                      f"--order (an export holds both orders)")
@@ -114,7 +113,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _second_order(args: argparse.Namespace) -> int:
     """``--order 2``: double backwards beside this package's (parity or golden cases)."""
-    from .second_order import second_order_matrix
+    from .second_order import second_order_matrix, second_order_matrix_3d
 
     spec = args.against or ("numpy" if args.check else "torch")
     if spec in ADAPTERS:
@@ -127,8 +126,11 @@ def _second_order(args: argparse.Namespace) -> int:
         results = check_against_golden(args.check, other, tol=args.tol, order=2)
         title = f"{label} double backward vs golden vectors in {args.check}"
     else:
-        results = second_order_matrix(other, dtype=args.dtype, seed=args.seed, tol=args.tol)
-        title = f"stn_numpy vs {label}: double backward ({args.dtype}, seed {args.seed})"
+        matrix = second_order_matrix_3d if args.dims == 3 else second_order_matrix
+        results = matrix(other, dtype=args.dtype, seed=args.seed, tol=args.tol)
+        volumes = ", volumes" if args.dims == 3 else ""
+        title = (f"stn_numpy vs {label}: double backward ({args.dtype}, seed {args.seed}"
+                 f"{volumes})")
     print(title)
     print(format_table(results))
     return 0 if all(r.passed for r in results) else 1

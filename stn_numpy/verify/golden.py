@@ -48,8 +48,10 @@ under test and compares each output with ``rel_error`` against ``tolerance``:
     with respect to ``dV``, ``U`` and ``grid`` (see
     :func:`stn_numpy.grid_sample_double_backward`). The 18 combinations, key
     ``second_order/{mode}/{padding_mode}/align_corners={..}``, on the inputs of the
-    first-order cases (kinks included); listed after every other case. Files written
-    before these cases existed hold none and check as before.
+    first-order cases (kinks included); then the 12 volume combinations (``"dims": 3``,
+    key ``second_order/3d/...``, 5-D arrays) on the inputs of the first-order volume
+    cases; listed after every other case. Files written before these cases existed hold
+    none and check as before.
 ``spatial_transformer``
     A whole layer: ``theta = W2 relu(W1 flatten(U) + b1) + b2`` reshaped to
     ``(N, 2, 3)``, ``V = grid_sample(U, affine_grid(theta, U.shape))`` (bilinear, zeros,
@@ -314,12 +316,17 @@ def _build_cases(seed, dtype, shape, out_hw) -> tuple[list[dict], dict[str, np.n
                   "outputs": list(_STN_IO[1])})
     arrays.update({f"spatial_transformer/{k}": v.astype(dtype) for k, v in stn.items()})
     _add_volume_cases(cases, arrays, seed, dtype)
-    # Last, so that every case above keeps the inputs it had before these existed.
-    for i, combo in enumerate(COMBOS):
-        key = second_order_key(*combo)
+    # Last, so that every case above keeps the inputs it had before these existed; the
+    # volumes' after the images', so that those keep theirs too.
+    second_order = ([(2, i, combo, shape, out_hw) for i, combo in enumerate(COMBOS)]
+                    + [(3, i, combo, _VOLUME_SHAPE, _VOLUME_OUT)
+                       for i, combo in enumerate(COMBOS_3D)])
+    for dims, i, combo, U_shape, out in second_order:
+        key = second_order_key(*combo, dims=dims)
         cases.append({**_sampler_case(key, *combo), "kind": _SECOND_ORDER,
+                      **({"dims": 3} if dims == 3 else {}),
                       "inputs": list(_SECOND_ORDER_IO[0]), "outputs": list(_SECOND_ORDER_IO[1])})
-        inputs = second_order_inputs(seed, i, shape, out_hw, combo[2], dtype)
+        inputs = second_order_inputs(seed, i, U_shape, out, combo[2], dtype)
         arrays.update({f"{key}/{n}": a for n, a in zip(_SECOND_ORDER_IO[0], inputs,
                                                         strict=True)})
     return cases, arrays
@@ -531,10 +538,11 @@ def _check_manifest(path, manifest):
                   f"{list(io[0])} and {list(io[1])}")
         dims = case.get("dims", 2)
         if (isinstance(dims, bool) or dims not in (2, 3)
-                or (dims == 3 and (version < 3 or case["kind"] not in ("grid_sample",
-                                                                        "affine_grid")))):
+                or (dims == 3 and (version < 3 or case["kind"] not in (
+                    "grid_sample", "affine_grid", _SECOND_ORDER)))):
             _fail(path, f"cases[{i}] ({case['key']})", f"dims must be 2, or 3 for a "
-                  f"grid_sample or affine_grid case of format version 3, got {dims!r}")
+                  f"grid_sample, affine_grid or {_SECOND_ORDER} case of format version 3, "
+                  f"got {dims!r}")
         settings = (case.get("mode"), case.get("padding_mode"), case.get("align_corners"))
         if case["kind"] in ("grid_sample", _SECOND_ORDER) and settings not in (
                 COMBOS_3D if dims == 3 else COMBOS):
