@@ -36,9 +36,10 @@ under test and compares each output with ``rel_error`` against ``tolerance``:
     matrix (key ``3d/{mode}/{padding_mode}/align_corners={..}``), and under
     ``3d/edge/identity/...`` the identity affine grid (every point on a voxel centre).
 ``affine_grid``, ``attention_grid``, ``projective_grid``, ``tps_grid``
-    Settings ``align_corners`` (and ``lattice`` for TPS); inputs ``theta``, ``size (4,) int64`` = ``(N, C, Ho, Wo)``, ``dgrid``; outputs
-    ``grid`` and ``dtheta``, the gradient of ``sum(grid * dgrid)``. theta is ``(N, 2, 3)``,
-    ``(N, 3)`` = (s, t_x, t_y), ``(N, 8)`` (h_33 = 1) and ``(N, K, 2)``. The volume
+    Settings ``align_corners`` (and ``lattice`` for TPS); inputs ``theta``, ``size (4,)
+    int64`` = ``(N, C, Ho, Wo)``, ``dgrid``; outputs ``grid`` and ``dtheta``, the gradient
+    of ``sum(grid * dgrid)``. theta is ``(N, 2, 3)``, ``(N, 3)`` = (s, t_x, t_y), ``(N,
+    8)`` (h_33 = 1) and ``(N, K, 2)``. The volume
     ``affine_grid`` cases (``"dims": 3``, key ``3d/affine_grid/align_corners={..}``) have
     theta ``(N, 3, 4)``, ``size (5,)`` = ``(N, C, Do, Ho, Wo)`` and grid ``(N, Do, Ho, Wo, 3)``.
 ``grid_sample_double_backward`` (settings as ``grid_sample``)
