@@ -631,23 +631,44 @@ def parity_matrix(other=None, *, dtype=np.float64, seed: int = 0, shape=(2, 3, 5
         18 sampler rows in the order ``MODES`` x ``PADDING_MODES`` x (True, False), then,
         for torch, one affine_grid row per align_corners.
     """
+    return matrix_rows(
+        other, dtype, tol, repeat, COMBOS,
+        lambda case, align_corners, dtype: sampler_inputs(seed, case, shape, out_hw,
+                                                          align_corners, dtype),
+        lambda case, dtype: affine_inputs(seed, case, shape, out_hw, dtype))
+
+
+def matrix_rows(other, dtype, tol, repeat, combos, sampler_case, affine_case,
+                key=None) -> list[ParityResult]:
+    """The rows of a parity matrix, for images (:func:`parity_matrix`) or volumes.
+
+    One :func:`compare_sampler` row per ``(mode, padding_mode, align_corners)`` of
+    ``combos`` on ``sampler_case(case, align_corners, dtype) -> (U, grid, dV)``, then, where
+    ``other`` has an affine grid (torch), one affine_grid row per align_corners on
+    ``affine_case(case, dtype) -> (theta, size, dgrid)``; ``case`` counts the rows.
+    ``key(mode, padding_mode, align_corners)``, if given, names each row (the affine rows
+    with mode ``"affine_grid"``).
+    """
     sampler, affine = resolve(other, "torch")
     dtype = np.dtype(dtype)
     tol = default_tol(dtype) if tol is None else float(tol)
     results = []
-    for case, (mode, padding_mode, align_corners) in enumerate(COMBOS):
-        U, grid, dV = sampler_inputs(seed, case, shape, out_hw, align_corners, dtype)
-        results.append(compare_sampler(sampler, U, grid, dV, mode, padding_mode,
-                                       align_corners, tol=tol, repeat=repeat))
+    for case, (mode, padding_mode, align_corners) in enumerate(combos):
+        U, grid, dV = sampler_case(case, align_corners, dtype)
+        row = compare_sampler(sampler, U, grid, dV, mode, padding_mode, align_corners,
+                              tol=tol, repeat=repeat)
+        results.append(row if key is None
+                       else dataclasses.replace(row, key=key(mode, padding_mode,
+                                                             align_corners)))
     if affine is not None:
         for i, align_corners in enumerate((True, False)):
-            theta, size, dgrid = affine_inputs(seed, len(COMBOS) + i, shape, out_hw, dtype)
+            theta, size, dgrid = affine_case(len(combos) + i, dtype)
             ours = numpy_affine(theta, size, dgrid, align_corners)
             theirs = affine(theta, size, dgrid, align_corners)
             results.append(ParityResult(
                 op="affine_grid", mode=None, padding_mode=None, align_corners=align_corners,
                 err_grid=rel_error(ours[0], theirs[0]), err_dtheta=rel_error(ours[1], theirs[1]),
-                tol=tol))
+                tol=tol, key=None if key is None else key("affine_grid", None, align_corners)))
     return results
 
 

@@ -17,19 +17,14 @@ float32); measured against torch 2.13.0 on the CPU the worst float64 error is ro
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 
 import numpy as np
 
-from ..gradcheck import rel_error
 from ..sampling import PADDING_MODES
 from .parity import (
     ParityResult,
-    compare_sampler,
-    default_tol,
-    numpy_affine,
-    resolve,
+    matrix_rows,
     special_coords,
 )
 
@@ -142,27 +137,11 @@ def parity_matrix_3d(other=None, *, dtype=np.float64, seed: int = 0, shape=(2, 2
         (True, False), then, for torch, one affine_grid row per align_corners; each
         row's ``case`` is its :func:`volume_key`.
     """
-    sampler, affine = resolve(other, "torch")
-    dtype = np.dtype(dtype)
-    tol = default_tol(dtype) if tol is None else float(tol)
-    results = []
-    for case, (mode, padding_mode, align_corners) in enumerate(COMBOS_3D):
-        U, grid, dV = volume_sampler_inputs(seed, case, shape, out_dhw, align_corners, dtype)
-        row = compare_sampler(sampler, U, grid, dV, mode, padding_mode, align_corners,
-                              tol=tol, repeat=repeat)
-        results.append(_keyed(row, volume_key(mode, padding_mode, align_corners)))
-    if affine is not None:
-        for i, align_corners in enumerate((True, False)):
-            theta, size, dgrid = volume_affine_inputs(seed, len(COMBOS_3D) + i, shape,
-                                                      out_dhw, dtype)
-            ours = numpy_affine(theta, size, dgrid, align_corners)
-            theirs = affine(theta, size, dgrid, align_corners)
-            results.append(ParityResult(
-                op="affine_grid", mode=None, padding_mode=None, align_corners=align_corners,
-                err_grid=rel_error(ours[0], theirs[0]), err_dtheta=rel_error(ours[1], theirs[1]),
-                tol=tol, key=volume_key("affine_grid", None, align_corners)))
-    return results
+    return matrix_rows(
+        other, dtype, tol, repeat, COMBOS_3D,
+        lambda case, align_corners, dtype: volume_sampler_inputs(seed, case, shape, out_dhw,
+                                                                 align_corners, dtype),
+        lambda case, dtype: volume_affine_inputs(seed, case, shape, out_dhw, dtype),
+        key=volume_key)
 
 
-def _keyed(row: ParityResult, key: str) -> ParityResult:
-    return dataclasses.replace(row, key=key)
