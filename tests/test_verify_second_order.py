@@ -77,6 +77,33 @@ def test_failures_of_the_callable_are_rows_not_crashes():
         second_order_matrix("scipy")
 
 
+def test_odd_results_and_exits_of_the_callable_are_errors_as_for_the_sampler():
+    # The same checks as the first-order rows: complex values are not passed off by
+    # rel_error's real part, a sys.exit() inside the callable is its row's error, and the
+    # callable cannot leave NumPy's error handling changed.
+    import sys
+
+    import numpy as np
+
+    def complex_(*args):
+        return tuple(a + 1e-3j for a in numpy_double_backward(*args))
+
+    def exits(*args):
+        sys.exit(0)
+
+    def raises_on_warnings(*args):
+        np.seterr(all="raise")
+        return numpy_double_backward(*args)
+
+    before = np.geterr()
+    assert {r.status for r in second_order_matrix(complex_, repeat=False)} == {"ERROR"}
+    assert "d_dV of dtype complex128" in second_order_matrix(complex_)[0].failure
+    assert {r.status for r in second_order_matrix(exits, repeat=False)} == {"ERROR"}
+    assert second_order_matrix(exits)[0].failure.startswith("SystemExit")
+    assert {r.status for r in second_order_matrix(raises_on_warnings)} == {"PASS"}
+    assert np.geterr() == before
+
+
 def test_golden_second_order_cases(tmp_path):
     path = export_golden(tmp_path / "golden.npz")
     results = check_against_golden(path, order=2)

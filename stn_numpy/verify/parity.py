@@ -474,27 +474,38 @@ def torch_affine(theta, size, dgrid, align_corners):
 
 
 def _call(fn, U, grid, dV, mode, padding_mode, align_corners):
-    """``fn``'s ``(V, dU, dgrid)`` as float arrays (dU, dgrid may be None), checked.
+    """``fn``'s ``(V, dU, dgrid)`` as float arrays (dU, dgrid may be None), checked by
+    :func:`checked_outputs`."""
+    return checked_outputs(fn, (U, grid, dV, mode, padding_mode, align_corners),
+                           (("V", U.shape[:2] + grid.shape[1:-1], False),
+                            ("dU", U.shape, True), ("dgrid", grid.shape, True)))
 
-    Everything ``fn`` returns is converted and checked here, inside the caller's guard,
-    so that an odd result (complex, strings, objects, huge ints, wrong shapes) becomes
-    that row's error and nothing later has to trust it. ``fn`` also may not change
-    NumPy's floating-point error handling for the rest of the comparison.
+
+def checked_outputs(fn, args, expected) -> tuple:
+    """``fn(*args)`` (arrays passed as copies), its outputs as float arrays, checked.
+
+    ``expected`` holds ``(name, shape, may_be_None)`` for each output. Everything ``fn``
+    returns is converted and checked here, inside the caller's guard, so that an odd
+    result (complex, strings, objects, huge ints, wrong shapes) becomes that row's error
+    and nothing later has to trust it. ``fn`` also may not change NumPy's floating-point
+    error handling for the rest of the comparison.
     """
     saved = np.geterr()
     try:
         # Copies, so a callable that writes into its inputs cannot change what we compare.
-        out = fn(U.copy(), grid.copy(), dV.copy(), mode, padding_mode, align_corners)
+        out = fn(*(a.copy() if isinstance(a, np.ndarray) else a for a in args))
     finally:
         np.seterr(**saved)
+    names = ", ".join(name for name, _, _ in expected)
     try:
-        V, dU, dgrid = out
+        values = tuple(out)
+        if len(values) != len(expected):
+            raise ValueError
     except (TypeError, ValueError):
-        raise ValueError(f"must return (V, dU, dgrid), got {type(out).__name__}") from None
+        raise ValueError(f"must return ({names}), got {type(out).__name__}") from None
     arrays = []
-    for name, a, shape in (("V", V, U.shape[:2] + grid.shape[1:-1]), ("dU", dU, U.shape),
-                           ("dgrid", dgrid, grid.shape)):
-        if a is None and name != "V":
+    for (name, shape, optional), a in zip(expected, values, strict=True):
+        if a is None and optional:
             arrays.append(None)
             continue
         try:
@@ -510,13 +521,33 @@ def _call(fn, U, grid, dV, mode, padding_mode, align_corners):
     return tuple(arrays)
 
 
-def _where(name, ours, theirs, grid, U_shape, align_corners) -> str:
-    """Where ``|ours - theirs|`` is largest: index, both values, the sampling point."""
+def failure_text(exc: BaseException) -> str:
+    """An ERROR row's text for what the other implementation raised (on one line)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+
+
+def worst_text(name, ours, theirs) -> tuple[tuple, str]:
+    """The index where ``|ours - theirs|`` is largest (NaN counts as largest), and the text
+    naming it with both values."""
     diff = np.abs(ours.astype(np.float64) - theirs.astype(np.float64))
     diff = np.where(np.isnan(diff), np.inf, diff)
     idx = np.unravel_index(int(np.argmax(diff)), diff.shape)
-    text = (f"worst at {name}[{', '.join(map(str, idx))}]: ours {ours[idx]:.6g}, "
-            f"theirs {theirs[idx]:.6g}")
+    return idx, (f"worst at {name}[{', '.join(map(str, idx))}]: ours {ours[idx]:.6g}, "
+                 f"theirs {theirs[idx]:.6g}")
+
+
+def repeat_diff(theirs, again) -> float:
+    """The largest difference between two calls' results (0 where their bits agree,
+    NaNs in the same places included); None results are skipped."""
+    return float(max([np.max(np.abs(a - b), initial=0.0)
+                      if not np.array_equal(a, b, equal_nan=True) else 0.0
+                      for a, b in zip(theirs, again, strict=True) if a is not None],
+                     default=0.0))
+
+
+def _where(name, ours, theirs, grid, U_shape, align_corners) -> str:
+    """Where ``|ours - theirs|`` is largest: index, both values, the sampling point."""
+    idx, text = worst_text(name, ours, theirs)
     if len(U_shape) == 5:
         return text + _where_in_volume(name, idx, grid, U_shape, align_corners)
     H, W = U_shape[2:]
@@ -569,8 +600,7 @@ def compare_sampler(other, U, grid, dV, mode, padding_mode, align_corners, *,
         return ParityResult(**row, unsupported=str(exc))
     # The other implementation's failure is the row's, a sys.exit() in it included.
     except (Exception, SystemExit) as exc:  # noqa: BLE001
-        message = " ".join(str(exc).split())[:500]
-        return ParityResult(**row, failure=f"{type(exc).__name__}: {message}")
+        return ParityResult(**row, failure=failure_text(exc))
     ours = (reference or numpy_impl)(U, grid, dV, mode, padding_mode, align_corners)
     errs, where = {}, {}
     for name, a, b in zip(SAMPLER_OUTPUTS, ours, theirs, strict=True):
@@ -584,9 +614,7 @@ def compare_sampler(other, U, grid, dV, mode, padding_mode, align_corners, *,
         if not errs["err_adjoint"] <= tol:
             where["adjoint"] = text
     if again is not None:
-        diffs = [np.max(np.abs(a - b), initial=0.0) if not np.array_equal(a, b, equal_nan=True)
-                 else 0.0 for a, b in zip(theirs, again, strict=True) if a is not None]
-        errs["repeat_diff"] = float(max(diffs))
+        errs["repeat_diff"] = repeat_diff(theirs, again)
     return ParityResult(**row, **errs, where=where)
 
 

@@ -37,9 +37,13 @@ from .parity import (
     COMBOS,
     ParityResult,
     Unsupported,
+    checked_outputs,
     default_tol,
+    failure_text,
+    repeat_diff,
     sampler_inputs,
     sampler_key,
+    worst_text,
 )
 from .volumes import _FIRST_CASE, COMBOS_3D, volume_key, volume_sampler_inputs
 
@@ -117,20 +121,11 @@ def resolve_double_backward(other):
 
 
 def _call(fn, U, grid, dV, ddU, ddgrid, mode, padding_mode, align_corners):
-    """``fn``'s three gradients as arrays, shapes checked; inputs passed as copies."""
-    out = fn(U.copy(), grid.copy(), dV.copy(), ddU.copy(), ddgrid.copy(), mode, padding_mode,
-             align_corners)
-    try:
-        arrays = tuple(np.asarray(a) for a in out)
-        if len(arrays) != 3:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ValueError(f"must return (d_dV, d_U, d_grid), got {type(out).__name__}") from None
-    for name, a, shape in zip(SECOND_ORDER_OUTPUTS, arrays, (dV.shape, U.shape, grid.shape),
-                              strict=True):
-        if a.shape != shape:
-            raise ValueError(f"returned {name} of shape {a.shape}, expected {shape}")
-    return arrays
+    """``fn``'s three gradients as float arrays, checked by
+    :func:`~stn_numpy.verify.parity.checked_outputs` as the sampler's are."""
+    return checked_outputs(fn, (U, grid, dV, ddU, ddgrid, mode, padding_mode, align_corners),
+                           tuple((name, like.shape, False) for name, like in
+                                 zip(SECOND_ORDER_OUTPUTS, (dV, U, grid), strict=True)))
 
 
 def compare_double_backward(other, U, grid, dV, ddU, ddgrid, mode, padding_mode,
@@ -153,22 +148,17 @@ def compare_double_backward(other, U, grid, dV, ddU, ddgrid, mode, padding_mode,
         again = _call(other, *args) if repeat else None
     except Unsupported as exc:
         return ParityResult(**row, unsupported=str(exc))
-    except Exception as exc:  # noqa: BLE001 - the other implementation's failure is the row's
-        return ParityResult(**row, failure=f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+    # The other implementation's failure is the row's, a sys.exit() in it included.
+    except (Exception, SystemExit) as exc:  # noqa: BLE001
+        return ParityResult(**row, failure=failure_text(exc))
     ours = (reference or numpy_double_backward)(*args)
     errs, where = {}, {}
     for name, a, b in zip(SECOND_ORDER_OUTPUTS, ours, theirs, strict=True):
         errs[f"err_{name}"] = err = rel_error(a, b)
         if not err <= tol:
-            diff = np.abs(np.asarray(a, np.float64) - b)
-            idx = np.unravel_index(int(np.argmax(np.where(np.isnan(diff), np.inf, diff))),
-                                   diff.shape)
-            where[name] = (f"worst at {name}[{', '.join(map(str, idx))}]: ours {a[idx]:.6g}, "
-                           f"theirs {b[idx]:.6g}")
+            where[name] = worst_text(name, np.asarray(a), b)[1]
     if again is not None:
-        errs["repeat_diff"] = float(max(
-            0.0 if np.array_equal(a, b, equal_nan=True) else np.max(np.abs(a - b))
-            for a, b in zip(theirs, again, strict=True)))
+        errs["repeat_diff"] = repeat_diff(theirs, again)
     return ParityResult(**row, **errs, where=where)
 
 
