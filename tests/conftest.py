@@ -49,6 +49,15 @@ def smooth_volume_grid(rng, N, out, D, H, W, align_corners, margin=2):
                      for size in (W, H, D)], axis=-1)
 
 
+def assert_same_bits(results):
+    """Every tuple of arrays in ``results`` holds the bits of the first, array by array
+    (bytes, so that NaN payloads compare too, and views of any layout)."""
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert np.array_equal(np.ascontiguousarray(a).view(np.uint8),
+                                  np.ascontiguousarray(b).view(np.uint8))
+
+
 def assert_sampler_gradients(sample, sample_backward, rng, mode, padding_mode, align_corners):
     """Check ``sample_backward`` (the signature of grid_sample_backward) by central differences
     of ``sample`` (that of grid_sample), on a grid away from every kink."""

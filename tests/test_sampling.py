@@ -4,7 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import assert_sampler_gradients, normalize
+from conftest import assert_same_bits, assert_sampler_gradients, normalize
 
 from stn_numpy import (
     NonFiniteError,
@@ -514,11 +514,7 @@ def test_results_do_not_depend_on_blocks_or_threads(rng, dtype, mode, padding_mo
     finally:
         sampling._BLOCK = original
         _parallel.set_num_threads(None)
-    for other in results[1:]:
-        for a, b in zip(results[0], other, strict=True):
-            # bytes, so that NaN payloads compare too (dgrid is a view of planes)
-            assert np.array_equal(np.ascontiguousarray(a).view(np.uint8),
-                                  np.ascontiguousarray(b).view(np.uint8))
+    assert_same_bits(results)
 
 
 @pytest.mark.parametrize("mode,padding_mode,align_corners", ALL_COMBOS)

@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import smooth_grid, smooth_volume_grid
+from conftest import assert_same_bits, smooth_grid, smooth_volume_grid
 
 from stn_numpy import grid_sample, grid_sample_backward, grid_sample_double_backward
 from stn_numpy.gradcheck import check_double_backward, rel_error
@@ -179,9 +179,7 @@ def test_results_do_not_depend_on_blocks_or_threads(rng, mode, dims):
     finally:
         sampling._BLOCK = original
         _parallel.set_num_threads(None)
-    for other in results[1:]:
-        for a, b in zip(results[0], other, strict=True):
-            assert np.array_equal(a, b)
+    assert_same_bits(results)
 
 
 EMPTY_AND_ONE_PIXEL = [

@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import normalize, smooth_volume_grid
+from conftest import assert_same_bits, normalize, smooth_volume_grid
 
 from stn_numpy import (
     NonFiniteError,
@@ -258,10 +258,7 @@ def test_results_do_not_depend_on_chunks_or_threads(rng, dtype, C, mode, padding
     finally:
         volumes._CHUNK = original
         _parallel.set_num_threads(None)
-    for other in results[1:]:
-        for a, b in zip(results[0], other, strict=True):
-            assert np.array_equal(np.ascontiguousarray(a).view(np.uint8),
-                                  np.ascontiguousarray(b).view(np.uint8))
+    assert_same_bits(results)
 
 
 def test_chunks_cover_every_point_once():
