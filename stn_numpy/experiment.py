@@ -256,6 +256,17 @@ def _finished(folder: Path, config: ExperimentConfig, run: Run) -> dict | None:
     done = _read_json(path, None)
     if done is None:
         return None
+    if _stored_settings(done, run, f"{path}: ", "delete it to train the run again") \
+            != _run_settings(config, run):
+        raise ValueError(f"{folder} was finished with other settings "
+                         f"({done['config']}); choose another --runs folder")
+    return done
+
+
+def _stored_settings(done, run: Run, where: str, remedy: str) -> dict:
+    """The settings of its own that a stored result of ``run`` was made with, once the
+    fields results.md reads from it are checked; ``ValueError`` (``where`` + why +
+    ``remedy``) for one this experiment did not write."""
     try:
         stored = _run_settings(ExperimentConfig.from_dict(done["config"]), run)
         for key, kind in _RESULT_FIELDS.items():  # what results.md reads from each result
@@ -265,12 +276,9 @@ def _finished(folder: Path, config: ExperimentConfig, run: Run) -> dict | None:
                    for row in done["progress"]):
             raise TypeError("'progress' rows need 'epoch' and 'test_error'")
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: not a result this experiment wrote (field {exc}); delete "
-                         f"it to train the run again") from None
-    if stored != _run_settings(config, run):
-        raise ValueError(f"{folder} was finished with other settings "
-                         f"({done['config']}); choose another --runs folder")
-    return done
+        raise ValueError(f"{where}not a result this experiment wrote (field {exc}); "
+                         f"{remedy}") from None
+    return stored
 
 
 def _recorded_results(out: Path) -> dict[str, dict]:
@@ -281,12 +289,16 @@ def _recorded_results(out: Path) -> dict[str, dict]:
     return {r["run"]: r for r in read_results(out)[0]}
 
 
-def _kept_if_same_settings(result: dict, config: ExperimentConfig, run: Run) -> dict | None:
+def _kept_if_same_settings(result: dict, config: ExperimentConfig, run: Run,
+                           out: Path) -> dict | None:
     """A result recorded in ``<out>/results.json`` whose run folder is gone (a fresh clone
     holds the results and figures, not the checkpoints), kept when its own settings are
-    the config's: the committed results stay the record until a setting of theirs changes."""
-    stored = ExperimentConfig.from_dict(result["config"])
-    return result if _run_settings(stored, run) == _run_settings(config, run) else None
+    the config's: the committed results stay the record until a setting of theirs changes.
+    It is checked as a run folder's ``result.json`` is."""
+    where = f"{out / 'results.json'}, run {run.name}: "
+    stored = _stored_settings(result, run, where, "remove that run from the file to train "
+                              "it again")
+    return result if stored == _run_settings(config, run) else None
 
 
 def _summary(measures: dict) -> dict:
@@ -463,7 +475,7 @@ def _run_all(config: ExperimentConfig, out: Path, runs: Path, data_dir, progress
         folder = runs / run.name
         done = _finished(folder, config, run)
         if done is None and run.name in recorded and not (folder / "checkpoint.npz").exists():
-            done = _kept_if_same_settings(recorded[run.name], config, run)
+            done = _kept_if_same_settings(recorded[run.name], config, run, out)
         if done is not None:
             finished[run.name] = done
 

@@ -154,11 +154,16 @@ def test_results_recorded_in_out_are_kept_where_their_run_folders_are_gone(tmp_p
     assert _recorded_results(tmp_path / "nothing") == {}
     runs = {run.name: run for run in experiment_runs(CONFIGS["full"])}
     kept = _kept_if_same_settings(recorded["rot-paper-cnn-seed0"], CONFIGS["full"],
-                                  runs["rot-paper-cnn-seed0"])
+                                  runs["rot-paper-cnn-seed0"], out)
     assert kept == recorded["rot-paper-cnn-seed0"]
     longer = replace(CONFIGS["full"], epochs=12)
     assert _kept_if_same_settings(recorded["rot-paper-cnn-seed0"], longer,
-                                  runs["rot-paper-cnn-seed0"]) is None
+                                  runs["rot-paper-cnn-seed0"], out) is None
+    # A damaged record is checked as a run folder's result.json is, and named.
+    damaged = {**recorded["rot-paper-cnn-seed0"], "test_error": None}
+    with pytest.raises(ValueError, match=r"results.json, run rot-paper-cnn-seed0: not a "
+                                         r"result .* 'test_error' is a"):
+        _kept_if_same_settings(damaged, CONFIGS["full"], runs["rot-paper-cnn-seed0"], out)
 
 
 def test_curve_section_tables_the_first_epoch_each_target_is_reached(tmp_path):
