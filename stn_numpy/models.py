@@ -163,14 +163,20 @@ def _paper_classifier(H: int, W: int, rng, dtype) -> Sequential:
     )
 
 
+def _paper_localization_input(H: int, W: int) -> tuple[list[Layer], int, int]:
+    """The layers both paper localisation nets start with (normalise; a 2x max-pool from
+    ``PAPER_POOL_FROM`` pixels a side on), and the size they leave."""
+    if min(H, W) >= PAPER_POOL_FROM:
+        return [Normalize(), MaxPool2d(2)], H // 2, W // 2
+    return [Normalize()], H, W
+
+
 def _paper_localization(H: int, W: int, n_params: int, rng, dtype) -> Sequential:
-    pool_first = min(H, W) >= PAPER_POOL_FROM
-    if pool_first:
-        H, W = H // 2, W // 2
+    first, H, W = _paper_localization_input(H, W)
     h = _after_conv_pool(_after_conv_pool(H, 5), 5)
     w = _after_conv_pool(_after_conv_pool(W, 5), 5)
     return Sequential(
-        Normalize(), *([MaxPool2d(2)] if pool_first else []),
+        *first,
         Conv2d(1, 20, 5, rng, dtype), MaxPool2d(2), ReLU(),
         Conv2d(20, 20, 5, rng, dtype), MaxPool2d(2), ReLU(),
         Flatten(), Linear(20 * h * w, 20, rng, dtype), ReLU(),
@@ -192,12 +198,10 @@ def _paper_fcn_classifier(H: int, W: int, rng, dtype) -> Sequential:
 
 
 def _paper_fcn_localization(H: int, W: int, n_params: int, rng, dtype) -> Sequential:
-    pool_first = min(H, W) >= PAPER_POOL_FROM
-    if pool_first:
-        H, W = H // 2, W // 2
+    first, H, W = _paper_localization_input(H, W)
     units = PAPER_FCN_LOC_UNITS
     return Sequential(
-        Normalize(), *([MaxPool2d(2)] if pool_first else []), Flatten(),
+        *first, Flatten(),
         Linear(H * W, units, rng, dtype), ReLU(),
         Linear(units, units, rng, dtype), ReLU(),
         Linear(units, n_params, rng, dtype),
